@@ -1,0 +1,47 @@
+"""aioaccel: asyncio-native inference on edge accelerators."""
+
+from .api import open as open
+from .backends import Model as Model
+from .backends import available_backends as available_backends
+from .errors import AccelError as AccelError
+from .errors import BackendUnavailable as BackendUnavailable
+from .errors import DeviceError as DeviceError
+from .errors import DeviceTimeout as DeviceTimeout
+from .errors import InferenceError as InferenceError
+from .errors import InferTimeout as InferTimeout
+from .errors import InputError as InputError
+from .errors import RunnerClosed as RunnerClosed
+from .errors import WouldBlock as WouldBlock
+from .runner import Result as Result
+from .runner import Runner as Runner
+from .stages import BlockingStage as BlockingStage
+from .stages import DeviceStage as DeviceStage
+from .stages import StageSpec as StageSpec
+from .stats import RunnerStats as RunnerStats
+from .stats import StageStats as StageStats
+from .tensors import TensorSpec as TensorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccelError",
+    "BackendUnavailable",
+    "BlockingStage",
+    "DeviceError",
+    "DeviceStage",
+    "DeviceTimeout",
+    "InferTimeout",
+    "InferenceError",
+    "InputError",
+    "Model",
+    "Result",
+    "Runner",
+    "RunnerClosed",
+    "RunnerStats",
+    "StageSpec",
+    "StageStats",
+    "TensorSpec",
+    "WouldBlock",
+    "available_backends",
+    "open",
+]

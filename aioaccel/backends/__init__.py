@@ -1,0 +1,116 @@
+"""Backends: what turns ``aioaccel.open(target)`` into a list of stages.
+
+Each backend is a module ``aioaccel.backends.<module>`` with a function
+``load(target, *, replicas, **options) -> Model``. Modules are imported only when used, so a
+missing runtime costs nothing until it is asked for, and then raises
+:class:`~aioaccel.BackendUnavailable` naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BackendUnavailable
+from ..stages import BlockingStage, DeviceStage, StageSpec
+
+if TYPE_CHECKING:
+    from ..tensors import TensorSpec
+
+__all__ = ["BACKENDS", "Backend", "Model", "available_backends", "get_backend", "resolve_backend"]
+
+
+@dataclass
+class Model:
+    """What a backend hands to the runner."""
+
+    stages: list[StageSpec]
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    #: checks/converts one item's inputs on the loop before admission (raises InputError)
+    prepare: Callable[[Any], Any] | None = None
+    #: releases what the stages share (called after every worker thread has stopped)
+    close: Callable[[], None] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str
+    suffixes: tuple[str, ...]     #: model files it opens when no backend is named
+    runtime: tuple[str, ...]      #: modules to import to tell whether it is usable
+    install: str                  #: what to install when it is not
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("function", "function", (), (), "nothing: it is built in"),
+    )
+}
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def get_backend(name: str) -> ModuleType:
+    """Import backend ``name`` (cached); raise BackendUnavailable if its runtime is missing."""
+    if name in _loaded:
+        return _loaded[name]
+    try:
+        backend = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
+    try:
+        module = importlib.import_module(f"{__name__}.{backend.module}")
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"backend {name!r} needs a runtime that is not installed ({exc}); "
+            f"install it with: {backend.install}") from exc
+    _loaded[name] = module
+    return module
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose runtime imports here."""
+    names = []
+    for name, backend in BACKENDS.items():
+        try:
+            for mod in backend.runtime:
+                importlib.import_module(mod)
+        except ImportError:
+            continue
+        names.append(name)
+    return names
+
+
+def _is_stage(obj: Any) -> bool:
+    return isinstance(obj, (StageSpec, BlockingStage, DeviceStage)) or callable(obj)
+
+
+def resolve_backend(target: Any) -> str:
+    """The backend that opens ``target``: callables and stages -> "function", files by suffix."""
+    items = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not items:
+        raise ValueError("aioaccel.open() needs a model, a callable, or a non-empty list of them")
+    if all(_is_stage(t) for t in items):
+        return "function"
+    first = items[0]
+    if isinstance(first, (str, os.PathLike)):
+        suffix = os.path.splitext(os.fspath(first))[1].lower()
+        for backend in BACKENDS.values():
+            if suffix in backend.suffixes:
+                return backend.name
+        known = sorted(s for b in BACKENDS.values() for s in b.suffixes)
+        raise ValueError(f"cannot tell which backend opens {os.fspath(first)!r}: unknown file "
+                         f"type {suffix!r} (known: {', '.join(known) or 'none'}); pass backend=")
+    raise TypeError(f"aioaccel.open() cannot open {type(first).__name__} objects; pass a model "
+                    f"path, a callable, a stage, or backend=")
+
+
+def describe(items: Sequence[Any]) -> str:
+    return ", ".join(type(i).__name__ for i in items)

@@ -1,0 +1,627 @@
+"""The asyncio front: push / push_nowait / infer / async for / close / aclose / stats.
+
+Everything here runs on the event loop and never blocks. Invariants:
+
+* ``_admitted`` counts items admitted and not yet consumed (plus slots handed to a waiting
+  ``push`` that has not resumed yet); it never exceeds ``maxsize``.
+* A slot is handed over FIFO to the oldest waiting ``push``/``infer`` (no barging), so a
+  cancelled waiter leaves no trace and a woken-but-cancelled waiter passes its slot on.
+* ``_stream`` holds ``push``-ed items in push order; the consumer takes the head once the
+  bridge marked it done. That is the whole re-ordering: completions may arrive in any order.
+* ``_unfinished`` maps seq -> item for everything admitted whose result has not come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+from time import perf_counter
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generator
+
+from .bridge import Bridge
+from .errors import (
+    AccelError,
+    DeviceError,
+    DeviceTimeout,
+    InferenceError,
+    InferTimeout,
+    RunnerClosed,
+    WouldBlock,
+)
+from .pipeline import Item, Pipeline, Worker
+from .stats import LatencyWindow, RunnerStats, StageStats
+
+if TYPE_CHECKING:
+    from .backends import Model
+    from .tensors import TensorSpec
+
+__all__ = ["Result", "Runner"]
+
+log = logging.getLogger("aioaccel")
+_names = count()
+_NEW, _OPENING, _OPEN, _CLOSING, _CLOSED = range(5)
+
+
+class Result:
+    """One streamed result, yielded by ``async for`` in push order.
+
+    ``outputs`` raises the item's :class:`~aioaccel.InferenceError` if it failed; check ``ok``
+    (or ``error``) to handle failures without an exception.
+    """
+
+    __slots__ = ("_outputs", "tag", "seq", "latency", "error")
+
+    def __init__(self, outputs: Any, tag: Any, seq: int, latency: float,
+                 error: InferenceError | None):
+        self._outputs = outputs
+        self.tag = tag
+        self.seq = seq
+        self.latency = latency  #: seconds from admission to completion
+        self.error = error
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def outputs(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self._outputs
+
+    def __repr__(self) -> str:
+        state = "ok" if self.error is None else f"error={self.error!r}"
+        return f"<Result seq={self.seq} tag={self.tag!r} {state} latency={self.latency:.6f}>"
+
+
+@dataclass
+class _Options:
+    maxsize: int
+    call_timeout: float | None
+    close_timeout: float
+
+
+class Runner:
+    """Runs a model (one or more stages) for asyncio code. Create it with :func:`aioaccel.open`.
+
+    Use it as ``async with aioaccel.open(...) as runner`` (or ``runner = await aioaccel.open(...)``
+    and later ``await runner.aclose()``).
+    """
+
+    def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
+                 call_timeout: float | None = None, close_timeout: float = 10.0):
+        if not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
+        if call_timeout is not None and call_timeout <= 0:
+            raise ValueError(f"call_timeout must be > 0 seconds or None, got {call_timeout!r}")
+        self.name = name or f"runner{next(_names)}"
+        self._load = load
+        self._opt = _Options(maxsize, call_timeout, close_timeout)
+        self._state = _NEW
+        self._model: Model | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pipeline: Pipeline | None = None
+        self._prepare: Callable[[Any], Any] | None = None
+        # admission
+        self._admitted = 0
+        self._peak = 0
+        self._push_waiters: deque[asyncio.Future[None]] = deque()
+        # results
+        self._seq = count()
+        self._stream: deque[Item] = deque()
+        self._unfinished: dict[int, Item] = {}
+        self._consumers: list[asyncio.Future[None]] = []
+        self._idle: asyncio.Future[None] | None = None
+        self._closed = False                      # no more input
+        self._failure: AccelError | None = None   # broken, or closed with items pending
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._workers_ready: asyncio.Future[None] | None = None
+        self._ready_count = 0
+        self._workers_exited: asyncio.Future[None] | None = None
+        self._close_done: asyncio.Future[None] | None = None
+        # counters
+        self._pushed = self._completed = self._failed = self._discarded = self._withdrawn = 0
+        self._latency = LatencyWindow()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def __aenter__(self) -> Runner:
+        await self._open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __await__(self) -> Generator[Any, None, Runner]:
+        return self.__aenter__().__await__()
+
+    async def _open(self) -> None:
+        if self._state != _NEW:
+            raise RuntimeError(f"runner {self.name!r} was already opened")
+        self._state = _OPENING
+        loop = self._loop = asyncio.get_running_loop()
+        try:
+            # Loading compiles models and imports runtimes: seconds of blocking work, so it
+            # runs on a thread of its own, never on the loop.
+            model = self._model = await _in_thread(self._load, f"aioaccel-{self.name}-load")
+            self._prepare = model.prepare
+            bridge = Bridge(loop, self)
+            pipeline = self._pipeline = Pipeline(model.stages, bridge, self.name)
+            self._workers_ready = loop.create_future()
+            self._workers_exited = loop.create_future()
+            pipeline.start()
+            await self._workers_ready
+        except BaseException:
+            self._state = _CLOSING
+            await self._shutdown(grace=self._opt.close_timeout)
+            raise
+        self._state = _OPEN
+        if self._opt.call_timeout is not None:
+            self._arm_watchdog()
+
+    def close(self) -> None:
+        """No more input. ``async for`` ends after the last result; pending ``push`` calls fail
+        with :class:`~aioaccel.RunnerClosed`. Items already admitted still complete."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_push_waiters(lambda: RunnerClosed(f"runner {self.name!r} closed"))
+        self._wake_consumers()
+
+    async def aclose(self, *, timeout: float | None = None) -> None:
+        """Close, let admitted items finish for up to ``timeout`` seconds (default: the
+        ``close_timeout`` given to open), fail what is left with :class:`RunnerClosed`, stop
+        and join every thread and release the devices. Idempotent; safe to call concurrently.
+        """
+        if self._close_done is not None:
+            await asyncio.shield(self._close_done)
+            return
+        loop = asyncio.get_running_loop()
+        self._close_done = loop.create_future()
+        try:
+            self.close()
+            if self._state == _OPEN:
+                self._state = _CLOSING
+                budget = self._opt.close_timeout if timeout is None else timeout
+                started = perf_counter()
+                if self._unfinished and self._failure is None:
+                    self._idle = loop.create_future()
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self._idle), budget)
+                    except TimeoutError:
+                        pass
+                grace = max(1.0, budget - (perf_counter() - started))
+                await self._shutdown(grace=grace)
+            self._state = _CLOSED
+        finally:
+            if self._state != _CLOSED:  # cancelled mid-way: still stop every thread
+                self._fail_pending(RunnerClosed(f"runner {self.name!r} closed"))
+                if self._pipeline is not None:
+                    self._pipeline.stop()
+                self._state = _CLOSED
+            self._close_done.set_result(None)
+
+    async def _shutdown(self, grace: float) -> None:
+        """Fail what is still pending, stop the workers, wait for them (bounded), join them."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._failure is None and (self._unfinished or self._stream_has_unfinished()):
+            self._fail_pending(RunnerClosed(
+                f"runner {self.name!r} closed with {len(self._unfinished)} items unfinished"))
+        pipeline = self._pipeline
+        if pipeline is None:
+            return
+        pipeline.stop()
+        if isinstance(self._failure, DeviceTimeout):
+            grace = min(grace, 0.5)  # a hung call will not come back: do not wait for it
+        if not all(w.exited for w in pipeline.workers):
+            try:
+                await asyncio.wait_for(asyncio.shield(self._workers_exited), grace)  # type: ignore[arg-type]
+            except TimeoutError:
+                hung = [w.thread.name for w in pipeline.workers if not w.exited and w.thread]
+                log.warning("runner %r: threads %s did not stop; abandoned (daemon threads)",
+                            self.name, hung)
+        for w in pipeline.workers:
+            if w.exited and w.thread is not None:
+                w.thread.join()  # it has signalled its exit: returns at once
+        if self._model is not None and self._model.close is not None:
+            try:
+                self._model.close()
+            except Exception:
+                log.exception("runner %r: releasing the model failed", self.name)
+
+    def __del__(self) -> None:
+        if self._state in (_OPENING, _OPEN):
+            warnings.warn(f"runner {self.name!r} was never closed: use 'async with "
+                          f"aioaccel.open(...)' or 'await runner.aclose()'",
+                          ResourceWarning, source=self, stacklevel=1)
+            if self._pipeline is not None:
+                self._pipeline.stop()
+
+    # ---- admission ----------------------------------------------------------------------
+    def _check_accepting(self) -> None:
+        if self._failure is not None:
+            raise self._failure_for_waiter()
+        if self._closed:
+            raise RunnerClosed(f"runner {self.name!r} is closed")
+        if self._state != _OPEN:
+            raise RuntimeError(f"runner {self.name!r} is not open: use 'async with "
+                               f"aioaccel.open(...) as runner' or 'await aioaccel.open(...)'")
+
+    def _try_admit(self) -> bool:
+        if self._admitted < self._opt.maxsize and not self._push_waiters:
+            self._admitted += 1
+            if self._admitted > self._peak:
+                self._peak = self._admitted
+            return True
+        return False
+
+    async def _admit(self) -> None:
+        self._check_accepting()
+        if self._try_admit():
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+        self._push_waiters.append(fut)
+        try:
+            await fut  # resolves when a slot is handed to us (``_admitted`` already counts it)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._release()  # handed a slot but cancelled before resuming: pass it on
+            else:
+                try:
+                    self._push_waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+        if self._closed or self._failure is not None:  # closed while we were being woken
+            self._release()
+            self._check_accepting()
+
+    def _release(self) -> None:
+        """One admitted item was consumed (or withdrawn): hand its slot to the oldest waiter."""
+        waiters = self._push_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._admitted -= 1
+
+    def _enqueue(self, inputs: Any, tag: Any, future: asyncio.Future[Any] | None) -> Item:
+        item = Item(next(self._seq), tag, inputs, future, perf_counter())
+        self._pushed += 1
+        self._unfinished[item.seq] = item
+        if future is None:
+            self._stream.append(item)
+        self._pipeline.submit(item)  # type: ignore[union-attr]
+        return item
+
+    # ---- input --------------------------------------------------------------------------
+    async def push(self, inputs: Any, *, tag: Any = None) -> int:
+        """Admit one input for the ``async for`` stream and return its sequence number.
+
+        Waits while ``maxsize`` items are admitted and not consumed. Bad input raises
+        :class:`~aioaccel.InputError` at once and admits nothing. A cancelled ``push`` leaves
+        the runner exactly as it was.
+        """
+        if self._prepare is not None:
+            inputs = self._prepare(inputs)
+        await self._admit()
+        return self._enqueue(inputs, tag, None).seq
+
+    def push_nowait(self, inputs: Any, *, tag: Any = None) -> int:
+        """Like :meth:`push`, but raise :class:`~aioaccel.WouldBlock` instead of waiting."""
+        self._check_accepting()
+        if self._prepare is not None:
+            inputs = self._prepare(inputs)
+        if not self._try_admit():
+            raise WouldBlock(f"runner {self.name!r} is full: {self._opt.maxsize} items admitted "
+                             f"and not consumed (maxsize={self._opt.maxsize})")
+        return self._enqueue(inputs, tag, None).seq
+
+    async def infer(self, inputs: Any, *, timeout: float | None = None) -> Any:
+        """Run one input and return its outputs; for many concurrent callers (web handlers).
+
+        The item never shows up in ``async for``. A per-item failure raises
+        :class:`~aioaccel.InferenceError`. On ``timeout`` (seconds, covering the wait for
+        space too) raises :class:`~aioaccel.InferTimeout`. If the call is cancelled or times
+        out before a worker took the item, it is withdrawn; after that its result is discarded.
+        """
+        if timeout is None:
+            return await self._infer(inputs)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._infer(inputs)
+        except TimeoutError as exc:
+            if isinstance(exc, AccelError):
+                raise
+            raise InferTimeout(f"no result within {timeout} s from runner {self.name!r}") from None
+
+    async def _infer(self, inputs: Any) -> Any:
+        if self._prepare is not None:
+            inputs = self._prepare(inputs)
+        await self._admit()
+        future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
+        item = self._enqueue(inputs, None, future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: no "never retrieved" log
+                self._discarded += 1  # it arrived, but nobody is left to take it
+            elif self._unfinished.get(item.seq) is item and self._pipeline.withdraw(item):  # type: ignore[union-attr]
+                del self._unfinished[item.seq]
+                self._withdrawn += 1
+                self._release()
+                self._check_idle()
+            raise
+
+    # ---- output -------------------------------------------------------------------------
+    def __aiter__(self) -> Runner:
+        return self
+
+    async def __anext__(self) -> Result:
+        while True:
+            stream = self._stream
+            if stream:
+                head = stream[0]
+                if head.done:
+                    stream.popleft()
+                    self._release()
+                    return Result(head.value, head.tag, head.seq, head.t_done - head.t_admit,
+                                  head.error)  # type: ignore[arg-type]
+            if self._failure is not None:
+                raise self._failure_for_waiter()
+            if not stream and self._closed:
+                raise StopAsyncIteration
+            if self._state < _OPEN:
+                raise RuntimeError(f"runner {self.name!r} is not open")
+            fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+            self._consumers.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._consumers:
+                    self._consumers.remove(fut)
+
+    def _wake_consumers(self) -> None:
+        consumers, self._consumers = self._consumers, []
+        for fut in consumers:
+            if not fut.done():
+                fut.set_result(None)
+
+    # ---- completions (called by the bridge, on the loop) --------------------------------
+    def _on_items(self, items: list[Item]) -> None:
+        unfinished = self._unfinished
+        for item in items:
+            if unfinished.pop(item.seq, None) is None:
+                continue  # already failed by close / a fatal error
+            if item.error is None:
+                self._completed += 1
+                self._latency.add(item.t_done - item.t_admit)
+            else:
+                self._failed += 1
+                item.error = _item_error(item)
+            fut = item.future
+            if fut is None:
+                item.done = True
+            else:
+                if fut.done():
+                    self._discarded += 1  # its infer() was cancelled after the device took it
+                elif item.error is not None:
+                    fut.set_exception(item.error)
+                else:
+                    fut.set_result(item.value)
+                self._release()
+        if self._stream and self._stream[0].done:
+            self._wake_consumers()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._unfinished and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _on_ready(self, worker: Worker, error: BaseException | None) -> None:
+        fut = self._workers_ready
+        if fut is None or fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+            return
+        self._ready_count += 1
+        if self._ready_count == len(self._pipeline.workers):  # type: ignore[union-attr]
+            fut.set_result(None)
+
+    def _on_worker_exit(self, worker: Worker) -> None:
+        fut = self._workers_exited
+        if fut is not None and not fut.done() and all(w.exited for w in self._pipeline.workers):  # type: ignore[union-attr]
+            fut.set_result(None)
+
+    def _on_fatal(self, exc: BaseException, stage: str) -> None:
+        if self._failure is not None and not isinstance(self._failure, RunnerClosed):
+            return
+        if isinstance(exc, DeviceError):
+            err = exc
+        else:
+            err = DeviceError(f"stage {stage!r} of runner {self.name!r} failed fatally: {exc!r}")
+            err.__cause__ = exc
+        self._break(err)
+
+    def _break(self, err: DeviceError) -> None:
+        """A fatal failure: every waiter gets ``err`` now; the threads are stopped."""
+        log.error("runner %r is broken: %s", self.name, err)
+        self._failure = err
+        self._closed = True
+        self._fail_push_waiters(self._failure_for_waiter)
+        self._fail_pending(err)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._pipeline is not None:
+            self._pipeline.stop()
+
+    def _fail_push_waiters(self, make_error: Callable[[], BaseException]) -> None:
+        waiters, self._push_waiters = self._push_waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(make_error())
+
+    def _stream_has_unfinished(self) -> bool:
+        return any(not item.done for item in self._stream)
+
+    def _fail_pending(self, err: AccelError) -> None:
+        """Fail every unfinished item. The stream keeps its finished prefix (still delivered
+        in order); everything after the first unfinished item is dropped and the consumer
+        gets ``err`` when it reaches that point."""
+        if self._failure is None or isinstance(err, DeviceError):
+            self._failure = err
+        for item in self._unfinished.values():
+            if self._pipeline is not None:
+                self._pipeline.withdraw(item)
+            fut = item.future
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(self._failure_for_waiter())
+                self._release()
+            self._failed += 1
+        self._unfinished.clear()
+        stream = self._stream
+        kept: deque[Item] = deque()
+        while stream and stream[0].done:
+            kept.append(stream.popleft())
+        for _ in stream:
+            self._release()
+        self._stream = kept
+        self._check_idle()
+        self._wake_consumers()
+
+    def _failure_for_waiter(self) -> AccelError:
+        """A fresh exception per waiter (one instance raised in many tasks tangles tracebacks)."""
+        base = self._failure
+        assert base is not None
+        err = type(base)(str(base))
+        err.__cause__ = base.__cause__ or base
+        return err
+
+    # ---- watchdog -----------------------------------------------------------------------
+    def _arm_watchdog(self) -> None:
+        timeout = self._opt.call_timeout
+        assert timeout is not None and self._loop is not None
+        ref = weakref.ref(self)  # the loop's timer must not keep an abandoned runner alive
+        period = min(max(timeout / 4, 0.005), 0.5)
+
+        def tick() -> None:
+            runner = ref()
+            if runner is None or runner._failure is not None or runner._state == _CLOSED:
+                return
+            now = perf_counter()
+            for item in runner._unfinished.values():
+                started = item.call_started
+                if started and now - started > timeout:
+                    runner._break(DeviceTimeout(
+                        f"stage {item.call_stage!r} of runner {runner.name!r} has been busy with "
+                        f"item {item.seq} for {now - started:.3f} s, past call_timeout={timeout} s"))
+                    return
+            runner._watchdog = runner._loop.call_later(period, tick)  # type: ignore[union-attr]
+
+        self._watchdog = self._loop.call_later(period, tick)
+
+    # ---- introspection ------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[TensorSpec] | None:
+        """The model's input spec (names, dtypes, shapes), or None when the backend has none."""
+        return self._model.inputs if self._model is not None else None
+
+    @property
+    def outputs(self) -> list[TensorSpec] | None:
+        """The model's output spec, or None when the backend has none."""
+        return self._model.outputs if self._model is not None else None
+
+    @property
+    def maxsize(self) -> int:
+        return self._opt.maxsize
+
+    @property
+    def closed(self) -> bool:
+        """True once no more input is accepted."""
+        return self._closed
+
+    def stats(self) -> RunnerStats:
+        """A snapshot of the counters, queue depths, busy fractions and latency."""
+        pipeline = self._pipeline
+        stages: list[StageStats] = []
+        elapsed = 0.0
+        if pipeline is not None:
+            elapsed = perf_counter() - pipeline.started_at if pipeline.started_at else 0.0
+            for i, spec in enumerate(pipeline.specs):
+                ws = [w for w in pipeline.workers if w.index == i]
+                busy = sum(w.busy for w in ws)
+                if spec.device:  # include the current busy stretch
+                    busy += sum(perf_counter() - w.busy_since for w in ws if w.in_device)
+                stages.append(StageStats(
+                    name=spec.name,
+                    kind="device" if spec.device else "blocking",
+                    workers=len(ws),
+                    queue_depth=pipeline.queues[i].qsize(),
+                    busy=min(1.0, busy / (elapsed * len(ws))) if elapsed and ws else 0.0,
+                    calls=sum(w.calls for w in ws),
+                    in_device=sum(w.in_device for w in ws),
+                ))
+        p50, p99 = self._latency.percentiles()
+        return RunnerStats(
+            name=self.name, pushed=self._pushed, completed=self._completed, failed=self._failed,
+            discarded=self._discarded, withdrawn=self._withdrawn, in_flight=self._admitted,
+            peak_admitted=self._peak, maxsize=self._opt.maxsize, waiting=len(self._push_waiters),
+            latency_p50=p50, latency_p99=p99, elapsed=elapsed, stages=tuple(stages),
+        )
+
+    def __repr__(self) -> str:
+        state = ("new", "opening", "open", "closing", "closed")[self._state]
+        return f"<Runner {self.name!r} {state} in_flight={self._admitted}/{self._opt.maxsize}>"
+
+
+def _item_error(item: Item) -> InferenceError:
+    cause = item.error
+    err = InferenceError(
+        f"item {item.seq} (tag={item.tag!r}) failed in stage {item.failed_stage!r}: {cause!r}",
+        seq=item.seq, tag=item.tag, stage=item.failed_stage)
+    err.__cause__ = cause
+    return err
+
+
+async def _in_thread(fn: Callable[[], Any], name: str) -> Any:
+    """Run a one-off blocking call on a named daemon thread, without the default executor."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def main() -> None:
+        try:
+            outcome = (True, fn())
+        except BaseException as exc:
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone: nobody waits for this any more
+            pass
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    try:
+        return await fut
+    finally:
+        if fut.done():
+            thread.join()

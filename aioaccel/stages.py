@@ -1,0 +1,69 @@
+"""What a backend provides: stages.
+
+A pipeline is a list of :class:`StageSpec`. Each spec makes one stage object per worker thread
+(``replicas``), *on* that thread, so runtimes that are not thread-safe (LiteRT interpreters) or
+are thread-affine get their own instance. There are two kinds of stage:
+
+* :class:`BlockingStage` -- ``run(inputs) -> outputs`` is called on a dedicated worker thread.
+  The runtime releases the GIL while it computes, so stages on different threads overlap.
+* :class:`DeviceStage` -- the runtime queues work and completes it on *its own* threads
+  (OpenVINO ``AsyncInferQueue``, pycoral ``PipelinedModelRunner``, MemryX ``AsyncAccl``).
+  A feeder thread calls ``submit``; the runtime calls ``complete`` back, in any order.
+
+Raising :class:`~aioaccel.DeviceError` from a stage breaks the runner; any other exception fails
+only the item at hand.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BlockingStage", "Complete", "DeviceStage", "StageSpec"]
+
+#: ``complete(token, outputs, error)``: what a device stage calls when an item finishes.
+#: Exactly one of ``outputs``/``error`` is meaningful; it never raises.
+Complete = Callable[[object, Any, "BaseException | None"], None]
+
+
+class BlockingStage(ABC):
+    """A stage whose ``run`` blocks its worker thread until the outputs are ready."""
+
+    @abstractmethod
+    def run(self, inputs: Any) -> Any:
+        """Compute the outputs of one item (called on this stage's worker thread)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the runtime (called on the worker thread, after its last ``run``)."""
+
+
+class DeviceStage(ABC):
+    """A runtime that pipelines internally and reports completions from its own threads."""
+
+    @abstractmethod
+    def start(self, complete: Complete) -> None:
+        """Open the device; from now on each finished item is reported with ``complete``."""
+
+    @abstractmethod
+    def submit(self, token: object, inputs: Any) -> None:
+        """Hand one item to the device. May block while the device is full (backpressure)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Finish what was submitted, stop the runtime's threads and release the device."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How to make one pipeline stage.
+
+    ``factory`` is called once per worker thread, on that thread, and returns a
+    :class:`BlockingStage`, a :class:`DeviceStage` or a plain callable (a blocking stage).
+    A device stage always has one feeder thread: its parallelism is the device's own.
+    """
+
+    name: str
+    factory: Callable[[], BlockingStage | DeviceStage | Callable[[Any], Any]]
+    replicas: int = 1
+    device: bool = False
