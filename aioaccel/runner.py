@@ -95,6 +95,8 @@ class Runner:
     and later ``await runner.aclose()``).
     """
 
+    _state = _NEW  # class default: __del__ must work even if __init__ raised
+
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
                  call_timeout: float | None = None, close_timeout: float = 10.0):
         if not isinstance(maxsize, int) or maxsize < 1:
