@@ -20,7 +20,7 @@ from queue import SimpleQueue
 from time import perf_counter
 from typing import Any
 
-from .bridge import Bridge
+from .bridge import SHORT_CALL, Bridge
 from .errors import DeviceError
 from .stages import BlockingStage, DeviceStage, StageSpec
 
@@ -90,8 +90,12 @@ class Worker:
 
 
 class Pipeline:
-    def __init__(self, specs: list[StageSpec], bridge: Bridge, runner_name: str):
+    def __init__(self, specs: list[StageSpec], bridge: Bridge, runner_name: str, maxsize: int):
         self.specs = specs
+        # A worker may defer the loop's wake-up only while it has more than this much input
+        # queued: the other half keeps it busy while the loop consumes and refills (a batch of
+        # the whole window would leave it idle during the loop's turn).
+        self.defer_depth = maxsize // 2
         self.bridge = bridge
         self.runner_name = runner_name
         self.queues: list[SimpleQueue[Any]] = [SimpleQueue() for _ in specs]
@@ -140,20 +144,24 @@ class Pipeline:
             item.state = RUNNING
             return True
 
-    def _forward(self, index: int) -> Callable[[Item, float], None]:
-        """Where items leaving stage ``index`` go: the next queue, or the bridge."""
+    def _forward(self, index: int) -> Callable[[Item, float, bool], None]:
+        """Where items leaving stage ``index`` go: the next queue, or the bridge.
+
+        ``defer``: the caller has more input queued and this call was short, so the loop's
+        wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
+        """
         deliver = self.bridge.deliver
         if index == len(self.specs) - 1:
-            def forward(item: Item, now: float) -> None:
+            def forward(item: Item, now: float, defer: bool = False) -> None:
                 item.t_done = now
-                deliver(item)
+                deliver(item, now, defer)
         else:
             put = self.queues[index + 1].put
 
-            def forward(item: Item, now: float) -> None:
+            def forward(item: Item, now: float, defer: bool = False) -> None:
                 if item.error is not None:
                     item.t_done = now
-                    deliver(item)
+                    deliver(item, now, defer)
                 else:
                     put(item)
         return forward
@@ -187,7 +195,8 @@ class Pipeline:
             self.bridge.signal("_on_worker_exit", w)
 
     def _run_blocking(self, w: Worker, run: Callable[[Any], Any]) -> None:
-        get = self.queues[w.index].get
+        queue = self.queues[w.index]
+        get, pending, depth = queue.get, queue.qsize, self.defer_depth
         forward = self._forward(w.index)
         first = w.index == 0
         name = w.spec.name
@@ -215,7 +224,7 @@ class Pipeline:
             item.call_started = 0.0
             w.busy += t1 - t0
             w.calls += 1
-            forward(item, t1)
+            forward(item, t1, t1 - t0 < SHORT_CALL and pending() > depth)
 
     def _feed_device(self, w: Worker, device: DeviceStage) -> None:
         get = self.queues[w.index].get

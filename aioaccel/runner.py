@@ -122,6 +122,8 @@ class Runner:
         self._consumers: list[asyncio.Future[None]] = []
         self._idle: asyncio.Future[None] | None = None
         self._closed = False                      # no more input
+        self._accepting = False                   # open, not closed, not broken: the fast path
+        self._maxsize = maxsize
         self._failure: AccelError | None = None   # broken, or closed with items pending
         self._watchdog: asyncio.TimerHandle | None = None
         self._workers_ready: asyncio.Future[None] | None = None
@@ -155,9 +157,10 @@ class Runner:
             model = self._model = await _in_thread(self._load, f"aioaccel-{self.name}-load")
             self._prepare = model.prepare
             bridge = Bridge(loop, self)
-            pipeline = self._pipeline = Pipeline(model.stages, bridge, self.name)
+            pipeline = self._pipeline = Pipeline(model.stages, bridge, self.name, self._opt.maxsize)
             self._workers_ready = loop.create_future()
             self._workers_exited = loop.create_future()
+            self._submit = pipeline.submit
             pipeline.start()
             await self._workers_ready
         except BaseException:
@@ -165,6 +168,7 @@ class Runner:
             await self._shutdown(grace=self._opt.close_timeout)
             raise
         self._state = _OPEN
+        self._accepting = True
         if self._opt.call_timeout is not None:
             self._arm_watchdog()
 
@@ -174,6 +178,7 @@ class Runner:
         if self._closed:
             return
         self._closed = True
+        self._accepting = False
         self._fail_push_waiters(lambda: RunnerClosed(f"runner {self.name!r} closed"))
         self._wake_consumers()
 
@@ -259,7 +264,7 @@ class Runner:
                                f"aioaccel.open(...) as runner' or 'await aioaccel.open(...)'")
 
     def _try_admit(self) -> bool:
-        if self._admitted < self._opt.maxsize and not self._push_waiters:
+        if self._admitted < self._maxsize and not self._push_waiters:
             self._admitted += 1
             if self._admitted > self._peak:
                 self._peak = self._admitted
@@ -298,12 +303,13 @@ class Runner:
         self._admitted -= 1
 
     def _enqueue(self, inputs: Any, tag: Any, future: asyncio.Future[Any] | None) -> Item:
-        item = Item(next(self._seq), tag, inputs, future, perf_counter())
+        seq = next(self._seq)
+        item = Item(seq, tag, inputs, future, perf_counter())
         self._pushed += 1
-        self._unfinished[item.seq] = item
+        self._unfinished[seq] = item
         if future is None:
             self._stream.append(item)
-        self._pipeline.submit(item)  # type: ignore[union-attr]
+        self._submit(item)
         return item
 
     # ---- input --------------------------------------------------------------------------
@@ -316,7 +322,12 @@ class Runner:
         """
         if self._prepare is not None:
             inputs = self._prepare(inputs)
-        await self._admit()
+        if self._accepting and self._admitted < self._maxsize and not self._push_waiters:
+            self._admitted += 1  # the uncontended fast path of _admit(), without a coroutine
+            if self._admitted > self._peak:
+                self._peak = self._admitted
+        else:
+            await self._admit()
         return self._enqueue(inputs, tag, None).seq
 
     def push_nowait(self, inputs: Any, *, tag: Any = None) -> int:
@@ -462,6 +473,7 @@ class Runner:
         log.error("runner %r is broken: %s", self.name, err)
         self._failure = err
         self._closed = True
+        self._accepting = False
         self._fail_push_waiters(self._failure_for_waiter)
         self._fail_pending(err)
         if self._watchdog is not None:

@@ -1,0 +1,68 @@
+"""Shared by the benchmarks: interleaved rounds, medians, a ratio table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+# One BLAS/OpenMP thread per call: the benchmarks compare scheduling, not library threading.
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+Mode = Callable[[int], Awaitable[None]]
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def measure(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int,
+            rounds: int) -> dict[str, float]:
+    """items/s per mode: the median over ``rounds``, the modes interleaved within each round."""
+    samples: dict[str, list[float]] = {name: [] for name in modes}
+    for name, mode in modes.items():  # warm-up
+        loop.run_until_complete(mode(max(1, count // 10)))
+    for _ in range(rounds):
+        for name, mode in modes.items():
+            started = perf_counter()
+            loop.run_until_complete(mode(count))
+            samples[name].append(count / (perf_counter() - started))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def print_table(title: str, rates: dict[str, float], baseline: str,
+                extra: dict[str, str] | None = None) -> None:
+    base = rates[baseline]
+    print(f"\n{title}")
+    print(f"  {'mode':<34} {'items/s':>10} {'vs ' + baseline:>14}")
+    for name, rate in rates.items():
+        note = f"  {extra[name]}" if extra and name in extra else ""
+        print(f"  {name:<34} {rate:>10.0f} {rate / base:>13.2f}x{note}")
+
+
+def lag_probe(loop: asyncio.AbstractEventLoop, interval: float = 0.001) -> tuple[Any, list[float]]:
+    """Start a task measuring how late the loop wakes a 1 ms sleeper; returns (task, lags)."""
+    lags: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            started = perf_counter()
+            await asyncio.sleep(interval)
+            lags.append(perf_counter() - started - interval)
+
+    return loop.create_task(probe()), lags
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
