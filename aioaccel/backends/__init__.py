@@ -51,6 +51,11 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("function", "function", (), (), "nothing: it is built in"),
+        Backend("litert", "litert", (".tflite",), ("ai_edge_litert.interpreter",),
+                "pip install 'aioaccel[litert]'"),
+        Backend("openvino", "openvino", (".xml",), ("openvino",),
+                "pip install 'aioaccel[openvino]'"),
+        Backend("onnx", "onnx", (".onnx",), ("onnxruntime",), "pip install 'aioaccel[onnx]'"),
     )
 }
 
@@ -100,6 +105,8 @@ def resolve_backend(target: Any) -> str:
     if all(_is_stage(t) for t in items):
         return "function"
     first = items[0]
+    if type(first).__module__.startswith("openvino"):
+        return "openvino"
     if isinstance(first, (str, os.PathLike)):
         suffix = os.path.splitext(os.fspath(first))[1].lower()
         for backend in BACKENDS.values():

@@ -1,0 +1,77 @@
+"""What every model backend shares: segment chaining and the model's input spec.
+
+A model given as a list of segment files runs one stage per segment. Tensors travel between
+stages in a dict by name: each stage takes its inputs by name and passes on its outputs plus
+whatever later segments still need, so a segment may consume any tensor an *earlier* segment
+produced (as pycoral's PipelinedModelRunner allows), and nothing is carried further than needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..tensors import DEFAULT_MAX_INPUT_BYTES, InputValidator, TensorSpec
+
+__all__ = ["check_chain", "model_paths", "needed_after", "validator"]
+
+
+def model_paths(target: Any, suffixes: Sequence[str]) -> list[Path]:
+    """The segment files of ``target`` (one path or a list), checked to exist."""
+    items = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not items:
+        raise ValueError("no model files given")
+    paths = []
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"expected a model file path, got {type(item).__name__}")
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {str(path)!r}")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise ValueError(f"{str(path)!r} is not a {'/'.join(suffixes)} file")
+        paths.append(path)
+    return paths
+
+
+def check_chain(segments: Sequence[tuple[str, Sequence[TensorSpec], Sequence[TensorSpec]]]) -> None:
+    """Each segment's inputs must be produced by an earlier segment (or be model inputs of the
+    first). ``segments``: (label, inputs, outputs) in order."""
+    available = {spec.name for spec in segments[0][1]}
+    for index, (label, inputs, outputs) in enumerate(segments):
+        if index:
+            for spec in inputs:
+                if spec.name not in available:
+                    raise ValueError(
+                        f"segment {index} ({label}) needs tensor {spec.name!r}, which no earlier "
+                        f"segment produces (available: {sorted(available)})")
+        available |= {spec.name for spec in outputs}
+
+
+def needed_after(segments: Sequence[Sequence[TensorSpec]]) -> list[frozenset[str]]:
+    """For each segment index i, the tensor names that segments after i consume."""
+    result = []
+    later: set[str] = set()
+    for inputs in reversed(segments):
+        result.append(frozenset(later))
+        later |= {spec.name for spec in inputs}
+    return result[::-1]
+
+
+def carry(tensors: dict[str, Any], outputs: dict[str, Any], keep: frozenset[str],
+          last: bool) -> dict[str, Any]:
+    """What a segment passes on: its outputs (all of them at the end) plus what is still needed."""
+    if last:
+        return outputs
+    passed = {name: value for name, value in tensors.items() if name in keep}
+    passed.update((name, value) for name, value in outputs.items() if name in keep)
+    return passed
+
+
+def validator(inputs: Sequence[TensorSpec], cast: bool,
+              max_input_bytes: int | None) -> Callable[[Any], dict[str, Any]]:
+    return InputValidator(inputs, cast=cast,
+                          max_bytes=DEFAULT_MAX_INPUT_BYTES if max_input_bytes is None
+                          else max_input_bytes)

@@ -1,0 +1,145 @@
+"""LiteRT (TFLite): ``.tflite`` files, one worker thread per segment, optional Edge TPU delegate.
+
+``aioaccel.open("model.tflite")`` or ``aioaccel.open(["seg0.tflite", "seg1.tflite"])``: each
+segment runs on its own worker thread with its own ``Interpreter`` (created on that thread),
+which gives any device the pipelining that pycoral's ``PipelinedModelRunner`` gives Edge TPUs.
+``Interpreter.invoke`` releases the GIL, so segments overlap on different cores.
+
+Options: ``num_threads`` (per interpreter), ``device`` (``"cpu"``, ``"edgetpu"``,
+``"edgetpu:usb"``, ``"edgetpu:pci:1"``, or a list with one entry per segment), ``cast``,
+``max_input_bytes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from ..stages import BlockingStage, StageSpec
+from ..tensors import TensorSpec
+from . import Model
+from ._segments import carry, check_chain, model_paths, needed_after, validator
+
+__all__ = ["LiteRTStage", "load"]
+
+EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib",
+                   "Windows": "edgetpu.dll"}.get(platform.system(), "libedgetpu.so.1")
+EDGETPU_INSTALL = ("install the Edge TPU runtime (libedgetpu) from Coral's package repository: "
+                   "https://coral.ai/software/#edgetpu-runtime (Debian: apt-get install "
+                   "libedgetpu1-std)")
+
+
+def interpreter_module() -> Any:
+    """``ai_edge_litert.interpreter``, else ``tflite_runtime.interpreter``."""
+    try:
+        from ai_edge_litert import interpreter
+    except ImportError:
+        try:
+            from tflite_runtime import interpreter  # type: ignore[no-redef]
+        except ImportError as exc:
+            raise BackendUnavailable(
+                "the LiteRT backend needs ai-edge-litert: pip install 'aioaccel[litert]'") from exc
+    return interpreter
+
+
+def edgetpu_devices(device: Any, segments: int, replicas: int) -> list[str | None]:
+    """One delegate device string (or None for the CPU) per worker: segment-major order."""
+    workers = segments * replicas
+    if device is None or device == "cpu":
+        return [None] * workers
+    if isinstance(device, (list, tuple)):
+        if len(device) != workers:
+            raise ValueError(f"device= lists {len(device)} devices for {workers} workers "
+                             f"({segments} segments x {replicas} replicas)")
+        return [edgetpu_devices(d, 1, 1)[0] for d in device]
+    if not isinstance(device, str) or not device.startswith("edgetpu"):
+        raise ValueError(f"unknown device {device!r} for LiteRT: expected 'cpu', 'edgetpu', "
+                         f"'edgetpu:usb', 'edgetpu:pci:1' or a list of them")
+    parts = device.split(":")[1:]
+    kind = parts[0] if parts else ""
+    if kind not in ("", "usb", "pci"):
+        raise ValueError(f"unknown Edge TPU type in {device!r}: expected usb or pci")
+    first = int(parts[1]) if len(parts) > 1 else 0
+    return [f"{kind}:{first + n}" for n in range(workers)]  # one TPU per worker, in order
+
+
+def load_edgetpu_delegate(device: str) -> Any:
+    module = interpreter_module()
+    try:
+        return module.load_delegate(EDGETPU_LIBRARY, {"device": device} if device else {})
+    except (OSError, ValueError) as exc:
+        raise BackendUnavailable(
+            f"cannot load the Edge TPU delegate {EDGETPU_LIBRARY} for device {device!r} "
+            f"({exc}); {EDGETPU_INSTALL}") from exc
+
+
+def _spec(detail: dict[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature", detail["shape"])
+    shape = tuple(None if int(d) < 0 else int(d) for d in signature)
+    return TensorSpec(detail["name"], np.dtype(detail["dtype"]).name, shape)
+
+
+class LiteRTStage(BlockingStage):
+    """One interpreter, made on the worker thread that uses it."""
+
+    def __init__(self, path: Path, num_threads: int | None, delegate_device: str | None,
+                 keep: frozenset[str], last: bool):
+        module = interpreter_module()
+        delegates = [load_edgetpu_delegate(delegate_device)] if delegate_device is not None else None
+        self.interpreter = module.Interpreter(model_path=str(path), num_threads=num_threads,
+                                              experimental_delegates=delegates)
+        self.interpreter.allocate_tensors()
+        self._inputs = [(d["name"], d["index"], tuple(d["shape"]))
+                        for d in self.interpreter.get_input_details()]
+        self._outputs = [(d["name"], d["index"]) for d in self.interpreter.get_output_details()]
+        self._keep = keep
+        self._last = last
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        interp = self.interpreter
+        for slot, (name, index, shape) in enumerate(self._inputs):
+            value = tensors[name]
+            if value.shape != shape:  # a dynamic dimension changed: resize, then reallocate
+                interp.resize_tensor_input(index, value.shape)
+                interp.allocate_tensors()
+                self._inputs[slot] = (name, index, value.shape)
+            interp.set_tensor(index, value)  # copies: the caller may reuse its array
+        interp.invoke()  # releases the GIL
+        outputs = {name: interp.get_tensor(index) for name, index in self._outputs}
+        return carry(tensors, outputs, self._keep, self._last)
+
+
+def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, device: Any = None,
+         cast: bool = False, max_input_bytes: int | None = None) -> Model:
+    paths = model_paths(target, (".tflite",))
+    module = interpreter_module()
+    devices = edgetpu_devices(device, len(paths), replicas)
+    if device not in (None, "cpu") and len(paths) > 1 and replicas > 1:
+        raise ValueError("with the Edge TPU, give either several segments or replicas, not both")
+    io = []
+    for path in paths:  # read the specs without a delegate: it only needs the flatbuffer
+        probe = module.Interpreter(model_path=str(path))
+        io.append((path.name, [_spec(d) for d in probe.get_input_details()],
+                   [_spec(d) for d in probe.get_output_details()]))
+        del probe
+    check_chain(io)
+    keeps = needed_after([inputs for _, inputs, _ in io])
+    specs = []
+    for i, path in enumerate(paths):
+        worker_devices = iter(devices[i * replicas:(i + 1) * replicas])
+        lock = itertools.count()  # next() on a count is atomic: one device per replica thread
+
+        def factory(path: Path = path, keep: frozenset[str] = keeps[i], last: bool = i == len(paths) - 1,
+                    devs: Any = list(worker_devices), counter: Any = lock) -> LiteRTStage:
+            return LiteRTStage(path, num_threads, devs[next(counter)], keep, last)
+
+        specs.append(StageSpec(path.stem, factory, replicas))
+    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
+                 prepare=validator(io[0][1], cast, max_input_bytes),
+                 info={"backend": "litert", "segments": [str(p) for p in paths],
+                       "device": device or "cpu"})

@@ -1,0 +1,146 @@
+"""OpenVINO: a callback-device stage over ``AsyncInferQueue``.
+
+``aioaccel.open("model.xml")``, ``aioaccel.open("model.onnx", backend="openvino")``, an
+``openvino.Model``, or a list of them (a pipeline, one queue per model). A feeder thread calls
+``start_async(inputs, userdata=token)``, which blocks while every infer request is busy; the
+runtime completes requests on its own threads, in any order, and the callback copies the
+outputs out of the request before it is reused and hands them to the bridge.
+
+The callback never raises: an exception escaping an ``AsyncInferQueue`` callback makes the
+next ``start_async`` raise and the one after abort the process. Inputs are copied into the
+request (``share_inputs=False``), so the caller may reuse its arrays while items are in flight.
+
+Options: ``device`` ("CPU", "GPU", "NPU", "AUTO", ...), ``jobs`` (infer requests; 0 = the
+runtime's optimal number), ``hint`` ("THROUGHPUT" or "LATENCY"), ``precision`` (inference
+precision; on the CPU it defaults to "f32", because OpenVINO otherwise picks bf16/f16 on CPUs
+that have it, and results drift), ``config`` (more properties for ``compile_model``),
+``cast``, ``max_input_bytes``. With several models, CPU pinning is turned off: pinned one-stream
+models on different threads do not run in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailable, DeviceError
+from ..stages import Complete, DeviceStage, StageSpec
+from ..tensors import TensorSpec
+from . import Model
+from ._segments import carry, check_chain, needed_after, validator
+
+__all__ = ["OpenVINOStage", "load"]
+
+
+def runtime() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the OpenVINO backend needs openvino: pip install 'aioaccel[openvino]'") from exc
+    return openvino
+
+
+def _spec(port: Any) -> TensorSpec:
+    shape = tuple(None if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
+    dtype = np.dtype(port.get_element_type().to_dtype()).name
+    return TensorSpec(port.get_any_name(), dtype, shape)
+
+
+class OpenVINOStage(DeviceStage):
+    def __init__(self, compiled: Any, jobs: int, keep: frozenset[str], last: bool):
+        self.compiled = compiled
+        self.jobs = jobs
+        self._inputs = [port.get_any_name() for port in compiled.inputs]
+        self._outputs = [port.get_any_name() for port in compiled.outputs]
+        self._keep = keep
+        self._last = last
+        self._complete: Complete | None = None
+        self.queue: Any = None
+
+    def start(self, complete: Complete) -> None:
+        ov = runtime()
+        self._complete = complete
+        self.queue = ov.AsyncInferQueue(self.compiled, self.jobs)
+        self.queue.set_callback(self._on_done)
+
+    def submit(self, token: object, tensors: dict[str, np.ndarray]) -> None:
+        feed = {name: tensors[name] for name in self._inputs}
+        try:
+            self.queue.start_async(feed, userdata=(token, tensors), share_inputs=False)
+        except RuntimeError as exc:  # the runtime refused: treat the device as gone
+            raise DeviceError(f"OpenVINO start_async failed: {exc}") from exc
+
+    def read_outputs(self, request: Any) -> dict[str, np.ndarray]:
+        """Copy the outputs out of the request (it is reused as soon as we return)."""
+        return {name: request.get_output_tensor(i).data.copy()
+                for i, name in enumerate(self._outputs)}
+
+    def _on_done(self, request: Any, userdata: Any) -> None:
+        try:
+            token, tensors = userdata
+        except BaseException:  # never raise into the runtime
+            return
+        complete = self._complete
+        assert complete is not None
+        try:
+            outputs = carry(tensors, self.read_outputs(request), self._keep, self._last)
+        except BaseException as exc:
+            complete(token, None, exc)
+            return
+        complete(token, outputs, None)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.wait_all()
+
+
+def _read(core: Any, item: Any, ov: Any) -> Any:
+    if isinstance(item, ov.Model):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {str(path)!r}")
+        return core.read_model(str(path))
+    raise TypeError(f"expected an openvino.Model or a model file path, got {type(item).__name__}")
+
+
+def load(target: Any, *, replicas: int = 1, device: str = "CPU", jobs: int = 0,
+         hint: str = "THROUGHPUT", precision: str | None = None,
+         config: dict[str, Any] | None = None, cast: bool = False,
+         max_input_bytes: int | None = None) -> Model:
+    ov = runtime()
+    if replicas != 1:
+        raise ValueError("the OpenVINO backend runs requests in parallel through jobs=, "
+                         "not replicas=")
+    if hint not in ("THROUGHPUT", "LATENCY", "CUMULATIVE_THROUGHPUT"):
+        raise ValueError(f"hint must be 'THROUGHPUT' or 'LATENCY', got {hint!r}")
+    items = list(target) if isinstance(target, (list, tuple)) else [target]
+    core = ov.Core()
+    properties: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+    if precision is not None or device.upper().startswith("CPU"):
+        properties["INFERENCE_PRECISION_HINT"] = precision or "f32"
+    if len(items) > 1 and device.upper().startswith("CPU"):
+        properties["ENABLE_CPU_PINNING"] = False
+    properties.update(config or {})
+    compiled = [core.compile_model(_read(core, item, ov), device, properties) for item in items]
+    io = [(f"model {i}", [_spec(p) for p in c.inputs], [_spec(p) for p in c.outputs])
+          for i, c in enumerate(compiled)]
+    check_chain(io)
+    keeps = needed_after([inputs for _, inputs, _ in io])
+    specs = []
+    for i, model in enumerate(compiled):
+        def factory(model: Any = model, keep: frozenset[str] = keeps[i],
+                    last: bool = i == len(compiled) - 1) -> OpenVINOStage:
+            return OpenVINOStage(model, jobs, keep, last)
+
+        specs.append(StageSpec(f"openvino{i}" if len(compiled) > 1 else "openvino", factory,
+                               1, device=True))
+    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
+                 prepare=validator(io[0][1], cast, max_input_bytes),
+                 close=compiled.clear,
+                 info={"backend": "openvino", "device": device, "properties": properties})
