@@ -12,6 +12,7 @@ Options: ``num_threads`` (per interpreter), ``device`` (``"cpu"``, ``"edgetpu"``
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import platform
 from pathlib import Path
@@ -71,6 +72,9 @@ def edgetpu_devices(device: Any, segments: int, replicas: int) -> list[str | Non
 def load_edgetpu_delegate(device: str) -> Any:
     module = interpreter_module()
     try:
+        # Check the library first: when load_delegate fails, LiteRT's half-built Delegate
+        # raises AttributeError from its __del__ ("Exception ignored in ...") at collection.
+        ctypes.CDLL(EDGETPU_LIBRARY)
         return module.load_delegate(EDGETPU_LIBRARY, {"device": device} if device else {})
     except (OSError, ValueError) as exc:
         raise BackendUnavailable(

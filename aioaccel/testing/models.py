@@ -48,6 +48,7 @@ class Chain:
     layers: tuple[Layer, ...]
     first: int = 0          #: index of this chain's first layer in the whole chain
     total: int = 0          #: number of layers of the whole chain
+    dynamic_batch: bool = False  #: the first dimension is dynamic in the written models
 
     @property
     def input_name(self) -> str:
@@ -97,7 +98,7 @@ class Chain:
         bounds = np.linspace(0, len(self.layers), segments + 1).round().astype(int)
         shapes = self._shapes()
         total = self.total or len(self.layers)
-        return [Chain(shapes[a], self.layers[a:b], self.first + a, total)
+        return [Chain(shapes[a], self.layers[a:b], self.first + a, total, self.dynamic_batch)
                 for a, b in zip(bounds[:-1], bounds[1:])]
 
     # ---- writers ------------------------------------------------------------------------
@@ -143,9 +144,10 @@ def _weights(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> n
 
 
 def dense_chain(width: int = 64, depth: int = 4, *, inputs: int | None = None, batch: int = 1,
-                seed: int = 0) -> Chain:
+                dynamic_batch: bool = False, seed: int = 0) -> Chain:
     """``depth`` fully-connected layers of ``width`` units (ReLU between, none after the last).
-    Cost grows as ``depth * width**2``: width 1024, depth 8 is about 1 ms on one CPU core."""
+    Cost grows as ``depth * width**2``: width 1024, depth 8 is about 1 ms on one CPU core.
+    ``dynamic_batch`` writes the batch dimension as dynamic (``batch`` is then the example's)."""
     rng = np.random.default_rng(seed)
     fan_in = inputs or width
     layers = []
@@ -153,7 +155,7 @@ def dense_chain(width: int = 64, depth: int = 4, *, inputs: int | None = None, b
         layers.append(Layer("dense", _weights(rng, (fan_in, width), fan_in),
                             _weights(rng, (width,), width), relu=k < depth - 1))
         fan_in = width
-    return Chain((batch, inputs or width), tuple(layers), 0, depth)
+    return Chain((batch, inputs or width), tuple(layers), 0, depth, dynamic_batch)
 
 
 def conv_chain(size: int = 32, channels: int = 16, depth: int = 4, *, in_channels: int = 3,
@@ -184,6 +186,8 @@ def _tflite_bytes(chain: Chain) -> bytes:
         t.shape = list(shape)
         t.type = s.TensorType.FLOAT32
         t.buffer = 0
+        if chain.dynamic_batch and data is None:
+            t.shapeSignature = [-1, *shape[1:]]
         if data is not None:
             b = s.BufferT()
             b.data = np.ascontiguousarray(data, dtype=np.float32).view(np.uint8).ravel()
@@ -298,10 +302,13 @@ def _onnx_model(chain: Chain) -> Any:
         if layer.relu:
             nodes.append(helper.make_node("Relu", [f"{pre}/pre"], [out]))
         current = out
+    def dims(shape: tuple[int, ...]) -> list[Any]:
+        return ["batch", *shape[1:]] if chain.dynamic_batch else list(shape)
+
     graph = helper.make_graph(
         nodes, "chain",
-        [helper.make_tensor_value_info(chain.input_name, TensorProto.FLOAT, list(shapes[0]))],
-        [helper.make_tensor_value_info(chain.output_name, TensorProto.FLOAT, list(shapes[-1]))],
+        [helper.make_tensor_value_info(chain.input_name, TensorProto.FLOAT, dims(shapes[0]))],
+        [helper.make_tensor_value_info(chain.output_name, TensorProto.FLOAT, dims(shapes[-1]))],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="aioaccel")
@@ -315,7 +322,9 @@ def _openvino_model(chain: Chain) -> Any:
     import openvino as ov
     import openvino.opset13 as ops
 
-    param = ops.parameter(list(chain.input_shape), ov.Type.f32, name=chain.input_name)
+    shape = ov.PartialShape([-1 if chain.dynamic_batch and i == 0 else d
+                             for i, d in enumerate(chain.input_shape)])
+    param = ops.parameter(shape, ov.Type.f32, name=chain.input_name)
     param.output(0).get_tensor().set_names({chain.input_name})
     y: Any = param
     for layer in chain.layers:
