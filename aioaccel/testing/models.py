@@ -95,11 +95,26 @@ class Chain:
         """``segments`` consecutive chains whose composition is this chain."""
         if not 1 <= segments <= len(self.layers):
             raise ValueError(f"cannot split {len(self.layers)} layers into {segments} segments")
-        bounds = np.linspace(0, len(self.layers), segments + 1).round().astype(int)
         shapes = self._shapes()
+        # Balance by compute (multiply-adds), not by layer count: a pipeline runs at the pace
+        # of its slowest segment, and a first conv layer on 3 channels is ~10x cheaper.
+        costs = np.array([shapes[k + 1][1] * (shapes[k + 1][2] if layer.kind == "conv" else 1)
+                          * layer.weights.size for k, layer in enumerate(self.layers)], float)
+        cumulative = np.concatenate([[0.0], np.cumsum(costs)])
+        bounds = [0]
+        for k in range(1, segments):
+            best = int(np.abs(cumulative - cumulative[-1] * k / segments).argmin())
+            bounds.append(min(max(best, bounds[-1] + 1), len(self.layers) - (segments - k)))
+        bounds.append(len(self.layers))
         total = self.total or len(self.layers)
         return [Chain(shapes[a], self.layers[a:b], self.first + a, total, self.dynamic_batch)
                 for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def cost(self) -> float:
+        """Multiply-adds of one inference (what ``split`` balances)."""
+        shapes = self._shapes()
+        return float(sum(shapes[k + 1][1] * (shapes[k + 1][2] if layer.kind == "conv" else 1)
+                         * layer.weights.size for k, layer in enumerate(self.layers)))
 
     # ---- writers ------------------------------------------------------------------------
     def tflite_bytes(self) -> bytes:

@@ -1,0 +1,205 @@
+"""The ``aioaccel`` command.
+
+* ``aioaccel demo`` -- builds an embedded model, runs it on the CPU as a multi-segment pipeline
+  over a stream of frames, and compares it with running the whole model sequentially.
+* ``aioaccel info MODEL`` -- a model's inputs and outputs.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error (bad arguments, missing file, unknown
+format), 3 a runtime is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import aioaccel
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+DEMO_BACKENDS = ("litert", "onnx", "openvino")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aioaccel", description="asyncio-native inference "
+                                     "on edge accelerators")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a built-in model as a pipeline on the CPU")
+    demo.add_argument("--backend", choices=DEMO_BACKENDS, default="litert")
+    demo.add_argument("--segments", type=int, default=2, help="pipeline segments (default 2)")
+    demo.add_argument("--frames", type=int, default=300, help="frames to stream (default 300)")
+    demo.add_argument("--depth", type=int, default=8, help="conv layers of the model (default 8)")
+    info = sub.add_parser("info", help="show a model's inputs and outputs")
+    info.add_argument("model", nargs="+", help="model file(s); several = segments")
+    info.add_argument("--backend", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            if args.segments < 1 or args.frames < 1 or args.depth < args.segments:
+                parser.error("need frames >= 1 and 1 <= segments <= depth")
+            return asyncio.run(run_demo(args.backend, args.segments, args.frames, args.depth))
+        return asyncio.run(run_info(args.model, args.backend))
+    except aioaccel.BackendUnavailable as exc:
+        print(f"aioaccel: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"aioaccel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except aioaccel.AccelError as exc:
+        print(f"aioaccel: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+async def run_info(models: list[str], backend: str | None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    target: Any = models[0] if len(models) == 1 else models
+    async with aioaccel.open(target, backend=backend) as runner:
+        table = Table(title=", ".join(models))
+        for column in ("", "name", "dtype", "shape"):
+            table.add_column(column)
+        for kind, specs in (("input", runner.inputs or []), ("output", runner.outputs or [])):
+            for spec in specs:
+                shape = "(" + ", ".join("?" if d is None else str(d) for d in spec.shape) + ")"
+                table.add_row(kind, spec.name, spec.dtype, shape)
+        Console().print(table)
+        print(f"stages: {[s.name for s in runner.stats().stages]}")
+    return EXIT_OK
+
+
+def write_demo_model(backend: str, chain: Any, directory: Path, segments: int) -> Any:
+    if backend == "litert":
+        return chain.write_tflite_segments(directory, segments)
+    if backend == "onnx":
+        return chain.write_onnx_segments(directory, segments)
+    return [part.write_openvino(directory / f"segment_{i}.xml")
+            for i, part in enumerate(chain.split(segments))]
+
+
+def sequential_model(backend: str, chain: Any, directory: Path) -> Callable[[np.ndarray], Any]:
+    """The whole model, called directly with the vendor API (the baseline)."""
+    if backend == "litert":
+        from aioaccel.backends.litert import interpreter_module
+
+        interp = interpreter_module().Interpreter(
+            model_path=str(chain.write_tflite(directory / "whole.tflite")), num_threads=1)
+        interp.allocate_tensors()
+        index = interp.get_input_details()[0]["index"]
+        out = interp.get_output_details()[0]["index"]
+
+        def run(x: np.ndarray) -> Any:
+            interp.set_tensor(index, x)
+            interp.invoke()
+            return interp.get_tensor(out)
+        return run
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(chain.write_onnx(directory / "whole.onnx")), options,
+                                       providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"input": x})[0]
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(chain.openvino_model(), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1,
+        "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0]
+
+
+def demo_options(backend: str) -> dict[str, Any]:
+    if backend == "openvino":  # one request per segment, one thread each: a 2-core pipeline
+        return {"jobs": 1, "hint": "LATENCY", "config": {"INFERENCE_NUM_THREADS": 1}}
+    return {"num_threads": 1}
+
+
+async def run_demo(backend: str, segments: int, frames: int, depth: int) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from aioaccel.testing.models import conv_chain
+
+    console = Console()
+    chain = conv_chain(size=64, channels=32, depth=depth)
+    stream = [chain.random_input(seed) for seed in range(min(frames, 32))]
+    with tempfile.TemporaryDirectory(prefix="aioaccel-demo-") as tmp:
+        directory = Path(tmp)
+        console.print(f"[bold]aioaccel demo[/]: a {depth}-layer 3x3 conv model (64x64x32), "
+                      f"{segments} segments on the {backend} backend, {frames} frames")
+        files = write_demo_model(backend, chain, directory, segments)
+
+        whole = sequential_model(backend, chain, directory)
+        whole(stream[0])
+        started = time.perf_counter()
+        for i in range(frames):
+            whole(stream[i % len(stream)])
+        sequential_rate = frames / (time.perf_counter() - started)
+
+        depths: dict[str, list[int]] = {}
+        progress = Progress(TextColumn("pipelining"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        async with aioaccel.open(files, backend=backend, maxsize=8, name="demo",
+                                 **demo_options(backend)) as runner:
+            await runner.infer(stream[0])  # warm-up: first calls allocate
+            checked = 0
+            started = time.perf_counter()
+
+            async def produce() -> None:
+                for i in range(frames):
+                    await runner.push(stream[i % len(stream)], tag=i)
+                runner.close()
+
+            producer = asyncio.create_task(produce())
+            kept: list[tuple[int, np.ndarray]] = []
+            with progress:
+                task = progress.add_task("frames", total=frames)
+                async for result in runner:
+                    if len(kept) < 4:  # checked against NumPy after the run, not on the loop
+                        kept.append((result.tag % len(stream), result.outputs["output"]))
+                    progress.advance(task)
+                    if result.seq % 8 == 0:
+                        for stage in runner.stats().stages:
+                            depths.setdefault(stage.name, []).append(stage.queue_depth)
+            await producer
+            pipelined_rate = frames / (time.perf_counter() - started)
+            stats = runner.stats()
+        for index, output in kept:
+            if not np.allclose(output, chain.reference(stream[index]), atol=1e-3):
+                raise aioaccel.AccelError(f"frame {index}: the output differs from NumPy's")
+            checked += 1
+
+    table = Table(title="results")
+    table.add_column("")
+    table.add_column("items/s", justify="right")
+    table.add_column("vs sequential", justify="right")
+    table.add_row("whole model, sequential (vendor API)", f"{sequential_rate:.0f}", "1.00x")
+    table.add_row(f"aioaccel pipeline, {segments} segments", f"{pipelined_rate:.0f}",
+                  f"{pipelined_rate / sequential_rate:.2f}x")
+    console.print(table)
+    stages = Table(title="stages")
+    for column in ("stage", "busy", "mean queue depth", "calls"):
+        stages.add_column(column, justify="right" if column != "stage" else "left")
+    for stage in stats.stages:
+        mean_depth = statistics.fmean(depths.get(stage.name, [0]))
+        stages.add_row(stage.name, f"{stage.busy:.0%}", f"{mean_depth:.1f}", str(stage.calls))
+    console.print(stages)
+    console.print(f"latency p50 {stats.latency_p50 * 1e3:.1f} ms, p99 "
+                  f"{stats.latency_p99 * 1e3:.1f} ms; peak admitted {stats.peak_admitted}/"
+                  f"{stats.maxsize}; outputs checked against NumPy: {checked}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
