@@ -120,7 +120,7 @@ def sequential_model(backend: str, chain: Any, directory: Path) -> Callable[[np.
 
 def demo_options(backend: str) -> dict[str, Any]:
     if backend == "openvino":  # one request per segment, one thread each: a 2-core pipeline
-        return {"jobs": 1, "hint": "LATENCY", "config": {"INFERENCE_NUM_THREADS": 1}}
+        return {"config": {"INFERENCE_NUM_THREADS": 1}}
     return {"num_threads": 1}
 
 

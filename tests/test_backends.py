@@ -14,11 +14,18 @@ from aioaccel.testing.models import Chain, conv_chain, dense_chain
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["litert", "onnx", "openvino"]
+BACKENDS = ["litert", "onnx", "openvino", "openvino-async"]
+OPTIONS = {"openvino-async": {"api": "async"}}
+
+
+def open_model(backend: str, target: Any, **options: Any) -> aioaccel.Runner:
+    name = backend.split("-")[0]
+    return aioaccel.open(target, backend=name, **{**OPTIONS.get(backend, {}), **options})
 
 
 def model_target(backend: str, chain: Chain, tmp: Path, segments: int = 1) -> Any:
     """The files (or objects) ``aioaccel.open`` takes for ``chain`` on ``backend``."""
+    backend = backend.split("-")[0]
     if backend == "litert":
         paths = chain.write_tflite_segments(tmp, segments)
     elif backend == "onnx":
@@ -42,7 +49,7 @@ async def test_matches_numpy_whole_and_segmented(backend: str, segments: int, ki
     chain = dense_chain(32, 6, seed=segments) if kind == "dense" else conv_chain(12, 4, 3)
     target = model_target(backend, chain, tmp_path, segments)
     xs = [chain.random_input(seed) for seed in range(12)]
-    async with aioaccel.open(target, backend=backend, maxsize=4) as runner:
+    async with open_model(backend, target, maxsize=4) as runner:
         assert [s.name for s in runner.inputs] == ["input"]
         assert runner.inputs[0].shape == chain.input_shape
         assert [s.name for s in runner.outputs] == ["output"]
@@ -66,9 +73,9 @@ async def test_matches_numpy_whole_and_segmented(backend: str, segments: int, ki
 async def test_concurrent_infer_callers_get_their_own_results(backend: str, tmp_path: Path) -> None:
     chain = dense_chain(16, 3)
     xs = [chain.random_input(seed) for seed in range(64)]
-    replicas = 1 if backend == "openvino" else 2
-    async with aioaccel.open(model_target(backend, chain, tmp_path, 2), backend=backend,
-                             replicas=replicas, maxsize=8) as runner:
+    replicas = 1 if backend == "openvino-async" else 2
+    async with open_model(backend, model_target(backend, chain, tmp_path, 2),
+                          replicas=replicas, maxsize=8) as runner:
         outs = await asyncio.gather(*(runner.infer(x) for x in xs))
         stats = runner.stats()
     assert all(close(o["output"], chain.reference(x)) for o, x in zip(outs, xs))
@@ -80,7 +87,7 @@ async def test_bad_inputs_are_rejected_by_name_and_nothing_else_is_lost(backend:
                                                                        tmp_path: Path) -> None:
     chain = dense_chain(8, 2)
     good = chain.random_input()
-    async with aioaccel.open(model_target(backend, chain, tmp_path), backend=backend) as runner:
+    async with open_model(backend, model_target(backend, chain, tmp_path)) as runner:
         pending = [asyncio.create_task(runner.infer(chain.random_input(s))) for s in range(5)]
         cases = {
             "expected dtype float32, got float64": good.astype(np.float64),
@@ -109,8 +116,7 @@ async def test_bad_inputs_are_rejected_by_name_and_nothing_else_is_lost(backend:
 async def test_cast_opt_in_and_byte_cap_for_dynamic_shapes(backend: str, tmp_path: Path) -> None:
     chain = dense_chain(8, 2, dynamic_batch=True)
     target = model_target(backend, chain, tmp_path)
-    async with aioaccel.open(target, backend=backend, cast=True,
-                             max_input_bytes=64 * 8 * 4) as runner:
+    async with open_model(backend, target, cast=True, max_input_bytes=64 * 8 * 4) as runner:
         assert runner.inputs[0].shape == (None, 8)
         x = np.random.default_rng(0).standard_normal((5, 8))  # float64, batch 5
         out = await runner.infer(x)
@@ -207,7 +213,7 @@ async def test_openvino_error_in_result_handling_reaches_the_consumer_and_the_pr
         return original(self, request)
 
     monkeypatch.setattr(OpenVINOStage, "read_outputs", flaky)
-    async with aioaccel.open(chain.openvino_model(), jobs=2, maxsize=4) as runner:
+    async with aioaccel.open(chain.openvino_model(), api="async", jobs=2, maxsize=4) as runner:
         xs = [chain.random_input(s) for s in range(40)]
 
         async def produce() -> None:
@@ -230,7 +236,7 @@ async def test_openvino_keeps_maxsize_and_completes_out_of_order_in_order(tmp_pa
     sizes = [1 + (7 * i) % 33 for i in range(60)]  # uneven work: requests finish out of order
     xs = [np.random.default_rng(i).standard_normal((n, 64)).astype(np.float32)
           for i, n in enumerate(sizes)]
-    async with aioaccel.open(chain.openvino_model(), jobs=4, maxsize=6) as runner:
+    async with aioaccel.open(chain.openvino_model(), api="async", jobs=4, maxsize=6) as runner:
         async def produce() -> None:
             for i, x in enumerate(xs):
                 await runner.push(x, tag=i)
@@ -248,12 +254,14 @@ async def test_openvino_keeps_maxsize_and_completes_out_of_order_in_order(tmp_pa
     assert stats.peak_admitted <= 6 and stats.stages[0].kind == "device"
 
 
-@pytest.mark.parametrize("backend", ["litert", "onnx"])
+@pytest.mark.parametrize("backend", ["litert", "onnx", "openvino"])
 async def test_replicas_and_num_threads(backend: str, tmp_path: Path) -> None:
     chain = conv_chain(8, 4, 2)
     xs = [chain.random_input(s) for s in range(16)]
+    threads = {"config": {"INFERENCE_NUM_THREADS": 1}} if backend == "openvino" else {
+        "num_threads": 1}
     async with aioaccel.open(model_target(backend, chain, tmp_path), replicas=3,
-                             num_threads=1, name="rep") as runner:
+                             name="rep", **threads) as runner:
         outs = await asyncio.gather(*(runner.infer(x) for x in xs))
         assert runner.stats().stages[0].workers == 3
     assert all(close(o["output"], chain.reference(x)) for o, x in zip(outs, xs))
@@ -262,7 +270,10 @@ async def test_replicas_and_num_threads(backend: str, tmp_path: Path) -> None:
 async def test_openvino_rejects_replicas_and_bad_hints(tmp_path: Path) -> None:
     model = dense_chain(8, 2).openvino_model()
     with pytest.raises(ValueError, match="jobs="):
-        async with aioaccel.open(model, replicas=2):
+        async with aioaccel.open(model, api="async", replicas=2):
+            pass
+    with pytest.raises(ValueError, match="api must be"):
+        async with aioaccel.open(model, api="fast"):
             pass
     with pytest.raises(ValueError, match="hint"):
         async with aioaccel.open(model, hint="FAST"):

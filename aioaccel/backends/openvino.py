@@ -1,4 +1,4 @@
-"""OpenVINO: a callback-device stage over ``AsyncInferQueue``.
+"""OpenVINO: ``AsyncInferQueue`` as a callback-device stage, or sync requests on worker threads.
 
 ``aioaccel.open("model.xml")``, ``aioaccel.open("model.onnx", backend="openvino")``, an
 ``openvino.Model``, or a list of them (a pipeline, one queue per model). A feeder thread calls
@@ -10,8 +10,19 @@ The callback never raises: an exception escaping an ``AsyncInferQueue`` callback
 next ``start_async`` raise and the one after abort the process. Inputs are copied into the
 request (``share_inputs=False``), so the caller may reuse its arrays while items are in flight.
 
-Options: ``device`` ("CPU", "GPU", "NPU", "AUTO", ...), ``jobs`` (infer requests; 0 = the
-runtime's optimal number), ``hint`` ("THROUGHPUT" or "LATENCY"), ``precision`` (inference
+Two ways to drive the runtime (``api=``):
+
+* ``"async"`` -- the above: right for GPU/NPU/VPU devices that run many requests at once.
+* ``"sync"`` -- one ``InferRequest`` per worker thread (``replicas``), each calling the
+  GIL-releasing ``infer``. On the CPU this is faster: every ``AsyncInferQueue`` completion runs
+  a Python callback on an OpenVINO thread, which costs GIL hand-offs between three threads per
+  item (measured on a 0.1 ms model: the vendor's own AsyncInferQueue loop reaches 0.27x of its
+  sync loop; see docs/performance.md).
+* ``"auto"`` (default) -- ``"sync"`` on the CPU, ``"async"`` elsewhere.
+
+Options: ``device`` ("CPU", "GPU", "NPU", "AUTO", ...), ``jobs`` (async: infer requests; 0 = the
+runtime's optimal number), ``hint`` ("THROUGHPUT" or "LATENCY"; default THROUGHPUT, or LATENCY
+for one sync worker), ``precision`` (inference
 precision; on the CPU it defaults to "f32", because OpenVINO otherwise picks bf16/f16 on CPUs
 that have it, and results drift), ``config`` (more properties for ``compile_model``),
 ``cast``, ``max_input_bytes``. With several models, CPU pinning is turned off: pinned one-stream
@@ -27,12 +38,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, DeviceError
-from ..stages import Complete, DeviceStage, StageSpec
+from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model
 from ._segments import carry, check_chain, needed_after, validator
 
-__all__ = ["OpenVINOStage", "load"]
+__all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
 
 
 def runtime() -> Any:
@@ -98,6 +109,26 @@ class OpenVINOStage(DeviceStage):
             self.queue.wait_all()
 
 
+class OpenVINOSyncStage(BlockingStage):
+    """One infer request, driven synchronously by its own worker thread."""
+
+    def __init__(self, compiled: Any, keep: frozenset[str], last: bool):
+        self.request = compiled.create_infer_request()
+        self._inputs = [port.get_any_name() for port in compiled.inputs]
+        self._outputs = [port.get_any_name() for port in compiled.outputs]
+        self._keep = keep
+        self._last = last
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self.request
+        # share_inputs=False: the input is copied in, so the caller's array is never read
+        # by the runtime behind its back
+        request.infer({name: tensors[name] for name in self._inputs}, share_inputs=False)
+        outputs = {name: request.get_output_tensor(i).data.copy()
+                   for i, name in enumerate(self._outputs)}
+        return carry(tensors, outputs, self._keep, self._last)
+
+
 def _read(core: Any, item: Any, ov: Any) -> Any:
     if isinstance(item, ov.Model):
         return item
@@ -109,14 +140,20 @@ def _read(core: Any, item: Any, ov: Any) -> Any:
     raise TypeError(f"expected an openvino.Model or a model file path, got {type(item).__name__}")
 
 
-def load(target: Any, *, replicas: int = 1, device: str = "CPU", jobs: int = 0,
-         hint: str = "THROUGHPUT", precision: str | None = None,
+def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "auto",
+         jobs: int = 0, hint: str | None = None, precision: str | None = None,
          config: dict[str, Any] | None = None, cast: bool = False,
          max_input_bytes: int | None = None) -> Model:
     ov = runtime()
-    if replicas != 1:
-        raise ValueError("the OpenVINO backend runs requests in parallel through jobs=, "
-                         "not replicas=")
+    if api == "auto":
+        api = "sync" if device.upper().startswith("CPU") else "async"
+    if api not in ("sync", "async"):
+        raise ValueError(f"api must be 'auto', 'sync' or 'async', got {api!r}")
+    if api == "async" and replicas != 1:
+        raise ValueError("with api='async' the OpenVINO backend runs requests in parallel "
+                         "through jobs=, not replicas=")
+    if hint is None:
+        hint = "LATENCY" if api == "sync" and replicas == 1 else "THROUGHPUT"
     if hint not in ("THROUGHPUT", "LATENCY", "CUMULATIVE_THROUGHPUT"):
         raise ValueError(f"hint must be 'THROUGHPUT' or 'LATENCY', got {hint!r}")
     items = list(target) if isinstance(target, (list, tuple)) else [target]
@@ -135,12 +172,15 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", jobs: int = 0,
     specs = []
     for i, model in enumerate(compiled):
         def factory(model: Any = model, keep: frozenset[str] = keeps[i],
-                    last: bool = i == len(compiled) - 1) -> OpenVINOStage:
+                    last: bool = i == len(compiled) - 1) -> OpenVINOStage | OpenVINOSyncStage:
+            if api == "sync":
+                return OpenVINOSyncStage(model, keep, last)
             return OpenVINOStage(model, jobs, keep, last)
 
-        specs.append(StageSpec(f"openvino{i}" if len(compiled) > 1 else "openvino", factory,
-                               1, device=True))
+        name = f"openvino{i}" if len(compiled) > 1 else "openvino"
+        specs.append(StageSpec(name, factory, replicas, device=api == "async"))
     return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
                  prepare=validator(io[0][1], cast, max_input_bytes),
                  close=compiled.clear,
-                 info={"backend": "openvino", "device": device, "properties": properties})
+                 info={"backend": "openvino", "device": device, "api": api,
+                       "properties": properties})
