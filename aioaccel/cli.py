@@ -137,7 +137,8 @@ async def run_demo(backend: str, segments: int, frames: int, depth: int) -> int:
     with tempfile.TemporaryDirectory(prefix="aioaccel-demo-") as tmp:
         directory = Path(tmp)
         console.print(f"[bold]aioaccel demo[/]: a {depth}-layer 3x3 conv model (64x64x32), "
-                      f"{segments} segments on the {backend} backend, {frames} frames")
+                      f"{segments} segments on the {backend} backend, {frames} frames",
+                      soft_wrap=True)
         files = write_demo_model(backend, chain, directory, segments)
 
         whole = sequential_model(backend, chain, directory)
@@ -197,7 +198,7 @@ async def run_demo(backend: str, segments: int, frames: int, depth: int) -> int:
     console.print(stages)
     console.print(f"latency p50 {stats.latency_p50 * 1e3:.1f} ms, p99 "
                   f"{stats.latency_p99 * 1e3:.1f} ms; peak admitted {stats.peak_admitted}/"
-                  f"{stats.maxsize}; outputs checked against NumPy: {checked}")
+                  f"{stats.maxsize}; outputs checked against NumPy: {checked}", soft_wrap=True)
     return EXIT_OK
 
 

@@ -183,7 +183,8 @@ def loop_health(loop: asyncio.AbstractEventLoop, tmp: Path) -> None:
     targets = {
         "litert, 2 segments": (chain.write_tflite_segments(tmp, 2), {"num_threads": 1}),
         "onnx, 2 segments": (chain.write_onnx_segments(tmp, 2), {"num_threads": 1}),
-        "openvino (AsyncInferQueue)": (chain.openvino_model(), {}),
+        "openvino (sync requests)": (chain.openvino_model(), {}),
+        "openvino (AsyncInferQueue)": (chain.openvino_model(), {"api": "async"}),
     }
     print("\n3. loop health: lag of a 1 ms sleeper while the runner streams flat out")
     print(f"  {'backend':<30} {'items/s':>8} {'lag p50':>9} {'lag p99':>9}")

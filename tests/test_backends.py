@@ -278,3 +278,12 @@ async def test_openvino_rejects_replicas_and_bad_hints(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="hint"):
         async with aioaccel.open(model, hint="FAST"):
             pass
+
+
+async def test_openvino_opens_onnx_files_when_asked(tmp_path: Path) -> None:
+    chain = dense_chain(8, 3)
+    path = chain.write_onnx(tmp_path / "m.onnx")
+    x = chain.random_input()
+    async with aioaccel.open(path, backend="openvino") as runner:
+        assert close((await runner.infer(x))["output"], chain.reference(x))
+        assert runner.stats().stages[0].name == "openvino"
