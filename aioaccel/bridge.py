@@ -7,7 +7,8 @@ schedule a drain only when none is pending, so a burst of completions costs one 
 When the loop is quick, bursts are short: with ~30 us work items the loop drains every single
 result, and each wake-up holds the GIL the worker needs back (measured: 0.52x of the raw loop).
 So a worker that has just finished a *short* call and still has more than half the window
-of input queued (see ``Pipeline.defer_depth``) may ``defer`` the wake-up: its next completion comes within microseconds. Deferral is bounded by
+of input queued (see ``Pipeline.defer_depth``) may ``defer`` the wake-up: its next completion
+comes within microseconds. Deferral is bounded by
 ``COALESCE_WINDOW`` from the oldest undelivered item, and the last item a worker finishes
 before its queue runs dry is never deferred, so nothing is stranded and latency grows by at
 most the window plus one short call.

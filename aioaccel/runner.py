@@ -542,7 +542,8 @@ class Runner:
                 if started and now - started > timeout:
                     runner._break(DeviceTimeout(
                         f"stage {item.call_stage!r} of runner {runner.name!r} has been busy with "
-                        f"item {item.seq} for {now - started:.3f} s, past call_timeout={timeout} s"))
+                        f"item {item.seq} for {now - started:.3f} s, "
+                        f"past call_timeout={timeout} s"))
                     return
             runner._watchdog = runner._loop.call_later(period, tick)  # type: ignore[union-attr]
 

@@ -53,8 +53,9 @@ async def main(frames: int) -> None:
         stats = runner.stats()
         for stage in stats.stages:
             print(f"  stage {stage.name:<12} busy {stage.busy:5.1%}  calls {stage.calls}")
-        print(f"  latency p50 {stats.latency_p50 * 1e3:.2f} ms, p99 {stats.latency_p99 * 1e3:.2f} ms,"
-              f" peak admitted {stats.peak_admitted}/{stats.maxsize}")
+        print(f"  latency p50 {stats.latency_p50 * 1e3:.2f} ms, "
+              f"p99 {stats.latency_p99 * 1e3:.2f} ms, "
+              f"peak admitted {stats.peak_admitted}/{stats.maxsize}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Every async test (modules set ``pytestmark = pytest.mark.anyio``) runs under the default asyncio loop and under uvloop, with a timeout, and
+"""Every async test (modules set ``pytestmark = pytest.mark.anyio``) runs under the default
+asyncio loop and under uvloop, with a timeout, and
 fails if a loop callback raised unnoticed or if an aioaccel thread outlived it."""
 
 from __future__ import annotations

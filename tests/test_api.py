@@ -69,3 +69,23 @@ async def test_function_backend_rejects_options() -> None:
     with pytest.raises(TypeError, match="takes no options, got bogus"):
         async with aioaccel.open(len, bogus=1):
             pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("module,suffix,extra", [
+    ("onnxruntime", ".onnx", "onnx"),
+    ("openvino", ".xml", "openvino"),
+    ("ai_edge_litert.interpreter", ".tflite", "litert"),
+])
+async def test_a_missing_runtime_names_the_extra_to_install(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: object, module: str, suffix: str,
+        extra: str) -> None:
+    from pathlib import Path
+
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # import now fails
+    monkeypatch.setitem(__import__("sys").modules, "tflite_runtime.interpreter", None)
+    path = Path(str(tmp_path)) / f"model{suffix}"
+    path.write_bytes(b"not loaded")
+    with pytest.raises(aioaccel.BackendUnavailable, match=rf"pip install 'aioaccel\[{extra}\]'"):
+        async with aioaccel.open(path):
+            pass

@@ -21,7 +21,8 @@ from ..stages import BlockingStage, DeviceStage, StageSpec
 if TYPE_CHECKING:
     from ..tensors import TensorSpec
 
-__all__ = ["BACKENDS", "Backend", "Model", "available_backends", "get_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "Model", "available_backends", "get_backend", "require",
+           "resolve_backend"]
 
 
 @dataclass
@@ -69,7 +70,8 @@ def get_backend(name: str) -> ModuleType:
     try:
         backend = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
+        known = ", ".join(sorted(BACKENDS))
+        raise ValueError(f"unknown backend {name!r}; known: {known}") from None
     try:
         module = importlib.import_module(f"{__name__}.{backend.module}")
     except ImportError as exc:
@@ -78,6 +80,19 @@ def get_backend(name: str) -> ModuleType:
             f"install it with: {backend.install}") from exc
     _loaded[name] = module
     return module
+
+
+def require(backend: str, *modules: str) -> ModuleType:
+    """Import the first of ``modules`` that is installed, for ``backend``; if none is, raise
+    BackendUnavailable with the registry's install hint."""
+    error: ImportError | None = None
+    for name in modules:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            error = error or exc
+    raise BackendUnavailable(f"the {backend} backend needs {modules[0].split('.')[0]}: "
+                             f"{BACKENDS[backend].install}") from error
 
 
 def available_backends() -> list[str]:

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import BackendUnavailable
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
-from . import Model
+from . import Model, require
 from ._segments import carry, check_chain, model_paths, needed_after, validator
 
 __all__ = ["LiteRTStage", "load"]
@@ -37,15 +37,7 @@ EDGETPU_INSTALL = ("install the Edge TPU runtime (libedgetpu) from Coral's packa
 
 def interpreter_module() -> Any:
     """``ai_edge_litert.interpreter``, else ``tflite_runtime.interpreter``."""
-    try:
-        from ai_edge_litert import interpreter
-    except ImportError:
-        try:
-            from tflite_runtime import interpreter  # type: ignore[no-redef]
-        except ImportError as exc:
-            raise BackendUnavailable(
-                "the LiteRT backend needs ai-edge-litert: pip install 'aioaccel[litert]'") from exc
-    return interpreter
+    return require("litert", "ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 
 
 def edgetpu_devices(device: Any, segments: int, replicas: int) -> list[str | None]:
@@ -94,7 +86,9 @@ class LiteRTStage(BlockingStage):
     def __init__(self, path: Path, num_threads: int | None, delegate_device: str | None,
                  keep: frozenset[str], last: bool):
         module = interpreter_module()
-        delegates = [load_edgetpu_delegate(delegate_device)] if delegate_device is not None else None
+        delegates = None
+        if delegate_device is not None:
+            delegates = [load_edgetpu_delegate(delegate_device)]
         self.interpreter = module.Interpreter(model_path=str(path), num_threads=num_threads,
                                               experimental_delegates=delegates)
         self.interpreter.allocate_tensors()
@@ -135,11 +129,11 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
     keeps = needed_after([inputs for _, inputs, _ in io])
     specs = []
     for i, path in enumerate(paths):
-        worker_devices = iter(devices[i * replicas:(i + 1) * replicas])
-        lock = itertools.count()  # next() on a count is atomic: one device per replica thread
-
-        def factory(path: Path = path, keep: frozenset[str] = keeps[i], last: bool = i == len(paths) - 1,
-                    devs: Any = list(worker_devices), counter: Any = lock) -> LiteRTStage:
+        def factory(path: Path = path, keep: frozenset[str] = keeps[i],
+                    last: bool = i == len(paths) - 1,
+                    devs: tuple[str | None, ...] = tuple(devices[i * replicas:(i + 1) * replicas]),
+                    counter: Any = itertools.count()) -> LiteRTStage:
+            # next() on a count is atomic: each replica thread takes its own device
             return LiteRTStage(path, num_threads, devs[next(counter)], keep, last)
 
         specs.append(StageSpec(path.stem, factory, replicas))

@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
-from . import Model
+from . import Model, require
 from ._segments import carry, check_chain, model_paths, needed_after, validator
 
 __all__ = ["OnnxStage", "load"]
@@ -32,12 +31,7 @@ _DTYPES = {
 
 
 def runtime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailable(
-            "the ONNX backend needs onnxruntime: pip install 'aioaccel[onnx]'") from exc
-    return onnxruntime
+    return require("onnx", "onnxruntime")
 
 
 def _spec(arg: Any) -> TensorSpec:

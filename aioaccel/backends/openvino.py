@@ -37,22 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, DeviceError
+from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
-from . import Model
+from . import Model, require
 from ._segments import carry, check_chain, needed_after, validator
 
 __all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
 
 
 def runtime() -> Any:
-    try:
-        import openvino
-    except ImportError as exc:
-        raise BackendUnavailable(
-            "the OpenVINO backend needs openvino: pip install 'aioaccel[openvino]'") from exc
-    return openvino
+    return require("openvino", "openvino")
 
 
 def _spec(port: Any) -> TensorSpec:
