@@ -638,5 +638,7 @@ async def _in_thread(fn: Callable[[], Any], name: str) -> Any:
     try:
         return await fut
     finally:
-        if fut.done():
-            thread.join()
+        if fut.done() and not fut.cancelled():
+            thread.join()  # it has delivered its outcome: returns at once
+        # cancelled: the call still runs to its end on its daemon thread; its outcome is
+        # dropped, and joining here would block the loop for as long as it takes
