@@ -98,9 +98,7 @@ class Chain:
         shapes = self._shapes()
         # Balance by compute (multiply-adds), not by layer count: a pipeline runs at the pace
         # of its slowest segment, and a first conv layer on 3 channels is ~10x cheaper.
-        costs = np.array([shapes[k + 1][1] * (shapes[k + 1][2] if layer.kind == "conv" else 1)
-                          * layer.weights.size for k, layer in enumerate(self.layers)], float)
-        cumulative = np.concatenate([[0.0], np.cumsum(costs)])
+        cumulative = np.concatenate([[0.0], np.cumsum(self._layer_costs())])
         bounds = [0]
         for k in range(1, segments):
             best = int(np.abs(cumulative - cumulative[-1] * k / segments).argmin())
@@ -110,11 +108,16 @@ class Chain:
         return [Chain(shapes[a], self.layers[a:b], self.first + a, total, self.dynamic_batch)
                 for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def _layer_costs(self) -> list[float]:
+        """Multiply-adds per layer and batch row: dense in*out, conv h*w*out*3*3*in."""
+        shapes = self._shapes()
+        return [float(layer.weights.size * (shapes[k + 1][1] * shapes[k + 1][2]
+                                            if layer.kind == "conv" else 1))
+                for k, layer in enumerate(self.layers)]
+
     def cost(self) -> float:
         """Multiply-adds of one inference (what ``split`` balances)."""
-        shapes = self._shapes()
-        return float(sum(shapes[k + 1][1] * (shapes[k + 1][2] if layer.kind == "conv" else 1)
-                         * layer.weights.size for k, layer in enumerate(self.layers)))
+        return sum(self._layer_costs())
 
     # ---- writers ------------------------------------------------------------------------
     def tflite_bytes(self) -> bytes:
