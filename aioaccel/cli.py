@@ -16,7 +16,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,45 +76,13 @@ async def run_info(models: list[str], backend: str | None) -> int:
 
 
 def write_demo_model(backend: str, chain: Any, directory: Path, segments: int) -> Any:
+    directory.mkdir(exist_ok=True)
     if backend == "litert":
         return chain.write_tflite_segments(directory, segments)
     if backend == "onnx":
         return chain.write_onnx_segments(directory, segments)
     return [part.write_openvino(directory / f"segment_{i}.xml")
             for i, part in enumerate(chain.split(segments))]
-
-
-def sequential_model(backend: str, chain: Any, directory: Path) -> Callable[[np.ndarray], Any]:
-    """The whole model, called directly with the vendor API (the baseline)."""
-    if backend == "litert":
-        from aioaccel.backends.litert import interpreter_module
-
-        interp = interpreter_module().Interpreter(
-            model_path=str(chain.write_tflite(directory / "whole.tflite")), num_threads=1)
-        interp.allocate_tensors()
-        index = interp.get_input_details()[0]["index"]
-        out = interp.get_output_details()[0]["index"]
-
-        def run(x: np.ndarray) -> Any:
-            interp.set_tensor(index, x)
-            interp.invoke()
-            return interp.get_tensor(out)
-        return run
-    if backend == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(str(chain.write_onnx(directory / "whole.onnx")), options,
-                                       providers=["CPUExecutionProvider"])
-        return lambda x: session.run(None, {"input": x})[0]
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(chain.openvino_model(), "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1,
-        "INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})[0]
 
 
 def demo_options(backend: str) -> dict[str, Any]:
@@ -130,6 +97,7 @@ async def run_demo(backend: str, segments: int, frames: int, depth: int) -> int:
     from rich.table import Table
 
     from aioaccel.testing.models import conv_chain
+    from aioaccel.testing.vendor import raw_model
 
     console = Console()
     chain = conv_chain(size=64, channels=32, depth=depth)
@@ -141,7 +109,8 @@ async def run_demo(backend: str, segments: int, frames: int, depth: int) -> int:
                       soft_wrap=True)
         files = write_demo_model(backend, chain, directory, segments)
 
-        whole = sequential_model(backend, chain, directory)
+        whole = raw_model(backend, chain.openvino_model() if backend == "openvino" else
+                          write_demo_model(backend, chain, directory / "whole", 1)[0])
         whole(stream[0])
         started = time.perf_counter()
         for i in range(frames):

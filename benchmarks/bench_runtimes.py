@@ -30,6 +30,7 @@ from _common import lag_probe, measure, new_loop, percentile, print_table  # noq
 
 import aioaccel  # noqa: E402
 from aioaccel.testing.models import conv_chain, dense_chain  # noqa: E402
+from aioaccel.testing.vendor import raw_model  # noqa: E402
 
 
 async def stream(runner: aioaccel.Runner, xs: list[Any], count: int) -> None:
@@ -121,8 +122,8 @@ def pipelining(loop: asyncio.AbstractEventLoop, rounds: int, tmp: Path) -> None:
         else:
             whole_path = chain.write_onnx(tmp / "whole.onnx")
             segment_paths = chain.write_onnx_segments(tmp, 2)
-        whole = _raw_callable(backend, whole_path)
-        segments = [_raw_callable(backend, p) for p in segment_paths]
+        whole = raw_model(backend, whole_path)
+        segments = [raw_model(backend, p) for p in segment_paths]
         seg_times = []
         for k, seg in enumerate(segments):
             x = xs[0] if k == 0 else segments[0](xs[0])
@@ -152,28 +153,6 @@ def pipelining(loop: asyncio.AbstractEventLoop, rounds: int, tmp: Path) -> None:
                     {"aioaccel, 2 segments": f"(limit 1/slowest segment: {limit:.0f}/s = "
                      f"{limit / rates['whole model, sequential']:.2f}x; reached "
                      f"{rates['aioaccel, 2 segments'] / limit:.0%})"})
-
-
-def _raw_callable(backend: str, path: Path) -> Any:
-    if backend == "litert":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interp = Interpreter(model_path=str(path), num_threads=1)
-        interp.allocate_tensors()
-        i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
-
-        def run(x: np.ndarray) -> np.ndarray:
-            interp.set_tensor(i, x)
-            interp.invoke()
-            return interp.get_tensor(o)
-        return run
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
 
 
 # ---- 3. loop health -----------------------------------------------------------------------
