@@ -83,7 +83,6 @@ class Result:
 
 @dataclass
 class _Options:
-    maxsize: int
     call_timeout: float | None
     close_timeout: float
 
@@ -105,7 +104,7 @@ class Runner:
             raise ValueError(f"call_timeout must be > 0 seconds or None, got {call_timeout!r}")
         self.name = name or f"runner{next(_names)}"
         self._load = load
-        self._opt = _Options(maxsize, call_timeout, close_timeout)
+        self._opt = _Options(call_timeout, close_timeout)
         self._state = _NEW
         self._model: Model | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,6 +123,7 @@ class Runner:
         self._closed = False                      # no more input
         self._accepting = False                   # open, not closed, not broken: the fast path
         self._maxsize = maxsize
+        self._submit: Callable[[Item], None] = _not_open  # pipeline.submit once open
         self._failure: AccelError | None = None   # broken, or closed with items pending
         self._watchdog: asyncio.TimerHandle | None = None
         self._workers_ready: asyncio.Future[None] | None = None
@@ -157,7 +157,7 @@ class Runner:
             model = self._model = await _in_thread(self._load, f"aioaccel-{self.name}-load")
             self._prepare = model.prepare
             bridge = Bridge(loop, self)
-            pipeline = self._pipeline = Pipeline(model.stages, bridge, self.name, self._opt.maxsize)
+            pipeline = self._pipeline = Pipeline(model.stages, bridge, self.name, self._maxsize)
             self._workers_ready = loop.create_future()
             self._workers_exited = loop.create_future()
             self._submit = pipeline.submit
@@ -336,8 +336,8 @@ class Runner:
         if self._prepare is not None:
             inputs = self._prepare(inputs)
         if not self._try_admit():
-            raise WouldBlock(f"runner {self.name!r} is full: {self._opt.maxsize} items admitted "
-                             f"and not consumed (maxsize={self._opt.maxsize})")
+            raise WouldBlock(f"runner {self.name!r} is full: {self._maxsize} items admitted "
+                             f"and not consumed (maxsize={self._maxsize})")
         return self._enqueue(inputs, tag, None).seq
 
     async def infer(self, inputs: Any, *, timeout: float | None = None) -> Any:
@@ -562,7 +562,7 @@ class Runner:
 
     @property
     def maxsize(self) -> int:
-        return self._opt.maxsize
+        return self._maxsize
 
     @property
     def closed(self) -> bool:
@@ -594,13 +594,17 @@ class Runner:
         return RunnerStats(
             name=self.name, pushed=self._pushed, completed=self._completed, failed=self._failed,
             discarded=self._discarded, withdrawn=self._withdrawn, in_flight=self._admitted,
-            peak_admitted=self._peak, maxsize=self._opt.maxsize, waiting=len(self._push_waiters),
+            peak_admitted=self._peak, maxsize=self._maxsize, waiting=len(self._push_waiters),
             latency_p50=p50, latency_p99=p99, elapsed=elapsed, stages=tuple(stages),
         )
 
     def __repr__(self) -> str:
         state = ("new", "opening", "open", "closing", "closed")[self._state]
-        return f"<Runner {self.name!r} {state} in_flight={self._admitted}/{self._opt.maxsize}>"
+        return f"<Runner {self.name!r} {state} in_flight={self._admitted}/{self._maxsize}>"
+
+
+def _not_open(item: Item) -> None:
+    raise RuntimeError("the runner is not open")
 
 
 def _item_error(item: Item) -> InferenceError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -133,6 +133,3 @@ def resolve_backend(target: Any) -> str:
     raise TypeError(f"aioaccel.open() cannot open {type(first).__name__} objects; pass a model "
                     f"path, a callable, a stage, or backend=")
 
-
-def describe(items: Sequence[Any]) -> str:
-    return ", ".join(type(i).__name__ for i in items)
