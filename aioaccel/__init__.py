@@ -19,6 +19,8 @@ from .stages import DeviceStage as DeviceStage
 from .stages import StageSpec as StageSpec
 from .stats import RunnerStats as RunnerStats
 from .stats import StageStats as StageStats
+from .streams import Stream as Stream
+from .streams import StreamStats as StreamStats
 from .tensors import TensorSpec as TensorSpec
 
 __version__ = "0.1.0"
@@ -40,6 +42,8 @@ __all__ = [
     "RunnerStats",
     "StageSpec",
     "StageStats",
+    "Stream",
+    "StreamStats",
     "TensorSpec",
     "WouldBlock",
     "available_backends",

@@ -37,7 +37,7 @@ class Item:
     """One admitted input travelling through the pipeline (internal)."""
 
     __slots__ = (
-        "seq", "tag", "value", "error", "future", "state", "done",
+        "seq", "tag", "value", "error", "future", "state", "done", "lane",
         "t_admit", "t_done", "call_started", "call_stage", "failed_stage",
     )
 
@@ -49,6 +49,7 @@ class Item:
         self.future = future          # asyncio.Future for infer(); None for the stream
         self.state = QUEUED
         self.done = False             # set on the loop when the bridge delivered it
+        self.lane: Any = None         # the runner's lane (stream) it was admitted on
         self.t_admit = t_admit
         self.t_done = 0.0
         self.call_started = 0.0       # non-zero while a stage call (or device) holds it

@@ -3,10 +3,13 @@
 Everything here runs on the event loop and never blocks. Invariants:
 
 * ``_admitted`` counts items admitted and not yet consumed (plus slots handed to a waiting
-  ``push`` that has not resumed yet); it never exceeds ``maxsize``.
-* A slot is handed over FIFO to the oldest waiting ``push``/``infer`` (no barging), so a
-  cancelled waiter leaves no trace and a woken-but-cancelled waiter passes its slot on.
-* ``_stream`` holds ``push``-ed items in push order; the consumer takes the head once the
+  ``push`` that has not resumed yet); it never exceeds ``maxsize``. Each lane (the default
+  one, and one per :class:`~aioaccel.Stream`) counts its own share and has its own ``cap``.
+* Slots are handed over, never grabbed: a freed slot goes to the next lane with waiters in
+  round-robin order (``_ring``), FIFO within the lane, so a cancelled waiter leaves no trace,
+  a woken-but-cancelled waiter passes its slot on, and no stream starves another. Invariant:
+  while the runner has free capacity, every waiter left belongs to a lane at its ``cap``.
+* ``lane.items`` holds ``push``-ed items in push order; the consumer takes the head once the
   bridge marked it done. That is the whole re-ordering: completions may arrive in any order.
 * ``_unfinished`` maps seq -> item for everything admitted whose result has not come back.
 """
@@ -37,6 +40,7 @@ from .errors import (
 )
 from .pipeline import Item, Pipeline, Worker
 from .stats import LatencyWindow, RunnerStats, StageStats
+from .streams import Lane, Stream
 
 if TYPE_CHECKING:
     from .backends import Model
@@ -113,12 +117,12 @@ class Runner:
         # admission
         self._admitted = 0
         self._peak = 0
-        self._push_waiters: deque[asyncio.Future[None]] = deque()
+        self._lane = Lane(None, 0, maxsize)       # plain push / infer / async for
+        self._streams: dict[Any, Lane] = {}       # runner.stream(key)
+        self._ring: dict[Lane, None] = {}         # lanes with waiters, in round-robin order
         # results
         self._seq = count()
-        self._stream: deque[Item] = deque()
         self._unfinished: dict[int, Item] = {}
-        self._consumers: list[asyncio.Future[None]] = []
         self._idle: asyncio.Future[None] | None = None
         self._closed = False                      # no more input
         self._accepting = False                   # open, not closed, not broken: the fast path
@@ -180,7 +184,9 @@ class Runner:
         self._closed = True
         self._accepting = False
         self._fail_push_waiters(lambda: RunnerClosed(f"runner {self.name!r} closed"))
-        self._wake_consumers()
+        for lane in self._lanes():
+            lane.closed = True
+            lane.wake()
 
     async def aclose(self, *, timeout: float | None = None) -> None:
         """Close, let admitted items finish for up to ``timeout`` seconds (default: the
@@ -220,7 +226,7 @@ class Runner:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._failure is None and (self._unfinished or self._stream_has_unfinished()):
+        if self._failure is None and (self._unfinished or self._streams_unfinished()):
             self._fail_pending(RunnerClosed(
                 f"runner {self.name!r} closed with {len(self._unfinished)} items unfinished"))
         pipeline = self._pipeline
@@ -254,61 +260,88 @@ class Runner:
                 self._pipeline.stop()
 
     # ---- admission ----------------------------------------------------------------------
-    def _check_accepting(self) -> None:
+    def _check_accepting(self, lane: Lane) -> None:
         if self._failure is not None:
             raise self._failure_for_waiter()
         if self._closed:
             raise RunnerClosed(f"runner {self.name!r} is closed")
+        if lane.closed:
+            raise RunnerClosed(f"stream {lane.key!r} of runner {self.name!r} is closed")
         if self._state != _OPEN:
             raise RuntimeError(f"runner {self.name!r} is not open: use 'async with "
                                f"aioaccel.open(...) as runner' or 'await aioaccel.open(...)'")
 
-    def _try_admit(self) -> bool:
-        if self._admitted < self._maxsize and not self._push_waiters:
-            self._admitted += 1
-            if self._admitted > self._peak:
-                self._peak = self._admitted
+    def _take_slot(self, lane: Lane) -> None:
+        self._admitted += 1
+        lane.admitted += 1
+        if self._admitted > self._peak:
+            self._peak = self._admitted
+
+    def _try_admit(self, lane: Lane) -> bool:
+        if self._admitted < self._maxsize and lane.admitted < lane.cap and not lane.waiters:
+            self._take_slot(lane)
             return True
         return False
 
-    async def _admit(self) -> None:
-        self._check_accepting()
-        if self._try_admit():
+    async def _admit(self, lane: Lane) -> None:
+        self._check_accepting(lane)
+        if self._try_admit(lane):
             return
         fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
-        self._push_waiters.append(fut)
+        lane.waiters.append(fut)
+        self._ring.setdefault(lane)
         try:
-            await fut  # resolves when a slot is handed to us (``_admitted`` already counts it)
+            await fut  # resolves when a slot is handed to us (already counted for us)
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._release()  # handed a slot but cancelled before resuming: pass it on
+                self._release(lane)  # handed a slot but cancelled before resuming: pass it on
             else:
                 try:
-                    self._push_waiters.remove(fut)
+                    lane.waiters.remove(fut)
                 except ValueError:
                     pass
+                if not lane.waiters:
+                    self._ring.pop(lane, None)
             raise
-        if self._closed or self._failure is not None:  # closed while we were being woken
-            self._release()
-            self._check_accepting()
+        if self._closed or lane.closed or self._failure is not None:  # closed while woken
+            self._release(lane)
+            self._check_accepting(lane)
 
-    def _release(self) -> None:
-        """One admitted item was consumed (or withdrawn): hand its slot to the oldest waiter."""
-        waiters = self._push_waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+    def _release(self, lane: Lane) -> None:
+        """One admitted item of ``lane`` was consumed (or withdrawn): free its slot."""
         self._admitted -= 1
+        lane.admitted -= 1
+        if self._ring:
+            self._dispatch()
 
-    def _enqueue(self, inputs: Any, tag: Any, future: asyncio.Future[Any] | None) -> Item:
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters: lanes in round-robin order, FIFO within a lane."""
+        ring = self._ring
+        while self._admitted < self._maxsize and ring:
+            for lane in ring:
+                if lane.admitted < lane.cap:
+                    break
+            else:
+                return  # every waiting lane is at its own cap
+            fut = lane.waiters.popleft()
+            del ring[lane]
+            if lane.waiters:
+                ring[lane] = None  # to the back of the rotation
+            if fut.done():  # cancelled; its task has not run its clean-up yet
+                continue
+            self._take_slot(lane)
+            fut.set_result(None)
+
+    def _enqueue(self, lane: Lane, inputs: Any, tag: Any,
+                 future: asyncio.Future[Any] | None) -> Item:
         seq = next(self._seq)
         item = Item(seq, tag, inputs, future, perf_counter())
+        item.lane = lane
         self._pushed += 1
+        lane.pushed += 1
         self._unfinished[seq] = item
         if future is None:
-            self._stream.append(item)
+            lane.items.append(item)
         self._submit(item)
         return item
 
@@ -322,23 +355,36 @@ class Runner:
         """
         if self._prepare is not None:
             inputs = self._prepare(inputs)
-        if self._accepting and self._admitted < self._maxsize and not self._push_waiters:
-            self._admitted += 1  # the uncontended fast path of _admit(), without a coroutine
-            if self._admitted > self._peak:
-                self._peak = self._admitted
+        lane = self._lane
+        if self._accepting and self._admitted < self._maxsize and not lane.waiters:
+            # the uncontended fast path of _admit(), without a coroutine (the default lane's
+            # cap is maxsize, so the global bound is its bound too)
+            self._take_slot(lane)
         else:
-            await self._admit()
-        return self._enqueue(inputs, tag, None).seq
+            await self._admit(lane)
+        return self._enqueue(lane, inputs, tag, None).seq
 
     def push_nowait(self, inputs: Any, *, tag: Any = None) -> int:
         """Like :meth:`push`, but raise :class:`~aioaccel.WouldBlock` instead of waiting."""
-        self._check_accepting()
+        return self._push_lane_nowait(self._lane, inputs, tag)
+
+    async def _push_lane(self, lane: Lane, inputs: Any, tag: Any) -> int:
         if self._prepare is not None:
             inputs = self._prepare(inputs)
-        if not self._try_admit():
-            raise WouldBlock(f"runner {self.name!r} is full: {self._maxsize} items admitted "
-                             f"and not consumed (maxsize={self._maxsize})")
-        return self._enqueue(inputs, tag, None).seq
+        await self._admit(lane)
+        return self._enqueue(lane, inputs, tag, None).seq
+
+    def _push_lane_nowait(self, lane: Lane, inputs: Any, tag: Any) -> int:
+        self._check_accepting(lane)
+        if self._prepare is not None:
+            inputs = self._prepare(inputs)
+        if not self._try_admit(lane):
+            where = "" if lane is self._lane else f"stream {lane.key!r} of "
+            raise WouldBlock(f"{where}runner {self.name!r} is full: {self._admitted} of "
+                             f"maxsize={self._maxsize} admitted and not consumed"
+                             + ("" if lane is self._lane else
+                                f", {lane.admitted} of this stream's maxsize={lane.cap}"))
+        return self._enqueue(lane, inputs, tag, None).seq
 
     async def infer(self, inputs: Any, *, timeout: float | None = None) -> Any:
         """Run one input and return its outputs; for many concurrent callers (web handlers).
@@ -361,9 +407,10 @@ class Runner:
     async def _infer(self, inputs: Any) -> Any:
         if self._prepare is not None:
             inputs = self._prepare(inputs)
-        await self._admit()
+        lane = self._lane
+        await self._admit(lane)
         future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
-        item = self._enqueue(inputs, None, future)
+        item = self._enqueue(lane, inputs, None, future)
         try:
             return await future
         except asyncio.CancelledError:
@@ -373,59 +420,124 @@ class Runner:
             elif self._unfinished.get(item.seq) is item and self._pipeline.withdraw(item):  # type: ignore[union-attr]
                 del self._unfinished[item.seq]
                 self._withdrawn += 1
-                self._release()
+                self._release(lane)
                 self._check_idle()
             raise
+
+    # ---- streams ------------------------------------------------------------------------
+    def stream(self, key: Any, *, maxsize: int | None = None) -> Stream:
+        """The stream named ``key`` (made on first use): its own push and ordered ``async for``.
+
+        ``maxsize`` caps what this stream may hold admitted (default: the runner's maxsize).
+        Streams share the runner's capacity fairly; see :mod:`aioaccel.streams`.
+        """
+        lane = self._streams.get(key)
+        if lane is not None:
+            if maxsize is not None and maxsize != lane.cap:
+                raise ValueError(f"stream {key!r} already exists with maxsize={lane.cap}")
+            return Stream(self, lane)
+        if self._state != _OPEN:
+            raise RuntimeError(f"runner {self.name!r} is not open")
+        cap = self._maxsize if maxsize is None else maxsize
+        if not isinstance(cap, int) or not 1 <= cap <= self._maxsize:
+            raise ValueError(f"a stream's maxsize must be an int from 1 to the runner's "
+                             f"maxsize ({self._maxsize}), got {maxsize!r}")
+        used = {lane.index for lane in self._streams.values()}
+        index = next(i for i in range(len(used) + 1) if i not in used)
+        lane = self._streams[key] = Lane(key, index, cap)
+        if self._closed:
+            lane.closed = True
+        limit = self._model.max_streams if self._model is not None else None
+        if limit is not None and len(self._streams) > limit:
+            del self._streams[key]
+            raise ValueError(f"runner {self.name!r} serves at most {limit} streams "
+                             f"(open streams: {sorted(map(repr, self._streams))})")
+        return Stream(self, lane)
+
+    def streams(self) -> list[Stream]:
+        """The streams made with :meth:`stream` that are still open or have results left."""
+        return [Stream(self, lane) for lane in self._streams.values()]
+
+    def _close_lane(self, lane: Lane) -> None:
+        if lane.closed:
+            return
+        lane.closed = True
+        waiters, lane.waiters = lane.waiters, deque()
+        self._ring.pop(lane, None)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(RunnerClosed(
+                    f"stream {lane.key!r} of runner {self.name!r} closed"))
+        lane.wake()
+        self._forget_if_done(lane)
+
+    def _forget_if_done(self, lane: Lane) -> None:
+        """A closed stream with nothing left is dropped, so its key (and index) can be reused."""
+        if lane.closed and not lane.items and not lane.admitted and lane is not self._lane:
+            if self._streams.get(lane.key) is lane:
+                del self._streams[lane.key]
+
+    def _lanes(self) -> list[Lane]:
+        return [self._lane, *self._streams.values()]
 
     # ---- output -------------------------------------------------------------------------
     def __aiter__(self) -> Runner:
         return self
 
     async def __anext__(self) -> Result:
+        return await self._next(self._lane)
+
+    async def _next(self, lane: Lane) -> Result:
         while True:
-            stream = self._stream
-            if stream:
-                head = stream[0]
+            items = lane.items
+            if items:
+                head = items[0]
                 if head.done:
-                    stream.popleft()
-                    self._release()
+                    items.popleft()
+                    self._release(lane)
                     return Result(head.value, head.tag, head.seq, head.t_done - head.t_admit,
                                   head.error)  # type: ignore[arg-type]
             if self._failure is not None:
                 raise self._failure_for_waiter()
-            if not stream and self._closed:
+            if not items and (self._closed or lane.closed):
+                self._forget_if_done(lane)
                 raise StopAsyncIteration
             if self._state < _OPEN:
                 raise RuntimeError(f"runner {self.name!r} is not open")
             fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
-            self._consumers.append(fut)
+            lane.consumers.append(fut)
             try:
                 await fut
             finally:
-                if fut in self._consumers:
-                    self._consumers.remove(fut)
-
-    def _wake_consumers(self) -> None:
-        consumers, self._consumers = self._consumers, []
-        for fut in consumers:
-            if not fut.done():
-                fut.set_result(None)
+                if fut in lane.consumers:
+                    lane.consumers.remove(fut)
 
     # ---- completions (called by the bridge, on the loop) --------------------------------
     def _on_items(self, items: list[Item]) -> None:
         unfinished = self._unfinished
+        touched: set[Lane] | None = None
         for item in items:
             if unfinished.pop(item.seq, None) is None:
                 continue  # already failed by close / a fatal error
+            lane = item.lane
             if item.error is None:
                 self._completed += 1
-                self._latency.add(item.t_done - item.t_admit)
+                latency = item.t_done - item.t_admit
+                self._latency.add(latency)
+                if lane is not self._lane:
+                    lane.completed += 1
+                    lane.latency.add(latency)
             else:
                 self._failed += 1
+                lane.failed += 1
                 item.error = _item_error(item)
             fut = item.future
             if fut is None:
                 item.done = True
+                if lane is not self._lane:
+                    if touched is None:
+                        touched = set()
+                    touched.add(lane)
             else:
                 if fut.done():
                     self._discarded += 1  # its infer() was cancelled after the device took it
@@ -433,9 +545,14 @@ class Runner:
                     fut.set_exception(item.error)
                 else:
                     fut.set_result(item.value)
-                self._release()
-        if self._stream and self._stream[0].done:
-            self._wake_consumers()
+                self._release(lane)
+        default = self._lane.items
+        if default and default[0].done:
+            self._lane.wake()
+        if touched:
+            for lane in touched:
+                if lane.items and lane.items[0].done:
+                    lane.wake()
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -483,13 +600,15 @@ class Runner:
             self._pipeline.stop()
 
     def _fail_push_waiters(self, make_error: Callable[[], BaseException]) -> None:
-        waiters, self._push_waiters = self._push_waiters, deque()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_exception(make_error())
+        self._ring.clear()
+        for lane in self._lanes():
+            waiters, lane.waiters = lane.waiters, deque()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(make_error())
 
-    def _stream_has_unfinished(self) -> bool:
-        return any(not item.done for item in self._stream)
+    def _streams_unfinished(self) -> bool:
+        return any(not item.done for lane in self._lanes() for item in lane.items)
 
     def _fail_pending(self, err: AccelError) -> None:
         """Fail every unfinished item. The stream keeps its finished prefix (still delivered
@@ -504,18 +623,20 @@ class Runner:
             if fut is not None:
                 if not fut.done():
                     fut.set_exception(self._failure_for_waiter())
-                self._release()
+                self._release(item.lane)
             self._failed += 1
+            item.lane.failed += 1
         self._unfinished.clear()
-        stream = self._stream
-        kept: deque[Item] = deque()
-        while stream and stream[0].done:
-            kept.append(stream.popleft())
-        for _ in stream:
-            self._release()
-        self._stream = kept
+        for lane in self._lanes():
+            items = lane.items
+            kept: deque[Item] = deque()
+            while items and items[0].done:
+                kept.append(items.popleft())
+            for _ in items:
+                self._release(lane)
+            lane.items = kept
+            lane.wake()
         self._check_idle()
-        self._wake_consumers()
 
     def _failure_for_waiter(self) -> AccelError:
         """A fresh exception per waiter (one instance raised in many tasks tangles tracebacks)."""
@@ -594,8 +715,10 @@ class Runner:
         return RunnerStats(
             name=self.name, pushed=self._pushed, completed=self._completed, failed=self._failed,
             discarded=self._discarded, withdrawn=self._withdrawn, in_flight=self._admitted,
-            peak_admitted=self._peak, maxsize=self._maxsize, waiting=len(self._push_waiters),
+            peak_admitted=self._peak, maxsize=self._maxsize,
+            waiting=sum(len(lane.waiters) for lane in self._lanes()),
             latency_p50=p50, latency_p99=p99, elapsed=elapsed, stages=tuple(stages),
+            streams=tuple(lane.snapshot() for lane in self._streams.values()),
         )
 
     def __repr__(self) -> str:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .streams import StreamStats
 
 __all__ = ["LatencyWindow", "RunnerStats", "StageStats"]
 
@@ -35,6 +39,7 @@ class RunnerStats:
     latency_p99: float
     elapsed: float       #: seconds since the runner opened
     stages: tuple[StageStats, ...]
+    streams: tuple[StreamStats, ...] = ()  #: one per ``runner.stream(key)``
 
     @property
     def throughput(self) -> float:

@@ -37,6 +37,8 @@ class Model:
     #: releases what the stages share (called after every worker thread has stopped)
     close: Callable[[], None] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: most streams the device serves at once (MemryX multi-stream), None: no limit
+    max_streams: int | None = None
 
 
 @dataclass(frozen=True)
