@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from .backends import get_backend, resolve_backend
@@ -34,10 +35,14 @@ def open(  # noqa: A001 - the public name is the contract
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     backend_name = backend or resolve_backend(target)
-    load = functools.partial(_load, backend_name, target, replicas, options)
+    load = functools.partial(_load, backend_name, target, replicas, maxsize, options)
     return Runner(load, maxsize=maxsize, name=name, call_timeout=call_timeout,
                   close_timeout=close_timeout)
 
 
-def _load(backend_name: str, target: Any, replicas: int, options: dict[str, Any]) -> Any:
-    return get_backend(backend_name).load(target, replicas=replicas, **options)
+def _load(backend_name: str, target: Any, replicas: int, maxsize: int,
+          options: dict[str, Any]) -> Any:
+    load = get_backend(backend_name).load
+    if "maxsize" in inspect.signature(load).parameters:  # it bounds the vendor's own queues
+        options = {**options, "maxsize": maxsize}
+    return load(target, replicas=replicas, **options)

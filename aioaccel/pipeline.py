@@ -262,14 +262,14 @@ class Pipeline:
             # Runs on the runtime's thread: it must never raise (an exception escaping an
             # OpenVINO callback makes a later start_async abort the process).
             try:
+                if isinstance(error, DeviceError):  # the device is gone; token may be None
+                    self._fatal(error, name)
+                    return
                 now = perf_counter()
                 w.leave_device(now)
                 item: Item = token  # type: ignore[assignment]
                 item.call_started = 0.0
                 if error is not None:
-                    if isinstance(error, DeviceError):
-                        self._fatal(error, name)
-                        return
                     item.error = error
                     item.failed_stage = name
                 else:

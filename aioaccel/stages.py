@@ -24,7 +24,8 @@ from typing import Any
 __all__ = ["BlockingStage", "Complete", "DeviceStage", "StageSpec"]
 
 #: ``complete(token, outputs, error)``: what a device stage calls when an item finishes.
-#: Exactly one of ``outputs``/``error`` is meaningful; it never raises.
+#: Exactly one of ``outputs``/``error`` is meaningful; it never raises. An ``error`` that is a
+#: :class:`~aioaccel.DeviceError` breaks the runner, and ``token`` may then be None.
 Complete = Callable[[object, Any, "BaseException | None"], None]
 
 

@@ -59,6 +59,11 @@ BACKENDS: dict[str, Backend] = {
         Backend("openvino", "openvino", (".xml",), ("openvino",),
                 "pip install 'aioaccel[openvino]'"),
         Backend("onnx", "onnx", (".onnx",), ("onnxruntime",), "pip install 'aioaccel[onnx]'"),
+        Backend("coral", "coral", (), ("pycoral.pipeline.pipelined_model_runner",),
+                "pycoral and libedgetpu from Coral's package repository (not PyPI): "
+                "https://coral.ai/software/#debian-packages"),
+        Backend("memryx", "memryx", (".dfp",), ("memryx",),
+                "the MemryX SDK (not on PyPI): https://developer.memryx.com"),
     )
 }
 

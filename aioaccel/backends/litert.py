@@ -26,7 +26,7 @@ from ..tensors import TensorSpec
 from . import Model, require
 from ._segments import carry, check_chain, model_paths, needed_after, validator
 
-__all__ = ["LiteRTStage", "load"]
+__all__ = ["LiteRTStage", "load", "tensor_spec"]
 
 EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib",
                    "Windows": "edgetpu.dll"}.get(platform.system(), "libedgetpu.so.1")
@@ -74,29 +74,36 @@ def load_edgetpu_delegate(device: str) -> Any:
             f"({exc}); {EDGETPU_INSTALL}") from exc
 
 
-def _spec(detail: dict[str, Any]) -> TensorSpec:
+def tensor_spec(detail: dict[str, Any]) -> TensorSpec:
+    """A TensorSpec from one entry of ``Interpreter.get_input_details()``."""
     signature = detail.get("shape_signature", detail["shape"])
     shape = tuple(None if int(d) < 0 else int(d) for d in signature)
     return TensorSpec(detail["name"], np.dtype(detail["dtype"]).name, shape)
 
 
 class LiteRTStage(BlockingStage):
-    """One interpreter, made on the worker thread that uses it."""
+    """One interpreter, used only by the worker thread that runs this stage."""
 
-    def __init__(self, path: Path, num_threads: int | None, delegate_device: str | None,
-                 keep: frozenset[str], last: bool):
+    def __init__(self, interpreter: Any, keep: frozenset[str], last: bool):
+        self.interpreter = interpreter
+        self._inputs = [(d["name"], d["index"], tuple(d["shape"]))
+                        for d in interpreter.get_input_details()]
+        self._outputs = [(d["name"], d["index"]) for d in interpreter.get_output_details()]
+        self._keep = keep
+        self._last = last
+
+    @classmethod
+    def create(cls, path: Path, num_threads: int | None, delegate_device: str | None,
+               keep: frozenset[str], last: bool) -> LiteRTStage:
+        """Make the interpreter (on the calling worker thread) and the stage around it."""
         module = interpreter_module()
         delegates = None
         if delegate_device is not None:
             delegates = [load_edgetpu_delegate(delegate_device)]
-        self.interpreter = module.Interpreter(model_path=str(path), num_threads=num_threads,
-                                              experimental_delegates=delegates)
-        self.interpreter.allocate_tensors()
-        self._inputs = [(d["name"], d["index"], tuple(d["shape"]))
-                        for d in self.interpreter.get_input_details()]
-        self._outputs = [(d["name"], d["index"]) for d in self.interpreter.get_output_details()]
-        self._keep = keep
-        self._last = last
+        interpreter = module.Interpreter(model_path=str(path), num_threads=num_threads,
+                                         experimental_delegates=delegates)
+        interpreter.allocate_tensors()
+        return cls(interpreter, keep, last)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interp = self.interpreter
@@ -122,8 +129,8 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
     io = []
     for path in paths:  # read the specs without a delegate: it only needs the flatbuffer
         probe = module.Interpreter(model_path=str(path))
-        io.append((path.name, [_spec(d) for d in probe.get_input_details()],
-                   [_spec(d) for d in probe.get_output_details()]))
+        io.append((path.name, [tensor_spec(d) for d in probe.get_input_details()],
+                   [tensor_spec(d) for d in probe.get_output_details()]))
         del probe
     check_chain(io)
     keeps = needed_after([inputs for _, inputs, _ in io])
@@ -134,7 +141,7 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
                     devs: tuple[str | None, ...] = tuple(devices[i * replicas:(i + 1) * replicas]),
                     counter: Any = itertools.count()) -> LiteRTStage:
             # next() on a count is atomic: each replica thread takes its own device
-            return LiteRTStage(path, num_threads, devs[next(counter)], keep, last)
+            return LiteRTStage.create(path, num_threads, devs[next(counter)], keep, last)
 
         specs.append(StageSpec(path.stem, factory, replicas))
     return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
