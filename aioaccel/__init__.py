@@ -3,6 +3,8 @@
 from .api import open as open
 from .backends import Model as Model
 from .backends import available_backends as available_backends
+from .devices import Device as Device
+from .devices import devices as devices
 from .errors import AccelError as AccelError
 from .errors import BackendUnavailable as BackendUnavailable
 from .errors import DeviceError as DeviceError
@@ -29,6 +31,7 @@ __all__ = [
     "AccelError",
     "BackendUnavailable",
     "BlockingStage",
+    "Device",
     "DeviceError",
     "DeviceStage",
     "DeviceTimeout",
@@ -47,5 +50,6 @@ __all__ = [
     "TensorSpec",
     "WouldBlock",
     "available_backends",
+    "devices",
     "open",
 ]

@@ -3,6 +3,8 @@
 * ``aioaccel demo`` -- builds an embedded model, runs it on the CPU as a multi-segment pipeline
   over a stream of frames, and compares it with running the whole model sequentially.
 * ``aioaccel info MODEL`` -- a model's inputs and outputs.
+* ``aioaccel devices [--json]`` -- the devices this machine has, and what to install for the
+  runtimes that are missing.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage error (bad arguments, missing file, unknown
 format), 3 a runtime is not installed.
@@ -39,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="show a model's inputs and outputs")
     info.add_argument("model", nargs="+", help="model file(s); several = segments")
     info.add_argument("--backend", default=None)
+    devices = sub.add_parser("devices", help="list accelerators and runtimes on this machine")
+    devices.add_argument("--json", action="store_true", help="print JSON for programs")
     args = parser.parse_args(argv)
+    if args.command == "devices":
+        return show_devices(args.json)
     try:
         if args.command == "demo":
             if args.segments < 1 or args.frames < 1 or args.depth < args.segments:
@@ -55,6 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     except aioaccel.AccelError as exc:
         print(f"aioaccel: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def show_devices(as_json: bool) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .devices import devices
+
+    found = devices()
+    if as_json:
+        print(json.dumps([d.as_dict() for d in found], indent=2))
+        return EXIT_OK
+    table = Table(title="aioaccel devices")
+    for column in ("backend", "device", "description", "status"):
+        table.add_column(column)
+    for d in found:
+        status = "[green]ready[/]" if d.available else f"[yellow]install:[/] {d.install}"
+        table.add_row(d.backend, d.device or "-", d.description, status)
+    Console(width=max(120, Console().width)).print(table)
+    return EXIT_OK
 
 
 async def run_info(models: list[str], backend: str | None) -> int:
