@@ -239,3 +239,52 @@ async def test_stream_context_manager_closes_it() -> None:
             await cam.push(5)
         assert cam.closed
         assert [r.outputs async for r in cam] == [5]
+
+
+async def test_cancellation_storm_across_streams_loses_and_duplicates_nothing() -> None:
+    import random
+
+    rng = random.Random(11)
+    device = SimulatedDevice(latency=0.0005, jitter=1.0, capacity=3, seed=5)
+    async with aioaccel.open(device, maxsize=5) as runner:
+        streams = [runner.stream(f"s{i}", maxsize=rng.choice([2, 3, 5])) for i in range(4)]
+        pushes: dict[str, list[tuple[int, asyncio.Task[int]]]] = {s.key: [] for s in streams}
+        for n in range(60):
+            for s in streams:
+                pushes[s.key].append((n, asyncio.create_task(s.push((s.key, n), tag=n))))
+        consumers = {s.key: asyncio.create_task(drain(s)) for s in streams}
+        for _ in range(3):  # cancel a third of the pushes while slots are being handed over
+            await asyncio.sleep(0)
+            for tasks in pushes.values():
+                for _, task in rng.sample(tasks, 7):
+                    task.cancel()
+        for s in streams:
+            await asyncio.gather(*(t for _, t in pushes[s.key]), return_exceptions=True)
+            s.close()
+        got = {key: await task for key, task in consumers.items()}
+        stats = runner.stats()
+    for key, tasks in pushes.items():
+        admitted = [n for n, t in tasks if not t.cancelled()]
+        assert [r.tag for r in got[key]] == admitted  # each admitted once, in push order
+        assert [r.outputs for r in got[key]] == [(key, n) for n in admitted]
+    assert stats.pushed == sum(len(v) for v in got.values())
+    assert stats.in_flight == 0 and stats.waiting == 0 and stats.peak_admitted <= 5
+
+
+async def test_a_slot_freed_in_the_same_step_as_a_cancellation_goes_to_the_next_waiter() -> None:
+    async with aioaccel.open(lambda x: x, maxsize=1) as runner:
+        a, b = runner.stream("a"), runner.stream("b")
+        await a.push("a0")
+        while a.stats().completed < 1:  # the result is ready before the waiters line up
+            await asyncio.sleep(0.001)
+        doomed = asyncio.create_task(b.push("doomed"))
+        kept = asyncio.create_task(b.push("kept"))
+        await asyncio.sleep(0)
+        doomed.cancel()  # its future is cancelled now; its own clean-up runs later
+        assert (await a.__anext__()).outputs == "a0"  # frees the slot before that clean-up
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        await kept
+        b.close()
+        assert [r.outputs async for r in b] == ["kept"]
+        assert runner.stats().in_flight == 0
