@@ -74,6 +74,7 @@ def test_push_pop_in_fifo_order_with_real_outputs(tmp_path: Path, chain: Chain) 
             out = runner.pop()
             assert set(out) == {chain.output_name}
             assert close(out[chain.output_name], chain.reference(x))
+        assert len(runner.interpreters()) == 2
         runner.push({})
         assert runner.pop() is None
         assert runner.pop() is None  # the end stays the end
@@ -290,6 +291,19 @@ async def test_a_pipeline_failure_breaks_the_runner_with_device_error(
             assert "request 3" in str(info.value.__cause__)
             with pytest.raises(aioaccel.DeviceError):
                 await runner.push(chain.random_input())
+
+
+@pytest.mark.parametrize("version", ["2.0.0", "1.0.0"])
+async def test_a_pipeline_turned_off_underneath_breaks_the_runner(
+        tmp_path: Path, chain: Chain, version: str) -> None:
+    with simulate_coral(tpus=1, version=version) as sim:
+        path = chain.write_tflite(tmp_path / "m.tflite")
+        async with aioaccel.open([path], backend="coral") as runner:
+            await runner.infer(chain.random_input())
+            sim.engines[0].push({})  # someone else ended pycoral's stream
+            # 2.0 raises RuntimeError from push; 1.0 returns False: both break the runner
+            with pytest.raises(aioaccel.DeviceError, match="refused an input"):
+                await runner.infer(chain.random_input())
 
 
 async def test_a_pop_that_never_returns_is_caught_by_the_watchdog(

@@ -160,6 +160,37 @@ def test_multistream_calls_back_with_stream_idx(tmp_path: Path, chain: Chain) ->
         assert all(close(a, b) for a, b in zip(outs[s], expected))
 
 
+def test_fewer_stream_workers_than_streams_take_the_streams_in_turn(
+        dfp: Path, chain: Chain) -> None:
+    with simulate_memryx():
+        from memryx import MultiStreamAsyncAccl
+
+        calls: dict[str, list[int]] = {}
+        left = {s: 3 for s in range(4)}
+
+        def source(stream_idx: int) -> np.ndarray | None:
+            calls.setdefault(threading.current_thread().name, []).append(stream_idx)
+            if left[stream_idx] == 0:
+                return None
+            left[stream_idx] -= 1
+            return chain.random_input(seed=stream_idx)
+
+        outs: dict[int, int] = {s: 0 for s in range(4)}
+
+        def sink(stream_idx: int, *fmaps: np.ndarray) -> None:
+            outs[stream_idx] += 1
+
+        accl = MultiStreamAsyncAccl(dfp, stream_workers=2)
+        accl.connect_streams(source, sink, 4)
+        accl.wait()
+    assert outs == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert len(calls) == 2  # two workers share the four streams...
+    for sequence in calls.values():  # ...each taking its own streams in turn
+        mine = sorted(set(sequence))
+        assert len(mine) == 2
+        assert sequence[:6] == mine * 3
+
+
 def test_group_and_file_errors(tmp_path: Path, dfp: Path) -> None:
     with simulate_memryx(groups=1):
         from memryx import AsyncAccl
