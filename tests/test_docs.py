@@ -34,3 +34,11 @@ def test_camera_pipeline_example_runs() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("50 frames")
+
+
+def test_multi_camera_example_runs() -> None:
+    proc = subprocess.run([sys.executable, "-W", "error", "examples/multi_camera.py", "3", "20"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "60 frames from 3 cameras" in proc.stdout
+    assert proc.stdout.count(": 20 frames") == 3
