@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .backends import BACKENDS
+from .errors import BackendUnavailable
 
 __all__ = ["Device", "devices"]
 
@@ -99,10 +100,23 @@ def _memryx() -> list[Device]:
             for n, node in enumerate(nodes)]
 
 
+def _openvino_legacy() -> list[Device]:
+    from .backends.openvino_legacy import ie_api
+
+    ie = ie_api()
+    core = ie.IECore()
+    return [Device("openvino-legacy", name, f"OpenVINO {ie.get_version()} (legacy Inference "
+                   f"Engine API): {core.get_metric(name, 'FULL_DEVICE_NAME')}",
+                   options={"backend": "openvino-legacy", "device": name})
+            for name in core.available_devices]
+
+
 _PROBES: dict[str, Callable[[], list[Device]]] = {
     "litert": _litert, "onnx": _onnx, "openvino": _openvino, "coral": _coral,
-    "memryx": _memryx,
+    "memryx": _memryx, "openvino-legacy": _openvino_legacy,
 }
+#: listed only when installed: a missing legacy API is no news on current OpenVINO
+_ONLY_IF_INSTALLED = {"openvino-legacy"}
 
 
 def devices() -> list[Device]:
@@ -111,8 +125,9 @@ def devices() -> list[Device]:
     for backend, probe in _PROBES.items():
         try:
             found += probe()
-        except ImportError:
-            found.append(_missing(backend, f"{backend}: runtime not installed"))
+        except (ImportError, BackendUnavailable):
+            if backend not in _ONLY_IF_INSTALLED:
+                found.append(_missing(backend, f"{backend}: runtime not installed"))
         except Exception as exc:  # noqa: BLE001 - report, never fail the whole listing
             found.append(Device(backend, None, f"{backend}: the runtime failed to list its "
                                 f"devices: {exc!r}", available=False,

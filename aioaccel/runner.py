@@ -719,6 +719,8 @@ class Runner:
             waiting=sum(len(lane.waiters) for lane in self._lanes()),
             latency_p50=p50, latency_p99=p99, elapsed=elapsed, stages=tuple(stages),
             streams=tuple(lane.snapshot() for lane in self._streams.values()),
+            profile=(self._model.profile() if self._model is not None
+                     and self._model.profile is not None else None),
         )
 
     def __repr__(self) -> str:

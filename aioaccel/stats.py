@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .streams import StreamStats
@@ -40,6 +40,8 @@ class RunnerStats:
     elapsed: float       #: seconds since the runner opened
     stages: tuple[StageStats, ...]
     streams: tuple[StreamStats, ...] = ()  #: one per ``runner.stream(key)``
+    #: per-layer timings, from backends opened with ``profile=True`` (else None)
+    profile: dict[str, Any] | None = None
 
     @property
     def throughput(self) -> float:

@@ -9,7 +9,9 @@ missing runtime costs nothing until it is asked for, and then raises
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -39,6 +41,8 @@ class Model:
     info: dict[str, Any] = field(default_factory=dict)
     #: most streams the device serves at once (MemryX multi-stream), None: no limit
     max_streams: int | None = None
+    #: per-layer timings for ``runner.stats().profile`` (backends that can profile)
+    profile: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ BACKENDS: dict[str, Backend] = {
         Backend("openvino", "openvino", (".xml",), ("openvino",),
                 "pip install 'aioaccel[openvino]'"),
         Backend("onnx", "onnx", (".onnx",), ("onnxruntime",), "pip install 'aioaccel[onnx]'"),
+        Backend("openvino-legacy", "openvino_legacy", (), ("openvino.inference_engine",),
+                "pip install 'openvino<2024' 'numpy<2' (OpenVINO 2024.0 removed the legacy "
+                "Inference Engine API)"),
         Backend("coral", "coral", (), ("pycoral.pipeline.pipelined_model_runner",),
                 "pycoral and libedgetpu from Coral's package repository (not PyPI): "
                 "https://coral.ai/software/#debian-packages"),
@@ -107,12 +114,22 @@ def available_backends() -> list[str]:
     names = []
     for name, backend in BACKENDS.items():
         try:
-            for mod in backend.runtime:
-                importlib.import_module(mod)
+            with warnings.catch_warnings():  # openvino.inference_engine warns on import
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for mod in backend.runtime:
+                    importlib.import_module(mod)
         except ImportError:
             continue
         names.append(name)
     return names
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
 
 
 def _is_stage(obj: Any) -> bool:
@@ -131,6 +148,9 @@ def resolve_backend(target: Any) -> str:
         return "openvino"
     if isinstance(first, (str, os.PathLike)):
         suffix = os.path.splitext(os.fspath(first))[1].lower()
+        if (suffix == ".xml" and not _importable("openvino.runtime")
+                and _importable("openvino.inference_engine")):
+            return "openvino-legacy"  # an OpenVINO old enough to have only the legacy API
         for backend in BACKENDS.values():
             if suffix in backend.suffixes:
                 return backend.name

@@ -338,7 +338,11 @@ def _onnx_model(chain: Chain) -> Any:
 # ---- OpenVINO ---------------------------------------------------------------------------
 def _openvino_model(chain: Chain) -> Any:
     import openvino as ov
-    import openvino.opset13 as ops
+
+    try:
+        import openvino.opset13 as ops
+    except ImportError:  # OpenVINO before 2024 keeps the opsets under openvino.runtime
+        import openvino.runtime.opset13 as ops
 
     shape = ov.PartialShape([-1 if chain.dynamic_batch and i == 0 else d
                              for i, d in enumerate(chain.input_shape)])
@@ -358,5 +362,6 @@ def _openvino_model(chain: Chain) -> Any:
         if layer.relu:
             y = ops.relu(y)
     y.output(0).get_tensor().set_names({chain.output_name})
+    y.set_friendly_name(chain.output_name)  # the legacy IE API names outputs by their layer
     result = ops.result(y)
     return ov.Model([result], [param], "chain")
