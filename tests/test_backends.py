@@ -287,3 +287,14 @@ async def test_openvino_opens_onnx_files_when_asked(tmp_path: Path) -> None:
     async with aioaccel.open(path, backend="openvino") as runner:
         assert close((await runner.infer(x))["output"], chain.reference(x))
         assert runner.stats().stages[0].name == "openvino"
+
+
+async def test_openvino_legacy_without_the_legacy_api_says_what_to_install(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino.inference_engine") is not None:
+        pytest.skip("the legacy API is installed here (tests/test_openvino_legacy.py runs)")
+    path = dense_chain(8, 2).write_openvino(tmp_path / "m.xml")
+    with pytest.raises(aioaccel.BackendUnavailable, match="openvino<2024"):
+        async with aioaccel.open(path, backend="openvino-legacy"):
+            pass

@@ -6,12 +6,17 @@ moved to the 2.0 API. ``aioaccel.open("model.xml", backend="openvino-legacy")``;
 automatically for ``.xml`` files when only ``openvino.inference_engine`` is importable.
 
 ``IECore.read_network`` then ``load_network(num_requests=N)``: each infer request is a slot.
-A feeder thread takes a free request (blocking while all ``N`` are busy, so the device never
+With ``api="callback"``, a feeder thread takes a free request (blocking while all ``N`` are busy, so the device never
 holds more than ``N``), starts ``async_infer`` (which copies the inputs into the request's
 blobs), and the request's completion callback -- on a runtime thread, carrying the request id
 -- copies the outputs out of the request before the slot is reused and hands them on. Results
 are put back in push order by the runner. ``api="wait"`` instead waits for the requests in
-start order on a waiter thread, for plugins whose callbacks are unreliable.
+start order on a waiter thread, for plugins whose callbacks are unreliable. ``api="sync"``
+gives each of ``num_requests`` worker threads a request of its own and calls the blocking,
+GIL-releasing ``infer``: on the CPU that is faster, because every callback completion costs
+GIL hand-offs between three threads (measured: the vendor's own callback pattern reaches 0.41x
+of its start_async/wait loop on a tiny model; see docs/performance.md). ``api="auto"``
+(default) is ``"sync"`` on the CPU and ``"callback"`` elsewhere (MYRIAD, HDDL, HETERO, MULTI).
 
 Callbacks never raise. A request that completes with a failed status fails that item with
 :class:`~aioaccel.InferenceError` naming the status; statuses that mean the network or device
@@ -20,9 +25,10 @@ is gone (``NETWORK_NOT_LOADED``, ``NOT_ALLOCATED``, ``NETWORK_NOT_READ``), or
 fails), break the runner with :class:`~aioaccel.DeviceError`.
 
 Options: ``device`` ("CPU", "MYRIAD", "HETERO:MYRIAD,CPU", "MULTI:..."), ``num_requests``
-(0: the device's ``OPTIMAL_NUMBER_OF_INFER_REQUESTS``, at most ``maxsize``), ``config``
+(0: 1 worker for "sync", else the device's ``OPTIMAL_NUMBER_OF_INFER_REQUESTS``, at most
+``maxsize``), ``config``
 (for ``load_network``; on the CPU ``INFERENCE_PRECISION_HINT`` defaults to ``f32``, since the
-plugin picks bf16 on CPUs that have it), ``api`` ("callback" or "wait"), ``profile`` (per-layer
+plugin picks bf16 on CPUs that have it), ``api`` ("auto", "sync", "callback" or "wait"), ``profile`` (per-layer
 timings from ``get_perf_counts()`` in ``runner.stats().profile``), ``fatal_after``, ``cast``,
 ``max_input_bytes``. Shapes are static (the legacy API has no dynamic shapes).
 """
@@ -40,12 +46,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError
-from ..stages import Complete, DeviceStage, StageSpec
+from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
 from ._segments import carry, check_chain, model_paths, needed_after, validator
 
-__all__ = ["LegacyRequestFailed", "LegacyIEStage", "ie_api", "load"]
+__all__ = ["LayerTimes", "LegacyIEStage", "LegacyRequestFailed", "LegacySyncStage", "ie_api",
+           "load"]
 
 #: IE precision names -> NumPy dtypes
 PRECISIONS = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "U8": "uint8",
@@ -74,11 +81,86 @@ def _status_names(ie: Any) -> dict[int, str]:
     return {int(getattr(codes, name)): name for name in dir(codes) if name.isupper()}
 
 
+class LayerTimes:
+    """Per-layer totals from ``get_perf_counts()``, summed over items (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._layers: dict[str, dict[str, Any]] = {}
+
+    def add(self, counts: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            for layer, c in counts.items():
+                total = self._layers.setdefault(layer, {
+                    "layer_type": c.get("layer_type"), "exec_type": c.get("exec_type"),
+                    "calls": 0, "real_time_us": 0.0, "cpu_time_us": 0.0})
+                if c.get("status") == "EXECUTED":
+                    total["calls"] += 1
+                    total["real_time_us"] += float(c.get("real_time", 0))
+                    total["cpu_time_us"] += float(c.get("cpu_time", 0))
+
+    def means(self) -> dict[str, dict[str, Any]]:
+        """Per layer: type, kernel, calls, and mean real/CPU time in microseconds."""
+        with self._lock:
+            return {layer: {**t, "real_time_us": t["real_time_us"] / t["calls"] if t["calls"]
+                            else 0.0,
+                            "cpu_time_us": t["cpu_time_us"] / t["calls"] if t["calls"] else 0.0}
+                    for layer, t in self._layers.items()}
+
+
+class LegacySyncStage(BlockingStage):
+    """One infer request per worker thread, run with the blocking (GIL-releasing) ``infer``."""
+
+    def __init__(self, request: Any, inputs: list[str], outputs: list[str], keep: frozenset[str],
+                 last: bool, times: LayerTimes | None, failures: _Failures):
+        self.request = request
+        self._inputs = inputs
+        self._outputs = outputs
+        self._keep = keep
+        self._last = last
+        self._times = times
+        self._failures = failures
+
+    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self.request
+        try:
+            request.infer({name: tensors[name] for name in self._inputs})
+        except Exception as exc:
+            self._failures.failed(exc)  # raises DeviceError after fatal_after in a row
+            raise LegacyRequestFailed(f"infer request failed: {exc}") from exc
+        self._failures.ok()
+        outputs = {name: np.array(request.output_blobs[name].buffer, copy=True)
+                   for name in self._outputs}
+        if self._times is not None:
+            self._times.add(request.get_perf_counts())
+        return carry(tensors, outputs, self._keep, self._last)
+
+
+class _Failures:
+    """Failed requests in a row: ``fatal_after`` of them means the device is gone."""
+
+    def __init__(self, fatal_after: int):
+        self.fatal_after = fatal_after
+        self.in_row = 0
+        self._lock = threading.Lock()
+
+    def ok(self) -> None:
+        self.in_row = 0
+
+    def failed(self, cause: object) -> None:
+        with self._lock:
+            self.in_row += 1
+            count = self.in_row
+        if count >= self.fatal_after:
+            raise DeviceError(f"OpenVINO legacy infer request failed ({cause}; {count} in a "
+                              f"row): the device or network is gone")
+
+
 class LegacyIEStage(DeviceStage):
     """An ``ExecutableNetwork``'s infer requests as slots, completed by callback (or wait)."""
 
     def __init__(self, exec_net: Any, statuses: dict[int, str], keep: frozenset[str],
-                 last: bool, api: str, profile: bool, fatal_after: int, name: str):
+                 last: bool, api: str, times: LayerTimes | None, fatal_after: int, name: str):
         self.exec_net = exec_net
         self.requests = list(exec_net.requests)
         self._statuses = statuses
@@ -88,7 +170,7 @@ class LegacyIEStage(DeviceStage):
         self._keep = keep
         self._last = last
         self._api = api
-        self._profile = profile
+        self._times = times
         self._fatal_after = fatal_after
         self._name = name
         self._free: SimpleQueue[int] = SimpleQueue()
@@ -98,7 +180,6 @@ class LegacyIEStage(DeviceStage):
         self._lock = threading.Lock()
         self._failures_in_row = 0
         self._complete: Complete | None = None
-        self.layers: dict[str, dict[str, Any]] = {}       # profile: per-layer totals
         self.in_flight = 0
         self.peak_in_flight = 0
 
@@ -147,8 +228,8 @@ class LegacyIEStage(DeviceStage):
                 # copy out: the request's blobs are overwritten when the slot is reused
                 outputs = {name: np.array(request.output_blobs[name].buffer, copy=True)
                            for name in self._outputs}
-                if self._profile:
-                    self._account(request.get_perf_counts())
+                if self._times is not None:
+                    self._times.add(request.get_perf_counts())
                 self._failures_in_row = 0
                 self._free.put(rid)
                 self._complete(token, carry(tensors, outputs, self._keep, self._last), None)  # type: ignore[misc]
@@ -171,26 +252,6 @@ class LegacyIEStage(DeviceStage):
             except BaseException:
                 pass
 
-    def _account(self, counts: dict[str, dict[str, Any]]) -> None:
-        with self._lock:
-            for layer, c in counts.items():
-                total = self.layers.setdefault(layer, {
-                    "layer_type": c.get("layer_type"), "exec_type": c.get("exec_type"),
-                    "calls": 0, "real_time_us": 0.0, "cpu_time_us": 0.0})
-                if c.get("status") == "EXECUTED":
-                    total["calls"] += 1
-                    total["real_time_us"] += float(c.get("real_time", 0))
-                    total["cpu_time_us"] += float(c.get("cpu_time", 0))
-
-    def profile(self) -> dict[str, dict[str, Any]]:
-        """Per layer: type, kernel, calls, and mean real/CPU time in microseconds."""
-        with self._lock:
-            return {layer: {"layer_type": t["layer_type"], "exec_type": t["exec_type"],
-                            "calls": t["calls"],
-                            "real_time_us": t["real_time_us"] / t["calls"] if t["calls"] else 0.0,
-                            "cpu_time_us": t["cpu_time_us"] / t["calls"] if t["calls"] else 0.0}
-                    for layer, t in self.layers.items()}
-
     def close(self) -> None:
         # Wait for every started request, so no callback runs after the runner is gone.
         for request in self.requests:
@@ -208,7 +269,7 @@ def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(int(d) for d in dims))
 
 
-def _read(ie: Any, core: Any, path: Path) -> Any:
+def _read(core: Any, path: Path) -> Any:
     weights = path.with_suffix(".bin")
     if not weights.is_file():
         raise FileNotFoundError(f"weights file not found beside {path.name}: {str(weights)!r}")
@@ -216,27 +277,30 @@ def _read(ie: Any, core: Any, path: Path) -> Any:
 
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",
-         num_requests: int = 0, config: dict[str, str] | None = None, api: str = "callback",
+         num_requests: int = 0, config: dict[str, str] | None = None, api: str = "auto",
          profile: bool = False, fatal_after: int = 3, cast: bool = False,
          max_input_bytes: int | None = None) -> Model:
     if replicas != 1:
         raise ValueError("backend='openvino-legacy': use num_requests for parallel requests")
-    if api not in ("callback", "wait"):
-        raise ValueError(f"api must be 'callback' or 'wait', got {api!r}")
+    if api not in ("auto", "sync", "callback", "wait"):
+        raise ValueError(f"api must be 'auto', 'sync', 'callback' or 'wait', got {api!r}")
     if not isinstance(num_requests, int) or num_requests < 0:
         raise ValueError(f"num_requests must be an int >= 0, got {num_requests!r}")
     paths = model_paths(target, (".xml",))
     ie = ie_api()
     core = ie.IECore()
+    on_cpu = device.split(":")[-1].split(",") == ["CPU"]
+    if api == "auto":  # see the module doc: callbacks cost GIL hand-offs the CPU feels most
+        api = "sync" if on_cpu else "callback"
     settings = dict(config or {})
     if "CPU" in device.split(":")[-1].split(","):
         settings.setdefault("INFERENCE_PRECISION_HINT", "f32")
     if profile:
         settings["PERF_COUNT"] = "YES"
-    if len(paths) > 1:
+    if len(paths) > 1 or api == "sync":
         settings.setdefault("CPU_BIND_THREAD", "NO")  # pinned networks would not overlap
 
-    nets = [_read(ie, core, p) for p in paths]
+    nets = [_read(core, p) for p in paths]
     io = []
     for path, net in zip(paths, nets, strict=True):
         inputs = [_spec(n, i.precision, i.input_data.shape, "input")
@@ -246,37 +310,58 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
     check_chain(io)
     keeps = needed_after([inputs for _, inputs, _ in io])
 
-    stages: list[LegacyIEStage] = []
+    times = LayerTimes() if profile else None
     statuses = _status_names(ie)
+    specs: list[StageSpec] = []
+    exec_nets: list[Any] = []
     for i, (path, net) in enumerate(zip(paths, nets, strict=True)):
-        requests = num_requests
-        if requests == 0:
-            probe = core.load_network(net, device, settings, 1)
-            try:
-                requests = int(probe.get_metric("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            except Exception:  # noqa: BLE001 - a plugin without the metric gets 2
-                requests = 2
-            del probe
-            requests = max(1, min(requests, maxsize))
+        requests = num_requests or (1 if api == "sync" else _optimal_requests(
+            core, net, device, settings, maxsize))
         try:
             exec_net = core.load_network(network=net, device_name=device, config=settings,
                                          num_requests=requests)
         except RuntimeError as exc:
             raise DeviceError(f"cannot load {path.name} on {device!r}: {exc} (devices here: "
                               f"{core.available_devices})") from exc
-        stages.append(LegacyIEStage(exec_net, statuses, keeps[i], i == len(paths) - 1, api,
-                                    profile, fatal_after, f"{path.stem}"))
+        exec_nets.append(exec_net)
+        keep, last = keeps[i], i == len(paths) - 1
+        if api == "sync":
+            free = list(exec_net.requests)
+            lock = threading.Lock()
+            failures = _Failures(fatal_after)
+            names_in, names_out = list(exec_net.input_info), list(exec_net.outputs)
 
-    specs = [StageSpec(f"{path.stem}", lambda s=stage: s, device=True)
-             for path, stage in zip(paths, stages, strict=True)]
+            def factory(free: list[Any] = free, lock: threading.Lock = lock,
+                        failures: _Failures = failures, names_in: list[str] = names_in,
+                        names_out: list[str] = names_out, keep: frozenset[str] = keep,
+                        last: bool = last) -> LegacySyncStage:
+                with lock:  # each worker thread takes a request of its own
+                    request = free.pop()
+                return LegacySyncStage(request, names_in, names_out, keep, last, times,
+                                       failures)
 
-    def layer_profile() -> dict[str, Any]:
-        return {layer: timing for stage in stages for layer, timing in stage.profile().items()}
+            specs.append(StageSpec(path.stem, factory, replicas=requests))
+        else:
+            stage = LegacyIEStage(exec_net, statuses, keep, last, api, times, fatal_after,
+                                  path.stem)
+            specs.append(StageSpec(path.stem, lambda s=stage: s, device=True))
 
     return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
                  prepare=validator(io[0][1], cast, max_input_bytes),
-                 profile=layer_profile if profile else None,
-                 info={"backend": "openvino-legacy", "device": device,
-                       "num_requests": [len(s.requests) for s in stages],
-                       "api": api, "openvino": ie.get_version(),
+                 profile=times.means if times is not None else None,
+                 # the requests do not keep their ExecutableNetwork alive: the model does
+                 close=exec_nets.clear,
+                 info={"backend": "openvino-legacy", "device": device, "api": api,
+                       "num_requests": [len(n.requests) for n in exec_nets],
+                       "openvino": ie.get_version(),
                        "models": [os.fspath(p) for p in paths]})
+
+
+def _optimal_requests(core: Any, net: Any, device: str, settings: dict[str, str],
+                      maxsize: int) -> int:
+    probe = core.load_network(net, device, settings, 1)
+    try:
+        requests = int(probe.get_metric("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    except Exception:  # noqa: BLE001 - a plugin without the metric gets 2
+        requests = 2
+    return max(1, min(requests, maxsize))
