@@ -127,6 +127,24 @@ async def test_defaults_sync_on_the_cpu_and_requests_from_the_device(tmp_path: P
         assert runner._model.info["num_requests"] == [len(stage_of(runner).requests)]  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("device", ["HETERO:CPU", "MULTI:CPU"])
+async def test_hetero_and_multi_device_strings(tmp_path: Path, chain: Chain, device: str) -> None:
+    async with aioaccel.open(chain.write_openvino(tmp_path / "m.xml"), backend="openvino-legacy",
+                             device=device, num_requests=2) as runner:
+        assert runner._model.info["api"] == "callback"  # type: ignore[union-attr]
+        assert runner._model.info["layouts"] == {"input": "NC"}  # type: ignore[union-attr]
+        xs = [chain.random_input(seed=i) for i in range(12)]
+        outs = await asyncio.gather(*(runner.infer(x) for x in xs))
+    assert all(close(o["output"], chain.reference(x)) for o, x in zip(outs, xs))
+
+
+async def test_a_device_that_is_not_there_is_named(tmp_path: Path, chain: Chain) -> None:
+    with pytest.raises(aioaccel.DeviceError, match=r"'MYRIAD'.*devices here: \['CPU'"):
+        async with aioaccel.open(chain.write_openvino(tmp_path / "m.xml"),
+                                 backend="openvino-legacy", device="MYRIAD", num_requests=1):
+            pass
+
+
 async def test_bad_inputs_fail_alone_and_say_what_was_expected(tmp_path: Path,
                                                                chain: Chain) -> None:
     async with aioaccel.open(chain.write_openvino(tmp_path / "m.xml"),

@@ -289,7 +289,7 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
     paths = model_paths(target, (".xml",))
     ie = ie_api()
     core = ie.IECore()
-    on_cpu = device.split(":")[-1].split(",") == ["CPU"]
+    on_cpu = device.upper().split(".")[0] == "CPU"  # the plain CPU plugin, not HETERO/MULTI
     if api == "auto":  # see the module doc: callbacks cost GIL hand-offs the CPU feels most
         api = "sync" if on_cpu else "callback"
     settings = dict(config or {})
@@ -321,8 +321,9 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
             exec_net = core.load_network(network=net, device_name=device, config=settings,
                                          num_requests=requests)
         except RuntimeError as exc:
-            raise DeviceError(f"cannot load {path.name} on {device!r}: {exc} (devices here: "
-                              f"{core.available_devices})") from exc
+            reason = " ".join(str(exc).split())  # the runtime's message spans lines
+            raise DeviceError(f"cannot load {path.name} on {device!r}: {reason} (devices "
+                              f"here: {core.available_devices})") from exc
         exec_nets.append(exec_net)
         keep, last = keeps[i], i == len(paths) - 1
         if api == "sync":
@@ -352,6 +353,7 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
                  # the requests do not keep their ExecutableNetwork alive: the model does
                  close=exec_nets.clear,
                  info={"backend": "openvino-legacy", "device": device, "api": api,
+                       "layouts": {n: str(i.layout) for n, i in nets[0].input_info.items()},
                        "num_requests": [len(n.requests) for n in exec_nets],
                        "openvino": ie.get_version(),
                        "models": [os.fspath(p) for p in paths]})
