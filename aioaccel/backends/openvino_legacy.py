@@ -171,14 +171,13 @@ class LegacyIEStage(DeviceStage):
         self._last = last
         self._api = api
         self._times = times
-        self._fatal_after = fatal_after
+        self._failures = _Failures(fatal_after)
         self._name = name
         self._free: SimpleQueue[int] = SimpleQueue()
         self._held: dict[int, tuple[object, dict[str, np.ndarray]]] = {}
         self._started: SimpleQueue[int] = SimpleQueue()   # api="wait": request ids in order
         self._waiter: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._failures_in_row = 0
         self._complete: Complete | None = None
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -230,17 +229,19 @@ class LegacyIEStage(DeviceStage):
                            for name in self._outputs}
                 if self._times is not None:
                     self._times.add(request.get_perf_counts())
-                self._failures_in_row = 0
+                self._failures.ok()
                 self._free.put(rid)
                 self._complete(token, carry(tensors, outputs, self._keep, self._last), None)  # type: ignore[misc]
                 return
             name = self._statuses.get(code, str(code))
-            self._failures_in_row += 1
             self._free.put(rid)
-            if name in FATAL_STATUSES or self._failures_in_row >= self._fatal_after:
-                self._complete(token, None, DeviceError(  # type: ignore[misc]
-                    f"OpenVINO legacy infer request failed with {name} "
-                    f"({self._failures_in_row} in a row): the device or network is gone"))
+            try:
+                if name in FATAL_STATUSES:
+                    raise DeviceError(f"OpenVINO legacy infer request failed with {name}: the "
+                                      f"device or network is gone")
+                self._failures.failed(name)  # raises DeviceError after fatal_after in a row
+            except DeviceError as exc:
+                self._complete(token, None, exc)  # type: ignore[misc]
                 return
             self._complete(token, None, LegacyRequestFailed(  # type: ignore[misc]
                 f"infer request completed with status {name} ({code})"))
