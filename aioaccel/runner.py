@@ -39,7 +39,7 @@ from .errors import (
     WouldBlock,
 )
 from .pipeline import Item, Pipeline, Worker
-from .stats import LatencyWindow, RunnerStats, StageStats
+from .stats import LatencyHistogram, LatencyWindow, RunnerStats, StageStats
 from .streams import Lane, Stream
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class Runner:
         # counters
         self._pushed = self._completed = self._failed = self._discarded = self._withdrawn = 0
         self._latency = LatencyWindow()
+        self._histogram = LatencyHistogram()
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
@@ -386,29 +387,43 @@ class Runner:
                                 f", {lane.admitted} of this stream's maxsize={lane.cap}"))
         return self._enqueue(lane, inputs, tag, None).seq
 
-    async def infer(self, inputs: Any, *, timeout: float | None = None) -> Any:
+    async def infer(self, inputs: Any, *, timeout: float | None = None,
+                    admit_timeout: float | None = None) -> Any:
         """Run one input and return its outputs; for many concurrent callers (web handlers).
 
         The item never shows up in ``async for``. A per-item failure raises
         :class:`~aioaccel.InferenceError`. On ``timeout`` (seconds, covering the wait for
-        space too) raises :class:`~aioaccel.InferTimeout`. If the call is cancelled or times
-        out before a worker took the item, it is withdrawn; after that its result is discarded.
+        space too) raises :class:`~aioaccel.InferTimeout`. ``admit_timeout`` bounds only the
+        wait for space: past it, :class:`~aioaccel.WouldBlock` (a web service answers 503).
+        If the call is cancelled or times out before a worker took the item, it is withdrawn;
+        after that its result is discarded.
         """
         if timeout is None:
-            return await self._infer(inputs)
+            return await self._infer(inputs, admit_timeout)
         try:
             async with asyncio.timeout(timeout):
-                return await self._infer(inputs)
+                return await self._infer(inputs, admit_timeout)
         except TimeoutError as exc:
             if isinstance(exc, AccelError):
                 raise
             raise InferTimeout(f"no result within {timeout} s from runner {self.name!r}") from None
 
-    async def _infer(self, inputs: Any) -> Any:
+    async def _infer(self, inputs: Any, admit_timeout: float | None = None) -> Any:
         if self._prepare is not None:
             inputs = self._prepare(inputs)
         lane = self._lane
-        await self._admit(lane)
+        if admit_timeout is None:
+            await self._admit(lane)
+        else:
+            try:
+                async with asyncio.timeout(admit_timeout):
+                    await self._admit(lane)
+            except TimeoutError as exc:
+                if isinstance(exc, AccelError):
+                    raise
+                raise WouldBlock(f"runner {self.name!r} stayed full for {admit_timeout} s "
+                                 f"(maxsize={self._maxsize}, {len(lane.waiters)} waiting)"
+                                 ) from None
         future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
         item = self._enqueue(lane, inputs, None, future)
         try:
@@ -524,6 +539,7 @@ class Runner:
                 self._completed += 1
                 latency = item.t_done - item.t_admit
                 self._latency.add(latency)
+                self._histogram.add(latency)
                 if lane is not self._lane:
                     lane.completed += 1
                     lane.latency.add(latency)
@@ -721,6 +737,7 @@ class Runner:
             streams=tuple(lane.snapshot() for lane in self._streams.values()),
             profile=(self._model.profile() if self._model is not None
                      and self._model.profile is not None else None),
+            latency_buckets=self._histogram.cumulative(), latency_sum=self._histogram.sum,
         )
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -9,7 +10,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .streams import StreamStats
 
-__all__ = ["LatencyWindow", "RunnerStats", "StageStats"]
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "LatencyWindow", "RunnerStats", "StageStats"]
+
+#: upper bounds (seconds) of the cumulative latency histogram (Prometheus-style ``le``)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,35 @@ class RunnerStats:
     streams: tuple[StreamStats, ...] = ()  #: one per ``runner.stream(key)``
     #: per-layer timings, from backends opened with ``profile=True`` (else None)
     profile: dict[str, Any] | None = None
+    #: every successful item since open: (upper bound, cumulative count) per bucket, the
+    #: last bound being +inf; and the sum of their latencies (what Prometheus exports)
+    latency_buckets: tuple[tuple[float, int], ...] = ()
+    latency_sum: float = 0.0
 
     @property
     def throughput(self) -> float:
         """Completed items per second since the runner opened."""
         return self.completed / self.elapsed if self.elapsed else 0.0
+
+
+class LatencyHistogram:
+    """Counts of all latencies since open, per bucket (cheap enough for every item)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[tuple[float, int], ...]:
+        total, out = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return tuple(out)
 
 
 class LatencyWindow:

@@ -375,3 +375,22 @@ async def test_cancelling_open_while_the_model_loads_does_not_block_the_loop(
         await opening
     assert time.perf_counter() - started < 0.5, "the loop waited for the load to finish"
     release.set()
+
+
+async def test_infer_admit_timeout_bounds_only_the_wait_for_space() -> None:
+    gate = threading.Event()
+
+    def held(x: int) -> int:
+        gate.wait()
+        return x
+
+    async with aioaccel.open(held, maxsize=1) as runner:
+        first = asyncio.create_task(runner.infer(1, admit_timeout=0.05))
+        await asyncio.sleep(0)
+        with pytest.raises(aioaccel.WouldBlock, match="stayed full for 0.05 s"):
+            await runner.infer(2, admit_timeout=0.05)
+        stats = runner.stats()
+        assert stats.waiting == 0 and stats.pushed == 1  # the refused call left no trace
+        gate.set()
+        assert await first == 1  # admitted at once: the budget did not cut its compute time
+        assert await runner.infer(3, admit_timeout=0) == 3

@@ -1,0 +1,4 @@
+"""Web-service integrations: :mod:`aioaccel.integrations.fastapi` and
+:mod:`aioaccel.integrations.aiohttp` (each needs its extra), sharing
+:mod:`aioaccel.integrations.http` (request bodies to arrays, results to responses, errors to
+status codes)."""

@@ -1,0 +1,134 @@
+"""aiohttp: runners opened in the app's ``cleanup_ctx``, and an ``infer`` that answers 503
+instead of queueing without bound.
+
+``pip install 'aioaccel[aiohttp]'``::
+
+    accel = Accel(default=aioaccel.open("model.tflite"), admit_timeout=0.5)
+    app = web.Application(client_max_size=accel.max_body)
+    accel.setup(app)
+
+    async def infer(request: web.Request) -> web.Response:
+        runner = accel.runner()
+        inputs = await accel.read_inputs(request, runner)
+        return await accel.infer(request, runner, inputs)
+
+The same behaviour as :mod:`aioaccel.integrations.fastapi`: runners open with the app and
+close with it, draining admitted requests; 503 with ``Retry-After`` past ``admit_timeout``;
+413 over ``max_body``; 422 for bad input. A client that disconnects withdraws its item when
+the server cancels handlers of lost connections: run the app with
+``web.run_app(app, handler_cancellation=True)`` (or ``AppRunner(app,
+handler_cancellation=True)``), which aiohttp does not do by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+from .._optional import need
+from .http import DEFAULT_MAX_BODY, decode_inputs, encode_outputs, problem_for
+
+need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
+
+from aiohttp import web  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+__all__ = ["ACCEL", "Accel"]
+
+_ERRORS: dict[int, type[web.HTTPException]] = {
+    413: web.HTTPRequestEntityTooLarge, 422: web.HTTPUnprocessableEntity,
+    500: web.HTTPInternalServerError, 503: web.HTTPServiceUnavailable,
+    504: web.HTTPGatewayTimeout,
+}
+
+
+class Accel:
+    """The runners of one app, opened and closed with it. Keyword arguments name them."""
+
+    def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
+                 max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
+                 **runners: Runner):
+        if not runners:
+            raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
+                             "open(...))")
+        self.runners = runners
+        self.admit_timeout = admit_timeout
+        self.retry_after = retry_after
+        self.max_body = max_body
+        self.timeout = timeout
+        self._collector: Any = None
+
+    def setup(self, app: web.Application) -> None:
+        """Open the runners when ``app`` starts and close them (draining) when it stops."""
+        app[ACCEL] = self
+        app.cleanup_ctx.append(self._context)
+
+    async def _context(self, app: web.Application) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for runner in self.runners.values():
+                await stack.enter_async_context(runner)
+            yield
+
+    def runner(self, name: str = "default") -> Runner:
+        try:
+            return self.runners[name]
+        except KeyError:
+            raise KeyError(f"no runner named {name!r}; this Accel has "
+                           f"{sorted(self.runners)}") from None
+
+    async def read_inputs(self, request: web.Request, runner: Runner) -> Any:
+        """The request body as one item's inputs: JSON or ``.npy`` (413 over ``max_body``)."""
+        declared = request.content_length
+        if declared is not None and declared > self.max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body, actual_size=declared)
+        body = await request.read()  # aiohttp's client_max_size caps a body without a length
+        if len(body) > self.max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body, actual_size=len(body))
+        try:
+            return decode_inputs(body, request.headers.get("Content-Type"), runner.inputs)
+        except Exception as exc:
+            raise self._http_error(exc) from exc
+
+    async def infer(self, request: web.Request, runner: Runner, inputs: Any) -> web.Response:
+        """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        try:
+            outputs = await runner.infer(inputs, timeout=self.timeout,
+                                         admit_timeout=self.admit_timeout)
+            body, content_type = encode_outputs(outputs, request.headers.get("Accept"))
+        except Exception as exc:
+            raise self._http_error(exc) from exc
+        return web.Response(body=body, content_type=content_type)
+
+    def _http_error(self, exc: BaseException) -> BaseException:
+        problem = problem_for(exc, self.retry_after)
+        if problem is None:
+            return exc
+        cls = _ERRORS.get(problem.status, web.HTTPInternalServerError)
+        if cls is web.HTTPRequestEntityTooLarge:
+            return cls(max_size=self.max_body, actual_size=0)
+        return cls(text=problem.message, headers=dict(problem.headers))
+
+    def health(self) -> web.Response:
+        """200 when every runner is open, else 503; JSON with their state."""
+        state = {name: {"open": not r.closed, "in_flight": r.stats().in_flight,
+                        "maxsize": r.maxsize} for name, r in self.runners.items()}
+        ok = all(s["open"] for s in state.values())
+        return web.json_response({"ok": ok, "runners": state}, status=200 if ok else 503)
+
+    def metrics(self) -> web.Response:
+        """The runners' Prometheus metrics (needs ``aioaccel[metrics]``)."""
+        from ..metrics import RunnerCollector
+
+        if self._collector is None:
+            self._collector = RunnerCollector(*self.runners.values(), registry=None)
+        body, content_type = self._collector.exposition()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+
+#: where ``Accel.setup`` puts itself on the app: ``request.app[ACCEL]``
+ACCEL = web.AppKey("aioaccel", Accel)

@@ -1,0 +1,160 @@
+"""FastAPI: runners opened in the app's lifespan, a dependency that hands one to a handler,
+and an ``infer`` that answers 503 instead of queueing without bound.
+
+``pip install 'aioaccel[fastapi]'``::
+
+    accel = Accel(default=aioaccel.open("model.tflite"), admit_timeout=0.5)
+    app = FastAPI(lifespan=accel.lifespan)
+
+    @app.post("/infer")
+    async def infer(request: Request, runner: Runner = Depends(accel.runner())):
+        inputs = await accel.read_inputs(request, runner)
+        return await accel.infer(request, runner, inputs)
+
+* **Lifespan.** The runners open when the app starts and close when it stops: ``aclose``
+  lets admitted requests finish (up to each runner's ``close_timeout``), so a request that was
+  accepted is answered.
+* **Overload.** A request waits at most ``admit_timeout`` seconds for space in the runner,
+  then gets **503** with ``Retry-After``; memory and latency stay bounded under any load.
+* **Client gone.** While a request waits, the handler watches the connection; if the client
+  disconnects, the item is withdrawn (or its result discarded) and nothing is sent.
+* **Body limit.** Bodies over ``max_body`` bytes get **413** before they are read in full.
+* Errors: bad input 422, runner broken or closing 503, ``InferTimeout`` 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from .._optional import need
+from .http import DEFAULT_MAX_BODY, decode_inputs, encode_outputs, problem_for
+
+need("fastapi", "fastapi", "aioaccel.integrations.fastapi")
+
+from fastapi import HTTPException, Request, Response  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+__all__ = ["Accel", "CLIENT_CLOSED"]
+
+#: status logged for a request whose client went away (nginx's convention; never sent)
+CLIENT_CLOSED = 499
+
+
+class Accel:
+    """The runners of one app, opened and closed with it. Keyword arguments name them."""
+
+    def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
+                 max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
+                 **runners: Runner):
+        if not runners:
+            raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
+                             "open(...))")
+        self.runners = runners
+        self.admit_timeout = admit_timeout
+        self.retry_after = retry_after
+        self.max_body = max_body
+        self.timeout = timeout
+        self._collector: Any = None
+
+    # ---- lifespan and dependency ---------------------------------------------------------
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """``FastAPI(lifespan=accel.lifespan)``: open every runner; on shutdown drain and close."""
+        async with AsyncExitStack() as stack:
+            for runner in self.runners.values():
+                await stack.enter_async_context(runner)
+            app.state.aioaccel = self
+            yield
+
+    def runner(self, name: str = "default") -> Callable[[], Runner]:
+        """A dependency: ``runner: Runner = Depends(accel.runner("default"))``."""
+        if name not in self.runners:
+            raise KeyError(f"no runner named {name!r}; this Accel has {sorted(self.runners)}")
+        runner = self.runners[name]
+
+        def dependency() -> Runner:
+            return runner
+
+        return dependency
+
+    # ---- requests ------------------------------------------------------------------------
+    async def read_inputs(self, request: Request, runner: Runner) -> Any:
+        """The request body as one item's inputs: JSON or ``.npy`` (413 over ``max_body``)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise HTTPException(413, f"body of {declared} bytes is over the limit of "
+                                     f"{self.max_body} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise HTTPException(413, f"body is over the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        try:
+            return decode_inputs(b"".join(chunks), request.headers.get("content-type"),
+                                 runner.inputs)
+        except Exception as exc:
+            raise self._http_error(exc) from exc
+
+    async def infer(self, request: Request, runner: Runner, inputs: Any) -> Response:
+        """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        work = asyncio.ensure_future(runner.infer(inputs, timeout=self.timeout,
+                                                  admit_timeout=self.admit_timeout))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():   # the client left (or we were cancelled): withdraw the item
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+        if work.cancelled():
+            return Response(status_code=CLIENT_CLOSED)
+        exc = work.exception()
+        if exc is not None:
+            raise self._http_error(exc) from exc
+        try:
+            body, media_type = encode_outputs(work.result(), request.headers.get("accept"))
+        except Exception as exc:
+            raise self._http_error(exc) from exc
+        return Response(content=body, media_type=media_type)
+
+    def _http_error(self, exc: BaseException) -> BaseException:
+        problem = problem_for(exc, self.retry_after)
+        if problem is None:
+            return exc
+        return HTTPException(problem.status, problem.message, dict(problem.headers))
+
+    # ---- health and metrics ----------------------------------------------------------------
+    def health(self) -> Response:
+        """200 when every runner is open and not broken, else 503; JSON with their state."""
+        import json
+
+        state = {name: {"open": not r.closed, "in_flight": r.stats().in_flight,
+                        "maxsize": r.maxsize} for name, r in self.runners.items()}
+        ok = all(s["open"] for s in state.values())
+        return Response(json.dumps({"ok": ok, "runners": state}), status_code=200 if ok else 503,
+                        media_type="application/json")
+
+    def metrics(self) -> Response:
+        """The runners' Prometheus metrics (needs ``aioaccel[metrics]``)."""
+        from ..metrics import RunnerCollector
+
+        if self._collector is None:
+            self._collector = RunnerCollector(*self.runners.values(), registry=None)
+        body, content_type = self._collector.exposition()
+        return Response(body, media_type=content_type)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
