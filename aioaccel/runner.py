@@ -260,6 +260,21 @@ class Runner:
             if self._pipeline is not None:
                 self._pipeline.stop()
 
+    def _stop_threads(self, timeout: float = 5.0) -> None:
+        """Without a loop (it is gone): stop and join the worker threads, release the model.
+        For test teardown; items still pending are dropped."""
+        self._closed = True
+        self._accepting = False
+        self._state = _CLOSED
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.stop()
+            for w in pipeline.workers:
+                if w.thread is not None:
+                    w.thread.join(timeout)
+        if self._model is not None and self._model.close is not None:
+            self._model.close()
+
     # ---- admission ----------------------------------------------------------------------
     def _check_accepting(self, lane: Lane) -> None:
         if self._failure is not None:

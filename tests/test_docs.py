@@ -42,3 +42,12 @@ def test_multi_camera_example_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "60 frames from 3 cameras" in proc.stdout
     assert proc.stdout.count(": 20 frames") == 3
+
+
+def test_service_testing_example_passes() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-rs", "examples/test_service.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 passed, 1 skipped" in proc.stdout
+    assert "needs coral" in proc.stdout

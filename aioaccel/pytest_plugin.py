@@ -1,0 +1,136 @@
+"""A pytest plugin for testing services built on aioaccel, without hardware.
+
+Installed with aioaccel (entry point ``pytest11``), so it is active in every test session:
+
+* ``accel_factory`` -- makes runners and closes, at teardown, every one the test left open.
+  ``accel_factory.simulated(fn, latency=..., fail_at=..., device=False, **open_options)``
+  gives a runner over a :class:`~aioaccel.testing.SimulatedStage` (or, with
+  ``device=True``, a :class:`~aioaccel.testing.SimulatedDevice`);
+  ``accel_factory.open(target, **options)`` any runner. Open them in the test
+  (``async with runner:`` or ``await runner``); it works under any async test plugin.
+* ``accel_runner`` -- an opened runner over a simulated accelerator (identity, 1 ms), closed
+  after the test. Configure it with ``@pytest.mark.accel(fn, latency=..., fail_at=...,
+  maxsize=...)``. It is an async fixture: it runs under anyio's plugin, and under
+  pytest-asyncio in auto mode (in strict mode, use ``accel_factory``).
+* ``@pytest.mark.hardware("coral")`` (or ``"memryx"``, ``"openvino:GPU"``, ``"litert"`` ...)
+  skips the test, with the reason and what to install, unless :func:`aioaccel.devices`
+  reports such a device. Without arguments the marker only labels the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+import aioaccel
+from aioaccel.testing import SimulatedDevice, SimulatedStage
+
+__all__ = ["RunnerFactory", "hardware_missing"]
+
+
+class RunnerFactory:
+    """Makes runners for one test and closes the ones left open (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.runners: list[aioaccel.Runner] = []
+
+    def open(self, target: Any, **options: Any) -> aioaccel.Runner:
+        runner = aioaccel.open(target, **options)
+        self.runners.append(runner)
+        return runner
+
+    def simulated(self, fn: Callable[[Any], Any] | None = None, *, latency: float = 0.001,
+                  jitter: float = 0.0, fail_at: Any = None, fail_if: Any = None,
+                  fatal_at: Any = None, hang_at: Any = None, device: bool = False,
+                  capacity: int = 4, seed: int | None = None,
+                  **options: Any) -> aioaccel.Runner:
+        faults = {"latency": latency, "jitter": jitter, "fail_at": fail_at, "fail_if": fail_if,
+                  "fatal_at": fatal_at, "hang_at": hang_at, "seed": seed}
+        stage: Any = (SimulatedDevice(fn, capacity=capacity, **faults) if device
+                      else SimulatedStage(fn, **faults))
+        runner = self.open(stage, **options)
+        runner.simulator = stage  # type: ignore[attr-defined]  # for release() and counters
+        return runner
+
+    def close_all(self) -> None:
+        """Close what the test left open: through its loop if that still exists, else stop the
+        threads directly."""
+        for runner in self.runners:
+            if runner.closed and runner.stats().in_flight == 0 and not _threads_alive(runner):
+                continue
+            simulator = getattr(runner, "simulator", None)
+            if simulator is not None:
+                simulator.release()  # a hung simulated call must not hold the teardown
+            loop = runner._loop
+            if loop is not None and not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(runner.aclose(timeout=5))
+            else:
+                runner._stop_threads()
+        self.runners.clear()
+
+
+def _threads_alive(runner: aioaccel.Runner) -> bool:
+    pipeline = runner._pipeline
+    return pipeline is not None and any(not w.exited for w in pipeline.workers)
+
+
+def hardware_missing(spec: str) -> str | None:
+    """Why a test needing ``spec`` ("coral", "memryx", "openvino:GPU", ...) cannot run here,
+    or None when a matching device is available."""
+    backend, _, device = spec.partition(":")
+    found = [d for d in aioaccel.devices() if d.backend == backend]
+    if not found:
+        known = sorted({d.backend for d in aioaccel.devices()})
+        return f"unknown hardware {spec!r}: expected one of {known}, optionally ':DEVICE'"
+    ready = [d for d in found if d.available and (not device or d.device == device)]
+    if ready:
+        return None
+    missing = [d for d in found if not d.available]
+    hint = f"; install: {missing[0].install}" if missing and missing[0].install else ""
+    what = missing[0].description if missing else f"no {device!r} device among " \
+        f"{[d.device for d in found]}"
+    return f"needs {spec}: {what}{hint}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "hardware(spec): needs a device, e.g. 'coral', 'memryx', 'openvino:GPU'; "
+        "skipped with the reason when it is missing")
+    config.addinivalue_line(
+        "markers", "accel(fn=None, **options): configures the accel_runner fixture")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("hardware"):
+        for spec in marker.args:
+            reason = hardware_missing(str(spec))
+            if reason is not None:
+                pytest.skip(reason)
+
+
+@pytest.fixture
+def accel_factory() -> Iterator[RunnerFactory]:
+    """Runners for this test; every one left open is closed at teardown."""
+    factory = RunnerFactory()
+    try:
+        yield factory
+    finally:
+        factory.close_all()
+
+
+@pytest.fixture
+async def accel_runner(request: pytest.FixtureRequest) -> AsyncIterator[aioaccel.Runner]:
+    """An opened runner over a simulated accelerator; ``@pytest.mark.accel(...)`` sets it up."""
+    marker = request.node.get_closest_marker("accel")
+    args = marker.args if marker else ()
+    options = dict(marker.kwargs) if marker else {}
+    factory = RunnerFactory()
+    runner = factory.simulated(*args, **options)
+    try:
+        async with runner:
+            yield runner
+    finally:
+        await asyncio.shield(runner.aclose())
