@@ -3,6 +3,9 @@
 * ``aioaccel demo`` -- builds an embedded model, runs it on the CPU as a multi-segment pipeline
   over a stream of frames, and compares it with running the whole model sequentially.
 * ``aioaccel info MODEL`` -- a model's inputs and outputs.
+* ``aioaccel bench MODEL... [--backend --device --segments --concurrency --count --json]`` --
+  items/s and latency through aioaccel (concurrent ``infer`` callers) against the raw vendor
+  loop on the same model; ``MODEL`` may be ``builtin`` (the demo's conv model).
 * ``aioaccel devices [--json]`` -- the devices this machine has, and what to install for the
   runtimes that are missing.
 
@@ -41,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="show a model's inputs and outputs")
     info.add_argument("model", nargs="+", help="model file(s); several = segments")
     info.add_argument("--backend", default=None)
+    bench = sub.add_parser("bench", help="measure a model: aioaccel vs the raw vendor loop")
+    bench.add_argument("model", nargs="+",
+                       help="model file(s) (several = pipeline segments), or 'builtin'")
+    bench.add_argument("--backend", default=None)
+    bench.add_argument("--device", default=None, help="device= option for the backend")
+    bench.add_argument("--segments", type=int, default=1,
+                       help="split the builtin model into this many segments")
+    bench.add_argument("--concurrency", type=int, default=8, help="concurrent infer callers")
+    bench.add_argument("--count", type=int, default=500, help="items to run (default 500)")
+    bench.add_argument("--json", action="store_true", help="print JSON for programs")
     devices = sub.add_parser("devices", help="list accelerators and runtimes on this machine")
     devices.add_argument("--json", action="store_true", help="print JSON for programs")
     args = parser.parse_args(argv)
@@ -51,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.segments < 1 or args.frames < 1 or args.depth < args.segments:
                 parser.error("need frames >= 1 and 1 <= segments <= depth")
             return asyncio.run(run_demo(args.backend, args.segments, args.frames, args.depth))
+        if args.command == "bench":
+            if args.count < 1 or args.concurrency < 1 or args.segments < 1:
+                parser.error("need --count, --concurrency and --segments >= 1")
+            if args.segments > 1 and args.model != ["builtin"]:
+                parser.error("--segments splits the builtin model; give segment files instead")
+            return asyncio.run(run_bench(args))
         return asyncio.run(run_info(args.model, args.backend))
     except aioaccel.BackendUnavailable as exc:
         print(f"aioaccel: {exc}", file=sys.stderr)
@@ -82,6 +101,134 @@ def show_devices(as_json: bool) -> int:
         status = "[green]ready[/]" if d.available else f"[yellow]install:[/] {d.install}"
         table.add_row(d.backend, d.device or "-", d.description, status)
     Console(width=max(120, Console().width)).print(table)
+    return EXIT_OK
+
+
+def _example_input(runner: aioaccel.Runner, seed: int) -> Any:
+    specs = runner.inputs
+    if not specs:
+        raise ValueError("this backend does not describe its inputs: aioaccel bench needs a "
+                         "model file whose input spec is known")
+    rng = np.random.default_rng(seed)
+    arrays = {s.name: rng.standard_normal([d or 1 for d in s.shape]).astype(s.dtype)
+              for s in specs}
+    return arrays if len(arrays) > 1 else next(iter(arrays.values()))
+
+
+def _raw_loop(backend: str, files: list[Path]) -> Any:
+    """The vendor API called in a plain loop (segments one after another), or None."""
+    from aioaccel.testing.vendor import raw_model
+
+    if backend not in ("litert", "onnx", "openvino"):
+        return None
+    steps = [raw_model(backend, f, threads=None) for f in files]
+
+    def run(x: Any) -> Any:
+        for step in steps:
+            x = step(x)
+        return x
+    return run
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return ordered[round(0.5 * last)], ordered[round(0.99 * last)]
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    console = Console(stderr=args.json)
+    with tempfile.TemporaryDirectory(prefix="aioaccel-bench-") as tmp:
+        if args.model == ["builtin"]:
+            from aioaccel.testing.models import conv_chain
+
+            backend = args.backend or "litert"
+            if backend not in DEMO_BACKENDS:
+                raise ValueError(f"the builtin model runs on {', '.join(DEMO_BACKENDS)}")
+            chain = conv_chain(size=32, channels=16, depth=4)
+            files = write_demo_model(backend, chain, Path(tmp) / "segments", args.segments)
+            whole = write_demo_model(backend, chain, Path(tmp) / "whole", 1)
+        else:
+            files = [Path(m) for m in args.model]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"model file not found: {str(f)!r}")
+            backend = args.backend or aioaccel.backends.resolve_backend(args.model)
+            whole = files
+        options: dict[str, Any] = {}
+        if args.device is not None:
+            options["device"] = args.device
+        target: Any = files[0] if len(files) == 1 else files
+        maxsize = max(8, 2 * args.concurrency)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            console=console, transient=True)
+        rows: dict[str, dict[str, float]] = {}
+        async with aioaccel.open(target, backend=backend, maxsize=maxsize, name="bench",
+                                 **options) as runner:
+            x = _example_input(runner, 0)
+            await runner.infer(x)  # warm-up
+            raw = _raw_loop(backend, whole) if not isinstance(x, dict) else None
+            with progress:
+                if raw is not None:
+                    raw(x)
+                    task = progress.add_task("raw vendor loop", total=args.count)
+                    latencies = []
+                    started = time.perf_counter()
+                    for _ in range(args.count):
+                        t0 = time.perf_counter()
+                        raw(x)
+                        latencies.append(time.perf_counter() - t0)
+                        progress.advance(task)
+                    elapsed = time.perf_counter() - started
+                    p50, p99 = _percentiles(latencies)
+                    rows["raw vendor loop"] = {"items_per_s": args.count / elapsed,
+                                               "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
+                task = progress.add_task(f"aioaccel, {args.concurrency} callers",
+                                         total=args.count)
+                latencies = []
+                share = [args.count // args.concurrency + (i < args.count % args.concurrency)
+                         for i in range(args.concurrency)]
+
+                async def caller(n: int) -> None:
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        await runner.infer(x)
+                        latencies.append(time.perf_counter() - t0)
+                        progress.advance(task)
+
+                started = time.perf_counter()
+                await asyncio.gather(*(caller(n) for n in share))
+                elapsed = time.perf_counter() - started
+                p50, p99 = _percentiles(latencies)
+                rows["aioaccel"] = {"items_per_s": args.count / elapsed, "p50_ms": p50 * 1e3,
+                                    "p99_ms": p99 * 1e3}
+            stages = [s.name for s in runner.stats().stages]
+    base = rows.get("raw vendor loop", {}).get("items_per_s")
+    for row in rows.values():
+        row["vs_raw"] = row["items_per_s"] / base if base else float("nan")
+    if args.json:
+        print(json.dumps({"model": args.model, "backend": backend, "stages": stages,
+                          "concurrency": args.concurrency, "count": args.count,
+                          "results": rows}, indent=2))
+        return EXIT_OK
+    table = Table(title=f"aioaccel bench: {', '.join(args.model)} on {backend} "
+                        f"({len(stages)} stage(s), {args.count} items)")
+    for column in ("mode", "items/s", "vs raw loop", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for name, row in rows.items():
+        label = name if name != "aioaccel" else f"aioaccel ({args.concurrency} callers)"
+        ratio = f"{row['vs_raw']:.2f}x" if base else "n/a"
+        table.add_row(label, f"{row['items_per_s']:.0f}", ratio, f"{row['p50_ms']:.2f}",
+                      f"{row['p99_ms']:.2f}")
+    console.print(table)
+    if base is None:
+        console.print(f"no raw vendor loop for the {backend} backend: aioaccel only")
     return EXIT_OK
 
 
