@@ -12,7 +12,7 @@ from .runner import Runner
 __all__ = ["open"]
 
 
-def open(  # noqa: A001 - the public name is the contract
+def open(
     target: Any,
     *,
     backend: str | None = None,

@@ -67,7 +67,7 @@ def _openvino() -> list[Device]:
     for name in core.available_devices:
         try:
             full = core.get_property(name, "FULL_DEVICE_NAME")
-        except Exception:  # noqa: BLE001 - a plugin that cannot describe itself still runs
+        except Exception:
             full = name
         found.append(Device("openvino", name, f"OpenVINO {ov.__version__}: {full}",
                             options={"backend": "openvino", "device": name}))
@@ -128,7 +128,7 @@ def devices() -> list[Device]:
         except (ImportError, BackendUnavailable):
             if backend not in _ONLY_IF_INSTALLED:
                 found.append(_missing(backend, f"{backend}: runtime not installed"))
-        except Exception as exc:  # noqa: BLE001 - report, never fail the whole listing
+        except Exception as exc:
             found.append(Device(backend, None, f"{backend}: the runtime failed to list its "
                                 f"devices: {exc!r}", available=False,
                                 install=BACKENDS[backend].install))

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from queue import SimpleQueue
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 from .bridge import SHORT_CALL, Bridge
 from .errors import DeviceError
@@ -33,12 +33,27 @@ QUEUED, RUNNING, WITHDRAWN = 0, 1, 2
 _STOP = object()
 
 
+class _Forward(Protocol):
+    def __call__(self, item: Item, now: float, defer: bool = False) -> None: ...
+
+
 class Item:
     """One admitted input travelling through the pipeline (internal)."""
 
     __slots__ = (
-        "seq", "tag", "value", "error", "future", "state", "done", "lane",
-        "t_admit", "t_done", "call_started", "call_stage", "failed_stage",
+        "call_stage",
+        "call_started",
+        "done",
+        "error",
+        "failed_stage",
+        "future",
+        "lane",
+        "seq",
+        "state",
+        "t_admit",
+        "t_done",
+        "tag",
+        "value",
     )
 
     def __init__(self, seq: int, tag: Any, value: Any, future: Any, t_admit: float):
@@ -60,8 +75,18 @@ class Item:
 class Worker:
     """Book-keeping of one worker thread (read by stats and the watchdog)."""
 
-    __slots__ = ("index", "spec", "replica", "thread", "busy", "calls", "in_device",
-                 "busy_since", "exited", "_lock")
+    __slots__ = (
+        "_lock",
+        "busy",
+        "busy_since",
+        "calls",
+        "exited",
+        "in_device",
+        "index",
+        "replica",
+        "spec",
+        "thread",
+    )
 
     def __init__(self, index: int, spec: StageSpec, replica: int):
         self.index = index
@@ -145,7 +170,7 @@ class Pipeline:
             item.state = RUNNING
             return True
 
-    def _forward(self, index: int) -> Callable[[Item, float, bool], None]:
+    def _forward(self, index: int) -> _Forward:
         """Where items leaving stage ``index`` go: the next queue, or the bridge.
 
         ``defer``: the caller has more input queued and this call was short, so the loop's

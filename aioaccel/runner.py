@@ -21,12 +21,12 @@ import logging
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from itertools import count
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any
 
 from .bridge import Bridge
 from .errors import (
@@ -60,7 +60,7 @@ class Result:
     (or ``error``) to handle failures without an exception.
     """
 
-    __slots__ = ("_outputs", "tag", "seq", "latency", "error")
+    __slots__ = ("_outputs", "error", "latency", "seq", "tag")
 
     def __init__(self, outputs: Any, tag: Any, seq: int, latency: float,
                  error: InferenceError | None):
@@ -189,7 +189,7 @@ class Runner:
             lane.closed = True
             lane.wake()
 
-    async def aclose(self, *, timeout: float | None = None) -> None:
+    async def aclose(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Close, let admitted items finish for up to ``timeout`` seconds (default: the
         ``close_timeout`` given to open), fail what is left with :class:`RunnerClosed`, stop
         and join every thread and release the devices. Idempotent; safe to call concurrently.
@@ -402,7 +402,7 @@ class Runner:
                                 f", {lane.admitted} of this stream's maxsize={lane.cap}"))
         return self._enqueue(lane, inputs, tag, None).seq
 
-    async def infer(self, inputs: Any, *, timeout: float | None = None,
+    async def infer(self, inputs: Any, *, timeout: float | None = None,  # noqa: ASYNC109
                     admit_timeout: float | None = None) -> Any:
         """Run one input and return its outputs; for many concurrent callers (web handlers).
 
@@ -503,9 +503,9 @@ class Runner:
 
     def _forget_if_done(self, lane: Lane) -> None:
         """A closed stream with nothing left is dropped, so its key (and index) can be reused."""
-        if lane.closed and not lane.items and not lane.admitted and lane is not self._lane:
-            if self._streams.get(lane.key) is lane:
-                del self._streams[lane.key]
+        if (lane.closed and not lane.items and not lane.admitted and lane is not self._lane
+                and self._streams.get(lane.key) is lane):
+            del self._streams[lane.key]
 
     def _lanes(self) -> list[Lane]:
         return [self._lane, *self._streams.values()]

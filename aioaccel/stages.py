@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BlockingStage", "Complete", "DeviceStage", "StageSpec"]
+__all__ = ["BlockingStage", "Complete", "DeviceStage", "StageSpec", "made"]
 
 #: ``complete(token, outputs, error)``: what a device stage calls when an item finishes.
 #: Exactly one of ``outputs``/``error`` is meaningful; it never raises. An ``error`` that is a
@@ -68,3 +68,10 @@ class StageSpec:
     factory: Callable[[], BlockingStage | DeviceStage | Callable[[Any], Any]]
     replicas: int = 1
     device: bool = False
+
+
+def made(stage: Any) -> Callable[[], Any]:
+    """A factory that hands out ``stage``, already made (for ``StageSpec.factory``)."""
+    def factory() -> Any:
+        return stage
+    return factory

@@ -34,8 +34,20 @@ __all__ = ["Stream", "StreamStats"]
 class Lane:
     """Admission and ordering state of one stream (internal; touched only on the loop)."""
 
-    __slots__ = ("key", "index", "cap", "items", "consumers", "waiters", "admitted", "closed",
-                 "pushed", "completed", "failed", "latency")
+    __slots__ = (
+        "admitted",
+        "cap",
+        "closed",
+        "completed",
+        "consumers",
+        "failed",
+        "index",
+        "items",
+        "key",
+        "latency",
+        "pushed",
+        "waiters",
+    )
 
     def __init__(self, key: Any, index: int, cap: int):
         self.key = key
@@ -85,7 +97,7 @@ class Stream:
     ``async with runner.stream(key) as s:`` closes it on exit.
     """
 
-    __slots__ = ("_runner", "_lane")
+    __slots__ = ("_lane", "_runner")
 
     def __init__(self, runner: Runner, lane: Lane):
         self._runner = runner

@@ -78,7 +78,7 @@ class InputValidator:
             raise InputError(f"got one {type(inputs).__name__}, the model takes {len(specs)} "
                              f"inputs {self.names}: pass a dict by name or a list by position")
         return {spec.name: self._check(spec, dtype, value)
-                for spec, dtype, value in zip(specs, self._dtypes, values)}
+                for spec, dtype, value in zip(specs, self._dtypes, values, strict=True)}
 
     def _check(self, spec: TensorSpec, dtype: np.dtype[Any], value: Any) -> np.ndarray:
         where = f"input {spec.name!r}"
@@ -97,7 +97,8 @@ class InputValidator:
             value = value.astype(dtype)
         shape = spec.shape
         if value.ndim != len(shape) or any(
-                want is not None and want != got for want, got in zip(shape, value.shape)):
+                want is not None and want != got
+                for want, got in zip(shape, value.shape, strict=True)):
             raise InputError(f"{where}: expected shape {_shape_str(shape)}, got "
                              f"{tuple(value.shape)}")
         if spec.dynamic and value.nbytes > self.max_bytes:

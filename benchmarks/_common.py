@@ -28,7 +28,7 @@ def measure(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int,
             rounds: int) -> dict[str, float]:
     """items/s per mode: the median over ``rounds``, the modes interleaved within each round."""
     samples: dict[str, list[float]] = {name: [] for name in modes}
-    for name, mode in modes.items():  # warm-up
+    for mode in modes.values():  # warm-up
         loop.run_until_complete(mode(max(1, count // 10)))
     for _ in range(rounds):
         for name, mode in modes.items():

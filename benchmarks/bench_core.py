@@ -23,9 +23,9 @@ from time import perf_counter
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, new_loop, print_table  # noqa: E402
+from _common import measure, new_loop, print_table
 
-import aioaccel  # noqa: E402
+import aioaccel
 
 
 def make_work(target_seconds: float):  # type: ignore[no-untyped-def]
@@ -91,7 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     loop = new_loop(args.loop)
     print(f"bench_core: loop={args.loop}, rounds={args.rounds} (medians of interleaved rounds)")
-    for label, seconds, count in (("~30 us work item", 30e-6, 6000), ("~1 ms work item", 1e-3, 600)):
+    for label, seconds, count in (("~30 us work item", 30e-6, 6000),
+                                  ("~1 ms work item", 1e-3, 600)):
         work = make_work(seconds)
         started = perf_counter()
         for i in range(200):
@@ -101,7 +102,8 @@ def main() -> None:
         print_table(f"{label} (measured {per_item * 1e6:.0f} us), {count} items per round",
                     rates, "raw loop (one thread)")
         streaming = rates["aioaccel streaming"]
-        print(f"  aioaccel streaming vs run_in_executor: {streaming / rates['run_in_executor per item']:.2f}x")
+        executor = rates["run_in_executor per item"]
+        print(f"  aioaccel streaming vs run_in_executor: {streaming / executor:.2f}x")
     loop.close()
 
 

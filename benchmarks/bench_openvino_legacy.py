@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, new_loop, print_table  # noqa: E402
+from _common import measure, new_loop, print_table
 
-import aioaccel  # noqa: E402
-from aioaccel.testing.models import dense_chain  # noqa: E402
+import aioaccel
+from aioaccel.testing.models import dense_chain
 
 REQUESTS = 2
 EXTRA: dict[str, str] = {}

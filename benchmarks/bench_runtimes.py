@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lag_probe, measure, new_loop, percentile, print_table  # noqa: E402
+from _common import lag_probe, measure, new_loop, percentile, print_table
 
-import aioaccel  # noqa: E402
-from aioaccel.testing.models import conv_chain, dense_chain  # noqa: E402
-from aioaccel.testing.vendor import raw_model  # noqa: E402
+import aioaccel
+from aioaccel.testing.models import conv_chain, dense_chain
+from aioaccel.testing.vendor import raw_model
 
 
 async def stream(runner: aioaccel.Runner, xs: list[Any], count: int) -> None:
@@ -69,7 +69,8 @@ def overhead(loop: asyncio.AbstractEventLoop, rounds: int) -> None:
         async def raw_queue(n: int) -> None:
             queue = ov.AsyncInferQueue(async_model, 0)
             done = []
-            queue.set_callback(lambda req, userdata: done.append(req.get_output_tensor(0).data.copy()))
+            queue.set_callback(
+                lambda req, userdata: done.append(req.get_output_tensor(0).data.copy()))
             for i in range(n):
                 queue.start_async({0: xs[i % 16]}, userdata=i)
             queue.wait_all()
@@ -106,8 +107,9 @@ def overhead(loop: asyncio.AbstractEventLoop, rounds: int) -> None:
         best = max(rates["raw sync loop (infer)"], rates["raw AsyncInferQueue + callbacks"])
         print_table(f"1. overhead, OpenVINO {label} ({per_item * 1e3:.3f} ms per sync infer), "
                     f"{count} items per round", rates, "raw sync loop (infer)")
-        print(f"  aioaccel streaming vs the best raw loop: {rates['aioaccel streaming'] / best:.2f}x;"
-              f" vs run_in_executor: {rates['aioaccel streaming'] / rates['run_in_executor per item']:.2f}x")
+        ours, executor = rates["aioaccel streaming"], rates["run_in_executor per item"]
+        print(f"  aioaccel streaming vs the best raw loop: {ours / best:.2f}x;"
+              f" vs run_in_executor: {ours / executor:.2f}x")
 
 
 # ---- 2. pipelining ------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from time import perf_counter
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import new_loop, percentile  # noqa: E402
-from bench_core import make_work  # noqa: E402
+from _common import new_loop, percentile
+from bench_core import make_work
 
-import aioaccel  # noqa: E402
+import aioaccel
 
 CAMERAS, FRAMES, PERIOD, MAXSIZE = 2, 40, 0.004, 8
 

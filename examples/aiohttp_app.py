@@ -15,9 +15,9 @@ from pathlib import Path
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _model import open_model  # noqa: E402
+from _model import open_model
 
-from aioaccel.integrations.aiohttp import ACCEL, Accel  # noqa: E402
+from aioaccel.integrations.aiohttp import ACCEL, Accel
 
 
 async def infer(request: web.Request) -> web.Response:

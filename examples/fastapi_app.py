@@ -23,10 +23,11 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request, Response
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _model import open_model  # noqa: E402
+from _model import open_model
 
-import aioaccel  # noqa: E402
-from aioaccel.integrations.fastapi import Accel  # noqa: E402
+import aioaccel
+from aioaccel.integrations.fastapi import Accel
+
 
 def create_app() -> FastAPI:
     accel = Accel(default=open_model(maxsize=int(os.environ.get("AIOACCEL_MAXSIZE", "16")),

@@ -43,7 +43,7 @@ async def main(cameras: int, frames: int) -> None:
         shapes = chain.input_shape
         shown = await asyncio.gather(*(camera(s, frames, shapes) for s in streams),
                                      *(display(s) for s in streams))
-        for stream, count in zip(streams, shown[cameras:]):
+        for stream, count in zip(streams, shown[cameras:], strict=True):
             stats = stream.stats()
             print(f"{stream.key}: {count} frames, latency p50 {stats.latency_p50 * 1e3:.1f} ms, "
                   f"p99 {stats.latency_p99 * 1e3:.1f} ms")

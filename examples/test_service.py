@@ -1,4 +1,4 @@
-"""How to test a service built on aioaccel without hardware: run ``pytest examples/test_service.py``.
+"""Testing a service built on aioaccel without hardware: ``pytest examples/test_service.py``.
 
 The service below classifies frames with a runner; the tests give it simulated accelerators
 from aioaccel's pytest plugin (installed with aioaccel): slow ones, failing ones, hung ones.

@@ -166,7 +166,7 @@ def test_fewer_stream_workers_than_streams_take_the_streams_in_turn(
         from memryx import MultiStreamAsyncAccl
 
         calls: dict[str, list[int]] = {}
-        left = {s: 3 for s in range(4)}
+        left = dict.fromkeys(range(4), 3)
 
         def source(stream_idx: int) -> np.ndarray | None:
             calls.setdefault(threading.current_thread().name, []).append(stream_idx)
@@ -175,7 +175,7 @@ def test_fewer_stream_workers_than_streams_take_the_streams_in_turn(
             left[stream_idx] -= 1
             return chain.random_input(seed=stream_idx)
 
-        outs: dict[int, int] = {s: 0 for s in range(4)}
+        outs: dict[int, int] = dict.fromkeys(range(4), 0)
 
         def sink(stream_idx: int, *fmaps: np.ndarray) -> None:
             outs[stream_idx] += 1

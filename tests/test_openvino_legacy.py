@@ -27,8 +27,8 @@ if importlib.util.find_spec("openvino") is None or \
                 "numpy<2; .ci/run builds that environment and runs this module in it)",
                 allow_module_level=True)
 
-from aioaccel.backends import openvino_legacy  # noqa: E402
-from aioaccel.backends.openvino_legacy import LegacyIEStage, LegacySyncStage  # noqa: E402
+from aioaccel.backends import openvino_legacy
+from aioaccel.backends.openvino_legacy import LegacyIEStage, LegacySyncStage
 
 pytestmark = pytest.mark.anyio
 

@@ -25,9 +25,9 @@ from aioaccel.integrations import fastapi as accel_fastapi
 from aioaccel.testing import SimulatedStage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import aiohttp_app  # noqa: E402
-import fastapi_app  # noqa: E402
-from _model import EMBEDDED  # noqa: E402
+import aiohttp_app
+import fastapi_app
+from _model import EMBEDDED
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +48,7 @@ def fastapi_app_for(runner: aioaccel.Runner, **options: Any) -> FastAPI:
 
     @app.post("/infer")
     async def infer(request: Request,
-                    runner: aioaccel.Runner = Depends(accel.runner())) -> Response:
+                    runner: aioaccel.Runner = Depends(accel.runner())) -> Response:  # noqa: B008
         return await accel.infer(request, runner, await accel.read_inputs(request, runner))
 
     return app
@@ -235,7 +235,7 @@ async def test_aiohttp_server_concurrency_and_shutdown_lose_no_accepted_request(
     runner = aioaccel.open(SimulatedStage(doubled, latency=0.01), maxsize=4)
     app = aiohttp_app_for(runner, admit_timeout=30)
     async with httpx.AsyncClient(timeout=30) as client:
-        async with aiohttp_server(app) as (url, server):
+        async with aiohttp_server(app) as (url, _):
             requests = [asyncio.create_task(client.post(f"{url}/infer", json=[i]))
                         for i in range(24)]
             await wait_for(lambda: accepted(runner) == 24)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DeviceError
-from ..stages import Complete, DeviceStage, StageSpec
+from ..stages import Complete, DeviceStage, StageSpec, made
 from . import Model, require
 from ._segments import check_chain, model_paths, validator
 from .litert import LiteRTStage, tensor_spec
@@ -188,7 +188,7 @@ def _interpreters(edgetpu: Any, paths: list[Path], devices: list[str]) -> list[A
 def _listed(edgetpu: Any) -> str:
     try:
         tpus = edgetpu.list_edge_tpus()
-    except Exception as exc:  # noqa: BLE001 - only used to word an error message
+    except Exception as exc:
         return f"unknown ({exc!r})"
     return ", ".join(f"{t.get('type')}:{t.get('path')}" for t in tpus) or "none"
 
@@ -215,7 +215,7 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: Any = None
                      for p, i in zip(paths, interpreters, strict=True)])
         size = maxsize if queue_size is None else queue_size
         stage = CoralPipelineStage(interpreters, runner_class, takes_dicts, size, "edgetpu")
-        specs = [StageSpec("edgetpu-pipeline", lambda: stage, device=True)]
+        specs = [StageSpec("edgetpu-pipeline", made(stage), device=True)]
         info["api"] = "PipelinedModelRunner"
     else:
         free = list(interpreters)

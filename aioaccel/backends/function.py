@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stages import DeviceStage, StageSpec
+from ..stages import DeviceStage, StageSpec, made
 from . import Model
 
 __all__ = ["load"]
@@ -28,7 +28,7 @@ def load(target: Any, *, replicas: int = 1, **options: Any) -> Model:
         else:
             name = getattr(stage, "__name__", None) or type(stage).__name__
             device = isinstance(stage, DeviceStage)
-            spec = StageSpec(name, (lambda s=stage: s), 1 if device else replicas, device)
+            spec = StageSpec(name, made(stage), 1 if device else replicas, device)
         if spec.name in seen:  # thread names and stats key on it
             spec = StageSpec(f"{spec.name}{i}", spec.factory, spec.replicas, spec.device)
         seen.add(spec.name)

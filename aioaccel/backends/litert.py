@@ -139,7 +139,7 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
         def factory(path: Path = path, keep: frozenset[str] = keeps[i],
                     last: bool = i == len(paths) - 1,
                     devs: tuple[str | None, ...] = tuple(devices[i * replicas:(i + 1) * replicas]),
-                    counter: Any = itertools.count()) -> LiteRTStage:
+                    counter: Any = itertools.count()) -> LiteRTStage:  # noqa: B008 - one per stage
             # next() on a count is atomic: each replica thread takes its own device
             return LiteRTStage.create(path, num_threads, devs[next(counter)], keep, last)
 

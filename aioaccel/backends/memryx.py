@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError, InputError
-from ..stages import Complete, DeviceStage, StageSpec
+from ..stages import Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
 from ._segments import validator
@@ -391,7 +391,8 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
     if api == "multistream" and (not isinstance(streams, int) or streams < 1):
         raise ValueError("api='multistream' needs streams=N (the number of vendor streams)")
     fan_out = not isinstance(model_idx, int)
-    models = list(model_idx) if fan_out else [model_idx]  # type: ignore[arg-type]
+    models = ([int(m) for m in model_idx] if isinstance(model_idx, Sequence)
+              else [int(model_idx)])
     if fan_out and (api != "async" or not models):
         raise ValueError("several models (model_idx=[...]) run with api='async' only")
     dfp = _dfp(target)
@@ -407,12 +408,13 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
 
     checks: list[Callable[[Any], dict[str, np.ndarray]]] = []
     specs: list[TensorSpec] = []
-    for m, names in enumerate(in_names):
+    for names in in_names:
         if input_shapes is not None and not fan_out:
             if len(input_shapes) != len(names):
                 raise ValueError(f"input_shapes lists {len(input_shapes)} shapes, the model "
                                  f"has {len(names)} inputs {names}")
-            model_specs = [TensorSpec(n, dtype, tuple(s)) for n, s in zip(names, input_shapes)]
+            model_specs = [TensorSpec(n, dtype, tuple(s))
+                           for n, s in zip(names, input_shapes, strict=True)]
             specs += model_specs
             checks.append(validator(model_specs, cast, max_input_bytes))
         else:
@@ -435,7 +437,7 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
         stage = MemryxMultiStreamStage(accl, models[0], streams, in_names[0],  # type: ignore[arg-type]
                                        out_names[0], size)
     return Model(
-        stages=[StageSpec(f"mx3-{api}", lambda: stage, device=True)],
+        stages=[StageSpec(f"mx3-{api}", made(stage), device=True)],
         inputs=specs or None, outputs=None, prepare=prepare, close=stage.release,
         info={"backend": "memryx", "api": cls, "group_id": group_id, "models": models,
               "inputs": in_names, "outputs": out_names},

@@ -64,7 +64,8 @@ class OnnxStage(BlockingStage):
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self._outputs, {name: tensors[name] for name in self._inputs})
-        return carry(tensors, dict(zip(self._outputs, values)), self._keep, self._last)
+        return carry(tensors, dict(zip(self._outputs, values, strict=True)), self._keep,
+                     self._last)
 
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,

@@ -6,10 +6,11 @@ moved to the 2.0 API. ``aioaccel.open("model.xml", backend="openvino-legacy")``;
 automatically for ``.xml`` files when only ``openvino.inference_engine`` is importable.
 
 ``IECore.read_network`` then ``load_network(num_requests=N)``: each infer request is a slot.
-With ``api="callback"``, a feeder thread takes a free request (blocking while all ``N`` are busy, so the device never
-holds more than ``N``), starts ``async_infer`` (which copies the inputs into the request's
-blobs), and the request's completion callback -- on a runtime thread, carrying the request id
--- copies the outputs out of the request before the slot is reused and hands them on. Results
+With ``api="callback"``, a feeder thread takes a free request (blocking while all ``N`` are
+busy, so the device never holds more than ``N``), starts ``async_infer`` (which copies the
+inputs into the request's blobs), and the request's completion callback -- on a runtime
+thread, carrying the request id -- copies the outputs out of the request before the slot is
+reused and hands them on. Results
 are put back in push order by the runner. ``api="wait"`` instead waits for the requests in
 start order on a waiter thread, for plugins whose callbacks are unreliable. ``api="sync"``
 gives each of ``num_requests`` worker threads a request of its own and calls the blocking,
@@ -28,9 +29,10 @@ Options: ``device`` ("CPU", "MYRIAD", "HETERO:MYRIAD,CPU", "MULTI:..."), ``num_r
 (0: 1 worker for "sync", else the device's ``OPTIMAL_NUMBER_OF_INFER_REQUESTS``, at most
 ``maxsize``), ``config``
 (for ``load_network``; on the CPU ``INFERENCE_PRECISION_HINT`` defaults to ``f32``, since the
-plugin picks bf16 on CPUs that have it), ``api`` ("auto", "sync", "callback" or "wait"), ``profile`` (per-layer
-timings from ``get_perf_counts()`` in ``runner.stats().profile``), ``fatal_after``, ``cast``,
-``max_input_bytes``. Shapes are static (the legacy API has no dynamic shapes).
+plugin picks bf16 on CPUs that have it), ``api`` ("auto", "sync", "callback" or "wait"),
+``profile`` (per-layer timings from ``get_perf_counts()`` in ``runner.stats().profile``),
+``fatal_after``, ``cast``, ``max_input_bytes``. Shapes are static (the legacy API has no
+dynamic shapes).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections import deque
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError
-from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
+from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
 from ._segments import carry, check_chain, model_paths, needed_after, validator
@@ -346,7 +347,7 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
         else:
             stage = LegacyIEStage(exec_net, statuses, keep, last, api, times, fatal_after,
                                   path.stem)
-            specs.append(StageSpec(path.stem, lambda s=stage: s, device=True))
+            specs.append(StageSpec(path.stem, made(stage), device=True))
 
     return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
                  prepare=validator(io[0][1], cast, max_input_bytes),
@@ -365,6 +366,6 @@ def _optimal_requests(core: Any, net: Any, device: str, settings: dict[str, str]
     probe = core.load_network(net, device, settings, 1)
     try:
         requests = int(probe.get_metric("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-    except Exception:  # noqa: BLE001 - a plugin without the metric gets 2
+    except Exception:
         requests = 2
     return max(1, min(requests, maxsize))

@@ -39,7 +39,7 @@ from fastapi import HTTPException, Request, Response  # noqa: E402
 if TYPE_CHECKING:
     from ..runner import Runner
 
-__all__ = ["Accel", "CLIENT_CLOSED"]
+__all__ = ["CLIENT_CLOSED", "Accel"]
 
 #: status logged for a request whose client went away (nginx's convention; never sent)
 CLIENT_CLOSED = 499
@@ -116,9 +116,9 @@ class Accel:
             await asyncio.gather(gone, return_exceptions=True)
         if work.cancelled():
             return Response(status_code=CLIENT_CLOSED)
-        exc = work.exception()
-        if exc is not None:
-            raise self._http_error(exc) from exc
+        error = work.exception()
+        if error is not None:
+            raise self._http_error(error) from error
         try:
             body, media_type = encode_outputs(work.result(), request.headers.get("accept"))
         except Exception as exc:

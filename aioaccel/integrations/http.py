@@ -32,8 +32,14 @@ from ..errors import (
     WouldBlock,
 )
 
-__all__ = ["DEFAULT_MAX_BODY", "HTTPProblem", "NPY", "decode_inputs", "encode_outputs",
-           "problem_for"]
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "NPY",
+    "HTTPProblem",
+    "decode_inputs",
+    "encode_outputs",
+    "problem_for",
+]
 
 NPY = "application/x-npy"
 #: request body cap (bytes) unless the app sets its own

@@ -249,7 +249,8 @@ class SimulatedPipelinedModelRunner:
         else:
             if not isinstance(input_tensors, list):
                 raise TypeError("input_tensors must be a list of numpy arrays")
-            request = {d["name"]: t for d, t in zip(self._input_details, input_tensors)}
+            request = {d["name"]: t for d, t in zip(self._input_details, input_tensors,
+                                                        strict=False)}  # pycoral checks count
         if input_tensors and len(input_tensors) != len(self._input_details):
             raise ValueError(f"Expected input of length {len(self._input_details)}, but got "
                              f"{len(input_tensors)}")
@@ -299,14 +300,14 @@ def simulate_coral(tpus: int | Iterable[str] = 2, *, version: str = "2.0.0",
 
     package = types.ModuleType("pycoral")
     package.__version__ = version  # type: ignore[attr-defined]
-    package.__path__ = []  # type: ignore[attr-defined]
+    package.__path__ = []
     utils = types.ModuleType("pycoral.utils")
-    utils.__path__ = []  # type: ignore[attr-defined]
+    utils.__path__ = []
     edgetpu = types.ModuleType("pycoral.utils.edgetpu")
     edgetpu.make_interpreter = sim.make_interpreter  # type: ignore[attr-defined]
     edgetpu.list_edge_tpus = sim.list_edge_tpus  # type: ignore[attr-defined]
     pipeline = types.ModuleType("pycoral.pipeline")
-    pipeline.__path__ = []  # type: ignore[attr-defined]
+    pipeline.__path__ = []
     pipelined = types.ModuleType("pycoral.pipeline.pipelined_model_runner")
 
     class PipelinedModelRunner(SimulatedPipelinedModelRunner):

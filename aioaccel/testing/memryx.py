@@ -75,7 +75,8 @@ def write_dfp(path: str | os.PathLike[str], *chains: Chain) -> Path:
             arrays[f"m{m}w{k}"] = layer.weights
             arrays[f"m{m}b{k}"] = layer.bias
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     target = Path(path)
     target.write_bytes(buffer.getvalue())
     return target

@@ -22,6 +22,7 @@ they have in the whole chain.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ class Chain:
         bounds.append(len(self.layers))
         total = self.total or len(self.layers)
         return [Chain(shapes[a], self.layers[a:b], self.first + a, total, self.dynamic_batch)
-                for a, b in zip(bounds[:-1], bounds[1:])]
+                for a, b in itertools.pairwise(bounds)]
 
     def _layer_costs(self) -> list[float]:
         """Multiply-adds per layer and batch row: dense in*out, conv h*w*out*3*3*in."""
@@ -131,7 +132,7 @@ class Chain:
                 for i, part in enumerate(self.split(segments))]
 
     def onnx_bytes(self) -> bytes:
-        return _onnx_model(self).SerializeToString()
+        return bytes(_onnx_model(self).SerializeToString())
 
     def write_onnx(self, path: str | os.PathLike[str]) -> Path:
         return _write(path, self.onnx_bytes())
@@ -158,7 +159,8 @@ def _write(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def _weights(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
-    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    weights: np.ndarray = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    return weights
 
 
 def dense_chain(width: int = 64, depth: int = 4, *, inputs: int | None = None, batch: int = 1,
