@@ -15,9 +15,10 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 def doc_blocks() -> list[object]:
     blocks = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         for n, match in enumerate(BLOCK.finditer(path.read_text())):
-            blocks.append(pytest.param(match.group(1), id=f"{path.name}-{n}"))
+            name = path.relative_to(ROOT).as_posix()
+            blocks.append(pytest.param(match.group(1), id=f"{name}-{n}"))
     return blocks
 
 
