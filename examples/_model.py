@@ -1,6 +1,7 @@
 """The model the web examples serve: ``AIOACCEL_MODEL`` (a model file, or several separated by
-``,`` for a pipeline; ``AIOACCEL_BACKEND`` to choose the backend), or an embedded dense model
-written at start-up for the first CPU runtime installed."""
+``,`` for a pipeline; ``AIOACCEL_BACKEND`` to choose the backend, ``AIOACCEL_REPLICAS`` for
+worker threads per stage), or an embedded dense model written at start-up for the first CPU
+runtime installed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ EMBEDDED = dense_chain(64, 3, inputs=16)
 
 
 def open_model(**options: Any) -> aioaccel.Runner:
+    options.setdefault("replicas", int(os.environ.get("AIOACCEL_REPLICAS", "1")))
     model = os.environ.get("AIOACCEL_MODEL")
     backend = os.environ.get("AIOACCEL_BACKEND") or None
     if model:

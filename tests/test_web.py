@@ -268,3 +268,23 @@ async def test_a_client_that_disconnects_withdraws_its_item(framework: str) -> N
             assert (await first).json()["outputs"] == [2]
     stats = runner.stats()
     assert stats.completed == 1 and stats.withdrawn == 1 and stage.calls == 1
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "aiohttp"])
+async def test_real_server_overload_answers_503(framework: str) -> None:
+    stage = SimulatedStage(doubled, hang_at=[0, 1])
+    runner = aioaccel.open(stage, maxsize=2)
+    if framework == "fastapi":
+        server = uvicorn_server(fastapi_app_for(runner, admit_timeout=0.05))
+    else:
+        server = aiohttp_server(aiohttp_app_for(runner, admit_timeout=0.05))
+    async with server as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            held = [asyncio.create_task(client.post("/infer", json=[i])) for i in range(2)]
+            await wait_for(lambda: runner.stats().pushed == 2)
+            refused = await asyncio.gather(*(client.post("/infer", json=[9]) for _ in range(5)))
+            assert [r.status_code for r in refused] == [503] * 5
+            assert all(r.headers["retry-after"] == "1" for r in refused)
+            stage.release()
+            assert [r.json()["outputs"] for r in await asyncio.gather(*held)] == [[0], [2]]
+    assert runner.stats().pushed == 2  # the refused requests never entered the runner

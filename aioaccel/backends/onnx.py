@@ -2,13 +2,15 @@
 
 ``aioaccel.open("model.onnx")`` or a list of segment files. ``InferenceSession.run`` releases
 the GIL. Options: ``providers`` (default ``["CPUExecutionProvider"]``), ``num_threads`` (intra-op
-threads per session; with several segments or replicas, 1 keeps them from fighting over cores),
+threads per session; with several segments or replicas the default shares the cores out, one
+session per core at least, instead of a spinning pool per session on every core),
 ``session_options`` (a callable that edits the ``SessionOptions``), ``cast``,
 ``max_input_bytes``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,11 @@ def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = No
          cast: bool = False, max_input_bytes: int | None = None) -> Model:
     paths = model_paths(target, (".onnx",))
     providers = list(providers or ["CPUExecutionProvider"])
+    workers = len(paths) * replicas
+    if num_threads is None and workers > 1:
+        # Each session's default pool has a (spinning) thread per core: several sessions would
+        # oversubscribe the cores. Share them out instead.
+        num_threads = max(1, (os.cpu_count() or 1) // workers)
     io = []
     for path in paths:
         probe = _session(path, providers, 1, session_options)
