@@ -92,7 +92,7 @@ def client_main(args: argparse.Namespace) -> None:
     urls = json.loads(args.urls)
     body = Path(args.body).read_bytes()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
-    for name, url in urls.items():  # warm-up
+    for url in urls.values():  # warm-up
         asyncio.run(load(url, body, max(50, args.requests // 10), args.concurrency))
     for _ in range(args.rounds):
         for name, url in urls.items():
@@ -161,7 +161,7 @@ def main() -> None:
                        "--port", str(port), "--log-level", "warning", "--no-access-log"]
             processes.append(subprocess.Popen(command, cwd=ROOT, env=env))
             urls[name] = f"http://127.0.0.1:{port}"
-        for (name, url), process in zip(urls.items(), processes, strict=True):
+        for url, process in zip(urls.values(), processes, strict=True):
             wait_ready(url, process)
         client = subprocess.run(
             [sys.executable, __file__, "--client", "--urls", json.dumps(urls), "--body",
