@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import DEFAULT_MAX_BODY, decode_inputs, encode_outputs, problem_for
@@ -38,10 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ACCEL", "Accel"]
 
+#: the statuses ``problem_for`` gives (413 is raised where the body is read)
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    413: web.HTTPRequestEntityTooLarge, 422: web.HTTPUnprocessableEntity,
-    500: web.HTTPInternalServerError, 503: web.HTTPServiceUnavailable,
-    504: web.HTTPGatewayTimeout,
+    422: web.HTTPUnprocessableEntity, 500: web.HTTPInternalServerError,
+    503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
 }
 
 
@@ -90,7 +90,7 @@ class Accel:
         try:
             return decode_inputs(body, request.headers.get("Content-Type"), runner.inputs)
         except Exception as exc:
-            raise self._http_error(exc) from exc
+            self._raise(exc)
 
     async def infer(self, request: web.Request, runner: Runner, inputs: Any) -> web.Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
@@ -99,17 +99,16 @@ class Accel:
                                          admit_timeout=self.admit_timeout)
             body, content_type = encode_outputs(outputs, request.headers.get("Accept"))
         except Exception as exc:
-            raise self._http_error(exc) from exc
+            self._raise(exc)
         return web.Response(body=body, content_type=content_type)
 
-    def _http_error(self, exc: BaseException) -> BaseException:
+    def _raise(self, exc: BaseException) -> NoReturn:
+        """The HTTP error for an aioaccel error; anything else propagates as it is (a 500)."""
         problem = problem_for(exc, self.retry_after)
         if problem is None:
-            return exc
+            raise exc
         cls = _ERRORS.get(problem.status, web.HTTPInternalServerError)
-        if cls is web.HTTPRequestEntityTooLarge:
-            return cls(max_size=self.max_body, actual_size=0)
-        return cls(text=problem.message, headers=dict(problem.headers))
+        raise cls(text=problem.message, headers=dict(problem.headers)) from exc
 
     def health(self) -> web.Response:
         """200 when every runner is open, else 503; JSON with their state."""

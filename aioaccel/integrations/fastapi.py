@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import DEFAULT_MAX_BODY, decode_inputs, encode_outputs, problem_for
@@ -99,7 +99,7 @@ class Accel:
             return decode_inputs(b"".join(chunks), request.headers.get("content-type"),
                                  runner.inputs)
         except Exception as exc:
-            raise self._http_error(exc) from exc
+            self._raise(exc)
 
     async def infer(self, request: Request, runner: Runner, inputs: Any) -> Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
@@ -118,18 +118,19 @@ class Accel:
             return Response(status_code=CLIENT_CLOSED)
         error = work.exception()
         if error is not None:
-            raise self._http_error(error) from error
+            self._raise(error)
         try:
             body, media_type = encode_outputs(work.result(), request.headers.get("accept"))
         except Exception as exc:
-            raise self._http_error(exc) from exc
+            self._raise(exc)
         return Response(content=body, media_type=media_type)
 
-    def _http_error(self, exc: BaseException) -> BaseException:
+    def _raise(self, exc: BaseException) -> NoReturn:
+        """The HTTP error for an aioaccel error; anything else propagates as it is (a 500)."""
         problem = problem_for(exc, self.retry_after)
         if problem is None:
-            return exc
-        return HTTPException(problem.status, problem.message, dict(problem.headers))
+            raise exc
+        raise HTTPException(problem.status, problem.message, dict(problem.headers)) from exc
 
     # ---- health and metrics ----------------------------------------------------------------
     def health(self) -> Response:
