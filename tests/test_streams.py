@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import aioaccel
 from aioaccel.testing import SimulatedDevice, SimulatedStage
@@ -288,3 +298,97 @@ async def test_a_slot_freed_in_the_same_step_as_a_cancellation_goes_to_the_next_
         b.close()
         assert [r.outputs async for r in b] == ["kept"]
         assert runner.stats().in_flight == 0
+
+
+# ---- property-based: streams with caps, waiting pushes, cancellations, consumption -------
+
+RUNNER_MAXSIZE = 4
+
+
+class StreamsMachine(RuleBasedStateMachine):
+    """Checks properties, not a copy of the algorithm: after every step, with the loop
+    settled, (1) a lane never holds more than its cap, (2) while the runner has room, every
+    stream that still has waiters is at its cap (no waiter is stranded), (3) each stream's
+    waiters are admitted in their order, (4) counters match, (5) each stream's results come
+    back in its push order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.runner = self.run(aioaccel.open(lambda x: x, maxsize=RUNNER_MAXSIZE).__aenter__())
+        caps = [1, 2, RUNNER_MAXSIZE]
+        self.streams = [self.runner.stream(f"s{i}", maxsize=caps[i]) for i in range(3)]
+        self.caps = caps
+        self.admitted: list[list[int]] = [[], [], []]
+        self.waiting: list[list[tuple[asyncio.Task[int], int]]] = [[], [], []]
+        self.counter = 0
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, 10))
+
+    def settle(self) -> None:
+        for _ in range(3):
+            self.run(asyncio.sleep(0))
+        for lane, waiting in enumerate(self.waiting):
+            done = [i for i, (task, _) in enumerate(waiting) if task.done()]
+            assert done == list(range(len(done))), f"stream {lane} admitted out of order"
+            for task, value in waiting[:len(done)]:
+                task.result()
+                self.admitted[lane].append(value)
+            del waiting[:len(done)]
+
+    def teardown(self) -> None:
+        self.run(self.runner.aclose())
+
+        async def settle() -> list[Any]:
+            return await asyncio.gather(*(t for w in self.waiting for t, _ in w),
+                                        return_exceptions=True)
+
+        outcomes = self.run(settle())
+        assert all(isinstance(o, aioaccel.RunnerClosed) for o in outcomes), outcomes
+        self.loop.close()
+
+    @rule(lane=st.integers(0, 2))
+    def push(self, lane: int) -> None:
+        self.counter += 1
+        value = self.counter
+        task = self.loop.create_task(self.streams[lane].push(value))
+        self.waiting[lane].append((task, value))
+        self.settle()
+
+    @precondition(lambda self: any(self.waiting))
+    @rule(data=st.data())
+    def cancel_a_waiting_push(self, data: st.DataObject) -> None:
+        lanes = [i for i, w in enumerate(self.waiting) if w]
+        lane = data.draw(st.sampled_from(lanes))
+        index = data.draw(st.integers(0, len(self.waiting[lane]) - 1))
+        task, _ = self.waiting[lane].pop(index)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            self.loop.run_until_complete(task)
+        self.settle()
+
+    @precondition(lambda self: any(self.admitted))
+    @rule(data=st.data())
+    def consume(self, data: st.DataObject) -> None:
+        lane = data.draw(st.sampled_from([i for i, a in enumerate(self.admitted) if a]))
+        result = self.run(anext(self.streams[lane]))
+        assert result.outputs == self.admitted[lane].pop(0)  # this stream's push order
+        self.settle()
+
+    @invariant()
+    def properties(self) -> None:
+        stats = self.runner.stats()
+        held = [len(a) for a in self.admitted]
+        assert stats.in_flight == sum(held) <= RUNNER_MAXSIZE
+        assert stats.waiting == sum(len(w) for w in self.waiting)
+        for lane in range(3):
+            assert held[lane] <= self.caps[lane]
+            if self.waiting[lane] and stats.in_flight < RUNNER_MAXSIZE:
+                assert held[lane] == self.caps[lane], f"stream {lane} stranded with room free"
+
+
+def test_streams_state_machine() -> None:
+    run_state_machine_as_test(
+        StreamsMachine, settings=settings(max_examples=50, stateful_step_count=30,
+                                          deadline=None))
