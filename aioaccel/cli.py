@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 import aioaccel
+from aioaccel.tensors import format_shape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEMO_BACKENDS = ("litert", "onnx", "openvino")
@@ -106,11 +107,11 @@ def show_devices(as_json: bool) -> int:
 
 def _example_input(runner: aioaccel.Runner, seed: int) -> Any:
     specs = runner.inputs
-    if not specs:
-        raise ValueError("this backend does not describe its inputs: aioaccel bench needs a "
-                         "model file whose input spec is known")
+    if not specs or any(s.shape is None for s in specs):
+        raise ValueError("this backend does not describe its input shapes: aioaccel bench "
+                         "needs a model whose input spec is known")
     rng = np.random.default_rng(seed)
-    arrays = {s.name: rng.standard_normal([d or 1 for d in s.shape]).astype(s.dtype)
+    arrays = {s.name: rng.standard_normal([d or 1 for d in s.shape or ()]).astype(s.dtype)
               for s in specs}
     return arrays if len(arrays) > 1 else next(iter(arrays.values()))
 
@@ -243,8 +244,7 @@ async def run_info(models: list[str], backend: str | None) -> int:
             table.add_column(column)
         for kind, specs in (("input", runner.inputs or []), ("output", runner.outputs or [])):
             for spec in specs:
-                shape = "(" + ", ".join("?" if d is None else str(d) for d in spec.shape) + ")"
-                table.add_row(kind, spec.name, spec.dtype, shape)
+                table.add_row(kind, spec.name, spec.dtype, format_shape(spec.shape))
         Console().print(table)
         print(f"stages: {[s.name for s in runner.stats().stages]}")
     return EXIT_OK

@@ -70,82 +70,64 @@ class RunnerCollector:
 
     def collect(self) -> Iterator[Any]:
         core = self._core
-        runner_label = ["runner"]
-        counters = {
-            "items_pushed": ("items admitted (push, push_nowait, infer)", "pushed"),
-            "items_completed": ("items whose stages all succeeded", "completed"),
-            "items_failed": ("items that failed", "failed"),
-            "items_discarded": ("results computed for an infer() whose caller had gone",
-                                "discarded"),
-            "items_withdrawn": ("infer() items taken back before any worker started them",
-                                "withdrawn"),
-        }
-        gauges = {
-            "in_flight": ("items admitted and not yet consumed", "in_flight"),
-            "maxsize": ("the runner's capacity", "maxsize"),
-            "waiting": ("push/infer calls waiting for space", "waiting"),
-            "peak_admitted": ("high-water mark of in_flight", "peak_admitted"),
-            "throughput": ("completed items per second since open", "throughput"),
-        }
-        families: dict[str, Any] = {}
-        for name, (doc, _) in counters.items():
-            families[name] = core.CounterMetricFamily(f"aioaccel_{name}", doc,
-                                                      labels=runner_label)
-        for name, (doc, _) in gauges.items():
-            families[name] = core.GaugeMetricFamily(f"aioaccel_{name}", doc, labels=runner_label)
+        kinds = {"counter": core.CounterMetricFamily, "gauge": core.GaugeMetricFamily}
+
+        def families(table: tuple[tuple[str, str, str, str], ...],
+                     labels: list[str]) -> list[tuple[Any, str]]:
+            return [(kinds[kind](f"aioaccel_{name}", doc, labels=labels), field)
+                    for name, kind, field, doc in table]
+
+        per_runner = families(_RUNNER, ["runner"])
+        per_stage = families(_STAGE, ["runner", "stage"])
+        per_stream = families(_STREAM, ["runner", "stream"])
         latency = core.HistogramMetricFamily(
             "aioaccel_latency_seconds", "seconds from admission to completion",
-            labels=runner_label)
-        stage_label = ["runner", "stage"]
-        stage = {
-            "queue_depth": core.GaugeMetricFamily(
-                "aioaccel_stage_queue_depth", "items waiting in front of the stage",
-                labels=stage_label),
-            "busy": core.GaugeMetricFamily(
-                "aioaccel_stage_busy_ratio", "fraction of time the stage worked",
-                labels=stage_label),
-            "in_device": core.GaugeMetricFamily(
-                "aioaccel_stage_in_device", "items on the device now", labels=stage_label),
-            "workers": core.GaugeMetricFamily(
-                "aioaccel_stage_workers", "worker threads of the stage", labels=stage_label),
-            "calls": core.CounterMetricFamily(
-                "aioaccel_stage_calls", "items the stage finished", labels=stage_label),
-        }
-        stream_label = ["runner", "stream"]
-        stream = {
-            "in_flight": core.GaugeMetricFamily(
-                "aioaccel_stream_in_flight", "items of the stream admitted and not consumed",
-                labels=stream_label),
-            "completed": core.CounterMetricFamily(
-                "aioaccel_stream_items_completed", "completed items of the stream",
-                labels=stream_label),
-            "failed": core.CounterMetricFamily(
-                "aioaccel_stream_items_failed", "failed items of the stream",
-                labels=stream_label),
-        }
+            labels=["runner"])
         for runner in list(self._runners):
             stats = runner.stats()
-            labels = [stats.name]
-            for name, (_, field) in {**counters, **gauges}.items():
-                families[name].add_metric(labels, float(getattr(stats, field)))
-            buckets = [(_le(bound), count) for bound, count in stats.latency_buckets]
-            latency.add_metric(labels, buckets, stats.latency_sum)
-            for s in stats.stages:
-                key = [stats.name, s.name]
-                stage["queue_depth"].add_metric(key, s.queue_depth)
-                stage["busy"].add_metric(key, s.busy)
-                stage["in_device"].add_metric(key, s.in_device)
-                stage["workers"].add_metric(key, s.workers)
-                stage["calls"].add_metric(key, s.calls)
-            for st in stats.streams:
-                key = [stats.name, str(st.key)]
-                stream["in_flight"].add_metric(key, st.in_flight)
-                stream["completed"].add_metric(key, st.completed)
-                stream["failed"].add_metric(key, st.failed)
-        yield from families.values()
+            for family, field in per_runner:
+                family.add_metric([stats.name], float(getattr(stats, field)))
+            latency.add_metric([stats.name],
+                               [(_le(bound), count) for bound, count in stats.latency_buckets],
+                               stats.latency_sum)
+            for stage in stats.stages:
+                for family, field in per_stage:
+                    family.add_metric([stats.name, stage.name], getattr(stage, field))
+            for stream in stats.streams:
+                for family, field in per_stream:
+                    family.add_metric([stats.name, str(stream.key)], getattr(stream, field))
+        for family, _ in (*per_runner, *per_stage, *per_stream):
+            yield family
         yield latency
-        yield from stage.values()
-        yield from stream.values()
+
+
+# (name after "aioaccel_", kind, stats field, help); counters get "_total" from the client
+_RUNNER = (
+    ("items_pushed", "counter", "pushed", "items admitted (push, push_nowait, infer)"),
+    ("items_completed", "counter", "completed", "items whose stages all succeeded"),
+    ("items_failed", "counter", "failed", "items that failed"),
+    ("items_discarded", "counter", "discarded",
+     "results computed for an infer() whose caller had gone"),
+    ("items_withdrawn", "counter", "withdrawn",
+     "infer() items taken back before any worker started them"),
+    ("in_flight", "gauge", "in_flight", "items admitted and not yet consumed"),
+    ("maxsize", "gauge", "maxsize", "the runner's capacity"),
+    ("waiting", "gauge", "waiting", "push/infer calls waiting for space"),
+    ("peak_admitted", "gauge", "peak_admitted", "high-water mark of in_flight"),
+    ("throughput", "gauge", "throughput", "completed items per second since open"),
+)
+_STAGE = (
+    ("stage_queue_depth", "gauge", "queue_depth", "items waiting in front of the stage"),
+    ("stage_busy_ratio", "gauge", "busy", "fraction of time the stage worked"),
+    ("stage_in_device", "gauge", "in_device", "items on the device now"),
+    ("stage_workers", "gauge", "workers", "worker threads of the stage"),
+    ("stage_calls", "counter", "calls", "items the stage finished"),
+)
+_STREAM = (
+    ("stream_in_flight", "gauge", "in_flight", "items of the stream admitted and not consumed"),
+    ("stream_items_completed", "counter", "completed", "completed items of the stream"),
+    ("stream_items_failed", "counter", "failed", "failed items of the stream"),
+)
 
 
 def _le(bound: float) -> str:

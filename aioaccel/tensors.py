@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MAX_INPUT_BYTES", "InputValidator", "TensorSpec"]
+__all__ = ["DEFAULT_MAX_INPUT_BYTES", "InputValidator", "TensorSpec", "format_shape"]
 
 #: the byte-size cap for one input whose shape has dynamic dimensions
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024
@@ -23,23 +23,28 @@ DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output tensor; ``shape`` uses None for a dynamic dimension."""
+    """One input or output tensor; ``shape`` uses None for a dynamic dimension, and is None
+    when not even the rank is known (a runtime that does not describe its inputs)."""
 
     name: str
     dtype: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None
 
     @property
     def dynamic(self) -> bool:
-        return any(d is None for d in self.shape)
+        return self.shape is None or any(d is None for d in self.shape)
 
     def __str__(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        dims = "..." if self.shape is None else _dims(self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
-def _shape_str(shape: Sequence[int | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+def _dims(shape: Sequence[int | None]) -> str:
+    return ", ".join("?" if d is None else str(d) for d in shape)
+
+
+def format_shape(shape: Sequence[int | None] | None) -> str:
+    return "(any shape)" if shape is None else f"({_dims(shape)})"
 
 
 class InputValidator:
@@ -85,7 +90,7 @@ class InputValidator:
         if not isinstance(value, np.ndarray):
             if not isinstance(value, (list, tuple, int, float, bool, np.generic)):
                 raise InputError(f"{where}: expected a numpy array of {dtype} with shape "
-                                 f"{_shape_str(spec.shape)}, got {type(value).__name__}")
+                                 f"{format_shape(spec.shape)}, got {type(value).__name__}")
             value = np.asarray(value)
         if value.dtype.hasobject or value.dtype.kind in "OUSV":
             raise InputError(f"{where}: expected {dtype}, got an array of {value.dtype} "
@@ -96,10 +101,10 @@ class InputValidator:
                                  f"silent casts: convert it, or open the runner with cast=True)")
             value = value.astype(dtype)
         shape = spec.shape
-        if value.ndim != len(shape) or any(
+        if shape is not None and (value.ndim != len(shape) or any(
                 want is not None and want != got
-                for want, got in zip(shape, value.shape, strict=True)):
-            raise InputError(f"{where}: expected shape {_shape_str(shape)}, got "
+                for want, got in zip(shape, value.shape, strict=True))):
+            raise InputError(f"{where}: expected shape {format_shape(shape)}, got "
                              f"{tuple(value.shape)}")
         if spec.dynamic and value.nbytes > self.max_bytes:
             raise InputError(f"{where}: {value.nbytes} bytes is over the cap of {self.max_bytes} "

@@ -38,7 +38,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,23 +129,46 @@ class _MemryxStage(DeviceStage):
         self.accl = None
 
 
-class _Puller:
-    """The bounded queue an input callback pulls from (one per model or stream)."""
+class _PulledStage(_MemryxStage):
+    """The runtime pulls inputs: one bounded queue per vendor lane (model or stream) that the
+    input callbacks take from, and ``_END`` in each to end the vendor streams."""
 
-    def __init__(self, size: int):
-        self.queue: queue.Queue[Any] = queue.Queue(size)
+    def __init__(self, accl: Any, in_names: list[list[str]], out_names: list[list[str]],
+                 lanes: int, queue_size: int):
+        super().__init__(accl, in_names, out_names, lanes)
+        self._queues: list[queue.Queue[Any]] = [queue.Queue(queue_size) for _ in range(lanes)]
 
-    def end(self) -> None:
-        self.queue.put(_END)
+    def _offer(self, lane: int, token: object, tensors: dict[str, Any], names: list[str]) -> None:
+        # blocks while the lane's queue is full: backpressure reaches push/infer
+        self._queues[lane].put((token, [tensors[name] for name in names]))
+
+    def _pull(self, lane: int) -> Any:
+        """The next frame(s) for the runtime, or None to end its stream. Called by the runtime:
+        never raises (an exception would end the vendor stream unreported)."""
+        try:
+            job = self._queues[lane].get()  # the runtime waits here for the next frame
+            if job is _END:
+                return None
+            token, frames = job
+            self._handed(lane, token)
+            return frames[0] if len(frames) == 1 else frames
+        except BaseException as exc:
+            self._fatal(exc)
+            return None
+
+    def close(self) -> None:
+        for lane in self._queues:
+            lane.put(_END)  # the input callbacks return None: the vendor streams end
+        self._drain()
+        self.release()
 
 
-class MemryxAsyncStage(_MemryxStage):
+class MemryxAsyncStage(_PulledStage):
     def __init__(self, accl: Any, models: list[int], in_names: list[list[str]],
                  out_names: list[list[str]], queue_size: int, fan_out: bool):
-        super().__init__(accl, in_names, out_names, len(models))
+        super().__init__(accl, in_names, out_names, len(models), queue_size)
         self.models = models
         self._fan_out = fan_out
-        self._pullers = [_Puller(queue_size) for _ in models]
         self._partial: dict[object, list[Any]] = {}
 
     def start(self, complete: Complete) -> None:
@@ -162,23 +185,11 @@ class MemryxAsyncStage(_MemryxStage):
             with self._lock:
                 self._partial[token] = [None] * len(self.models)
         for lane, tensors in enumerate(per_model):
-            frames = [tensors[name] for name in self._in[lane]]
-            self._pullers[lane].queue.put((token, frames))  # blocks while full: backpressure
+            self._offer(lane, token, tensors, self._in[lane])
 
     def _input(self, lane: int) -> Callable[[], Any]:
-        get = self._pullers[lane].queue.get
-
-        def pull() -> Any:  # called by the runtime: must not raise (that ends the stream)
-            try:
-                job = get()
-                if job is _END:
-                    return None
-                token, frames = job
-                self._handed(lane, token)
-                return frames[0] if len(frames) == 1 else frames
-            except BaseException as exc:
-                self._fatal(exc)
-                return None
+        def pull() -> Any:  # AsyncAccl refuses input callbacks that take parameters
+            return self._pull(lane)
 
         return pull
 
@@ -207,42 +218,23 @@ class MemryxAsyncStage(_MemryxStage):
 
         return receive
 
-    def close(self) -> None:
-        for puller in self._pullers:
-            puller.end()  # the input callbacks return None: the vendor streams end
-        self._drain()
-        self.release()
 
-
-class MemryxMultiStreamStage(_MemryxStage):
+class MemryxMultiStreamStage(_PulledStage):
     def __init__(self, accl: Any, model: int, streams: int, in_names: list[str],
                  out_names: list[str], queue_size: int):
-        super().__init__(accl, [in_names], [out_names], streams)
+        super().__init__(accl, [in_names], [out_names], streams, queue_size)
         self.model = model
         self.streams = streams
-        self._pullers = [_Puller(queue_size) for _ in range(streams)]
 
     def start(self, complete: Complete) -> None:
         self._complete = complete
-        self.accl.connect_streams(self._input, self._output, self.streams, self.model)
+        self.accl.connect_streams(self._pull, self._output, self.streams, self.model)
 
     def submit(self, token: object, tensors: Any) -> None:
         lane = getattr(token, "lane", None)  # the runner's stream this item came from
         stream_idx = (lane.index if lane is not None else 0) % self.streams
         self._count_in()
-        self._pullers[stream_idx].queue.put((token, [tensors[n] for n in self._in[0]]))
-
-    def _input(self, stream_idx: int) -> Any:  # called by a stream worker: must not raise
-        try:
-            job = self._pullers[stream_idx].queue.get()
-            if job is _END:
-                return None
-            token, frames = job
-            self._handed(stream_idx, token)
-            return frames[0] if len(frames) == 1 else frames
-        except BaseException as exc:
-            self._fatal(exc)
-            return None
+        self._offer(stream_idx, token, tensors, self._in[0])
 
     def _output(self, stream_idx: int, *fmaps: Any) -> None:  # must not raise
         try:
@@ -251,12 +243,6 @@ class MemryxMultiStreamStage(_MemryxStage):
                 self._done(token, dict(zip(self._out[0], fmaps, strict=True)), None)
         except BaseException as exc:
             self._fatal(exc)
-
-    def close(self) -> None:
-        for puller in self._pullers:
-            puller.end()
-        self._drain()
-        self.release()
 
 
 class MemryxSyncStage(_MemryxStage):
@@ -318,45 +304,6 @@ class MemryxSyncStage(_MemryxStage):
 
 
 # ---- loading ---------------------------------------------------------------------------------
-class _FrameCheck:
-    """Count, names and dtype of one model's inputs when the shapes are not known."""
-
-    def __init__(self, names: list[str], dtype: str, cast: bool):
-        self.names = names
-        self.dtype = np.dtype(dtype)
-        self.cast = cast
-
-    def __call__(self, inputs: Any) -> dict[str, np.ndarray]:
-        if isinstance(inputs, Mapping):
-            if set(inputs) != set(self.names):
-                raise InputError(f"inputs by name: got {sorted(map(str, inputs))}, the model "
-                                 f"takes {self.names}")
-            values = [inputs[n] for n in self.names]
-        elif isinstance(inputs, (list, tuple)):
-            if len(inputs) != len(self.names):
-                raise InputError(f"got {len(inputs)} inputs by position, the model takes "
-                                 f"{len(self.names)}: {self.names}")
-            values = list(inputs)
-        elif len(self.names) == 1:
-            values = [inputs]
-        else:
-            raise InputError(f"the model takes {len(self.names)} inputs {self.names}: pass a "
-                             f"dict by name or a list by position")
-        checked = {}
-        for name, value in zip(self.names, values, strict=True):
-            if not isinstance(value, np.ndarray):
-                raise InputError(f"input {name!r}: expected a numpy array of {self.dtype}, got "
-                                 f"{type(value).__name__}")
-            if value.dtype != self.dtype:
-                if not self.cast or value.dtype.kind not in "biuf":
-                    raise InputError(f"input {name!r}: expected dtype {self.dtype}, got "
-                                     f"{value.dtype} (no silent casts: convert it, or open "
-                                     f"the runner with cast=True)")
-                value = value.astype(self.dtype)
-            checked[name] = np.ascontiguousarray(value)
-        return checked
-
-
 def _ports(assignment: dict[int, str]) -> list[str]:
     return [name for _, name in sorted(assignment.items())]
 
@@ -409,16 +356,16 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
     checks: list[Callable[[Any], dict[str, np.ndarray]]] = []
     specs: list[TensorSpec] = []
     for names in in_names:
+        shapes: list[tuple[int, ...] | None] = [None] * len(names)  # the SDK does not say
         if input_shapes is not None and not fan_out:
             if len(input_shapes) != len(names):
                 raise ValueError(f"input_shapes lists {len(input_shapes)} shapes, the model "
                                  f"has {len(names)} inputs {names}")
-            model_specs = [TensorSpec(n, dtype, tuple(s))
-                           for n, s in zip(names, input_shapes, strict=True)]
+            shapes = [tuple(s) for s in input_shapes]
+        model_specs = [TensorSpec(n, dtype, s) for n, s in zip(names, shapes, strict=True)]
+        if input_shapes is not None and not fan_out:
             specs += model_specs
-            checks.append(validator(model_specs, cast, max_input_bytes))
-        else:
-            checks.append(_FrameCheck(names, dtype, cast))
+        checks.append(validator(model_specs, cast, max_input_bytes))
     if fan_out:
         def prepare(inputs: Any) -> list[dict[str, np.ndarray]]:
             if not isinstance(inputs, (list, tuple)) or len(inputs) != len(models):

@@ -23,11 +23,10 @@ handler_cancellation=True)``), which aiohttp does not do by default.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import DEFAULT_MAX_BODY, decode_inputs, encode_outputs, problem_for
+from .http import AccelBase, decode_inputs, encode_outputs, problem_for
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
 
@@ -45,21 +44,8 @@ _ERRORS: dict[int, type[web.HTTPException]] = {
 }
 
 
-class Accel:
+class Accel(AccelBase):
     """The runners of one app, opened and closed with it. Keyword arguments name them."""
-
-    def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
-                 max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
-                 **runners: Runner):
-        if not runners:
-            raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
-                             "open(...))")
-        self.runners = runners
-        self.admit_timeout = admit_timeout
-        self.retry_after = retry_after
-        self.max_body = max_body
-        self.timeout = timeout
-        self._collector: Any = None
 
     def setup(self, app: web.Application) -> None:
         """Open the runners when ``app`` starts and close them (draining) when it stops."""
@@ -67,17 +53,11 @@ class Accel:
         app.cleanup_ctx.append(self._context)
 
     async def _context(self, app: web.Application) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            for runner in self.runners.values():
-                await stack.enter_async_context(runner)
+        async with self._opened():
             yield
 
     def runner(self, name: str = "default") -> Runner:
-        try:
-            return self.runners[name]
-        except KeyError:
-            raise KeyError(f"no runner named {name!r}; this Accel has "
-                           f"{sorted(self.runners)}") from None
+        return self._named(name)
 
     async def read_inputs(self, request: web.Request, runner: Runner) -> Any:
         """The request body as one item's inputs: JSON or ``.npy`` (413 over ``max_body``)."""
@@ -112,18 +92,12 @@ class Accel:
 
     def health(self) -> web.Response:
         """200 when every runner is open, else 503; JSON with their state."""
-        state = {name: {"open": not r.closed, "in_flight": r.stats().in_flight,
-                        "maxsize": r.maxsize} for name, r in self.runners.items()}
-        ok = all(s["open"] for s in state.values())
-        return web.json_response({"ok": ok, "runners": state}, status=200 if ok else 503)
+        status, body = self._health()
+        return web.json_response(body, status=status)
 
     def metrics(self) -> web.Response:
         """The runners' Prometheus metrics (needs ``aioaccel[metrics]``)."""
-        from ..metrics import RunnerCollector
-
-        if self._collector is None:
-            self._collector = RunnerCollector(*self.runners.values(), registry=None)
-        body, content_type = self._collector.exposition()
+        body, content_type = self._metrics()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response

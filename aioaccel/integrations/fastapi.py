@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import DEFAULT_MAX_BODY, decode_inputs, encode_outputs, problem_for
+from .http import AccelBase, decode_inputs, encode_outputs, problem_for
 
 need("fastapi", "fastapi", "aioaccel.integrations.fastapi")
 
 from fastapi import HTTPException, Request, Response  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -45,37 +46,20 @@ __all__ = ["CLIENT_CLOSED", "Accel"]
 CLIENT_CLOSED = 499
 
 
-class Accel:
+class Accel(AccelBase):
     """The runners of one app, opened and closed with it. Keyword arguments name them."""
-
-    def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
-                 max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
-                 **runners: Runner):
-        if not runners:
-            raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
-                             "open(...))")
-        self.runners = runners
-        self.admit_timeout = admit_timeout
-        self.retry_after = retry_after
-        self.max_body = max_body
-        self.timeout = timeout
-        self._collector: Any = None
 
     # ---- lifespan and dependency ---------------------------------------------------------
     @asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         """``FastAPI(lifespan=accel.lifespan)``: open every runner; on shutdown drain and close."""
-        async with AsyncExitStack() as stack:
-            for runner in self.runners.values():
-                await stack.enter_async_context(runner)
+        async with self._opened():
             app.state.aioaccel = self
             yield
 
     def runner(self, name: str = "default") -> Callable[[], Runner]:
         """A dependency: ``runner: Runner = Depends(accel.runner("default"))``."""
-        if name not in self.runners:
-            raise KeyError(f"no runner named {name!r}; this Accel has {sorted(self.runners)}")
-        runner = self.runners[name]
+        runner = self._named(name)
 
         def dependency() -> Runner:
             return runner
@@ -135,21 +119,12 @@ class Accel:
     # ---- health and metrics ----------------------------------------------------------------
     def health(self) -> Response:
         """200 when every runner is open and not broken, else 503; JSON with their state."""
-        import json
-
-        state = {name: {"open": not r.closed, "in_flight": r.stats().in_flight,
-                        "maxsize": r.maxsize} for name, r in self.runners.items()}
-        ok = all(s["open"] for s in state.values())
-        return Response(json.dumps({"ok": ok, "runners": state}), status_code=200 if ok else 503,
-                        media_type="application/json")
+        status, body = self._health()
+        return JSONResponse(body, status_code=status)
 
     def metrics(self) -> Response:
         """The runners' Prometheus metrics (needs ``aioaccel[metrics]``)."""
-        from ..metrics import RunnerCollector
-
-        if self._collector is None:
-            self._collector = RunnerCollector(*self.runners.values(), registry=None)
-        body, content_type = self._collector.exposition()
+        body, content_type = self._metrics()
         return Response(body, media_type=content_type)
 
 

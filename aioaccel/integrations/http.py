@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from ..errors import (
     RunnerClosed,
     WouldBlock,
 )
+
+if TYPE_CHECKING:
+    from ..runner import Runner
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -53,6 +57,55 @@ class HTTPProblem:
     status: int
     message: str
     headers: Mapping[str, str]
+
+
+class AccelBase:
+    """What both frameworks' ``Accel`` share: the named runners, their settings, opening and
+    closing them together, health and metrics. Keyword arguments name the runners."""
+
+    def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
+                 max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
+                 **runners: Runner):
+        if not runners:
+            raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
+                             "open(...))")
+        self.runners = runners
+        self.admit_timeout = admit_timeout
+        self.retry_after = retry_after
+        self.max_body = max_body
+        self.timeout = timeout
+        self._collector: Any = None
+
+    @asynccontextmanager
+    async def _opened(self) -> AsyncIterator[None]:
+        """Open every runner; on exit close them all (``aclose`` drains what was admitted)."""
+        async with AsyncExitStack() as stack:
+            for runner in self.runners.values():
+                await stack.enter_async_context(runner)
+            yield
+
+    def _named(self, name: str) -> Runner:
+        try:
+            return self.runners[name]
+        except KeyError:
+            raise KeyError(f"no runner named {name!r}; this Accel has "
+                           f"{sorted(self.runners)}") from None
+
+    def _health(self) -> tuple[int, dict[str, Any]]:
+        """(status, body): 200 when every runner is open, else 503."""
+        state = {name: {"open": not r.closed, "in_flight": r.stats().in_flight,
+                        "maxsize": r.maxsize} for name, r in self.runners.items()}
+        ok = all(s["open"] for s in state.values())
+        return (200 if ok else 503), {"ok": ok, "runners": state}
+
+    def _metrics(self) -> tuple[bytes, str]:
+        """(body, content type) of the runners' Prometheus metrics (``aioaccel[metrics]``)."""
+        from ..metrics import RunnerCollector
+
+        if self._collector is None:
+            self._collector = RunnerCollector(*self.runners.values(), registry=None)
+        body, content_type = self._collector.exposition()
+        return body, content_type
 
 
 def problem_for(exc: BaseException, retry_after: float) -> HTTPProblem | None:
