@@ -373,9 +373,12 @@ class Runner:
             inputs = self._prepare(inputs)
         lane = self._lane
         if self._accepting and self._admitted < self._maxsize and not lane.waiters:
-            # the uncontended fast path of _admit(), without a coroutine (the default lane's
-            # cap is maxsize, so the global bound is its bound too)
-            self._take_slot(lane)
+            # the uncontended fast path of _admit(), inlined: no coroutine, no call (the
+            # default lane's cap is maxsize, so the global bound is its bound too)
+            self._admitted += 1
+            lane.admitted += 1
+            if self._admitted > self._peak:
+                self._peak = self._admitted
         else:
             await self._admit(lane)
         return self._enqueue(lane, inputs, tag, None).seq

@@ -66,3 +66,16 @@ def percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def stream(runner: Any, xs: list[Any], count: int) -> None:
+    """aioaccel streaming: ``count`` pushes (cycling over ``xs``) from a producer task while
+    this task consumes ``count`` results."""
+    async def produce() -> None:
+        for i in range(count):
+            await runner.push(xs[i % len(xs)])
+
+    producer = asyncio.create_task(produce())
+    for _ in range(count):
+        await anext(runner)
+    await producer

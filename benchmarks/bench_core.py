@@ -23,7 +23,7 @@ from time import perf_counter
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, new_loop, print_table
+from _common import measure, new_loop, print_table, stream
 
 import aioaccel
 
@@ -66,15 +66,7 @@ def modes_for(work, count_hint: int):  # type: ignore[no-untyped-def]
 
     async def streaming(count: int, maxsize: int = 8) -> None:
         async with aioaccel.open(work, maxsize=maxsize) as runner:
-            async def produce() -> None:
-                for i in range(count):
-                    await runner.push(i)
-                runner.close()
-
-            producer = asyncio.create_task(produce())
-            async for _ in runner:
-                pass
-            await producer
+            await stream(runner, [0], count)
 
     async def streaming_32(count: int) -> None:
         await streaming(count, maxsize=32)

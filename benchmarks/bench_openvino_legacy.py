@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, new_loop, print_table
+from _common import measure, new_loop, print_table, stream
 
 import aioaccel
 from aioaccel.testing.models import dense_chain
@@ -96,15 +96,7 @@ def legacy_modes(xml: Path, x: Any) -> dict[str, Any]:
         async def run(count: int) -> None:
             async with aioaccel.open(xml, backend="openvino-legacy", api=api, config=EXTRA,
                                      num_requests=requests, maxsize=8) as runner:
-                async def produce() -> None:
-                    for _ in range(count):
-                        await runner.push(x)
-                    runner.close()
-
-                producer = asyncio.create_task(produce())
-                async for _ in runner:
-                    pass
-                await producer
+                await stream(runner, [x], count)
         return run
 
     return {"legacy sync loop": sync_loop, "legacy start_async/wait": start_async_wait,

@@ -21,27 +21,15 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lag_probe, measure, new_loop, percentile, print_table
+from _common import lag_probe, measure, new_loop, percentile, print_table, stream
 
 import aioaccel
 from aioaccel.testing.models import conv_chain, dense_chain
 from aioaccel.testing.vendor import raw_model
-
-
-async def stream(runner: aioaccel.Runner, xs: list[Any], count: int) -> None:
-    async def produce() -> None:
-        for i in range(count):
-            await runner.push(xs[i % len(xs)])
-
-    producer = asyncio.create_task(produce())
-    for _ in range(count):
-        await anext(runner)
-    await producer
 
 
 # ---- 1. overhead --------------------------------------------------------------------------

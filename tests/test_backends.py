@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import close, stream_all
 
 import aioaccel
 from aioaccel.testing.models import Chain, conv_chain, dense_chain
@@ -37,8 +38,6 @@ def model_target(backend: str, chain: Chain, tmp: Path, segments: int = 1) -> An
     return paths[0] if segments == 1 else paths
 
 
-def close(actual: np.ndarray, expected: np.ndarray) -> bool:
-    return bool(np.allclose(actual, expected, rtol=1e-4, atol=1e-4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -54,15 +53,7 @@ async def test_matches_numpy_whole_and_segmented(backend: str, segments: int, ki
         assert runner.inputs[0].shape == chain.input_shape
         assert [s.name for s in runner.outputs] == ["output"]
         assert len(runner.stats().stages) == segments
-
-        async def produce() -> None:
-            for i, x in enumerate(xs):
-                await runner.push(x, tag=i)
-            runner.close()
-
-        producer = asyncio.create_task(produce())
-        results = [r async for r in runner]
-        await producer
+        results = await stream_all(runner, xs)
     assert [r.tag for r in results] == list(range(12))
     for r, x in zip(results, xs):
         assert set(r.outputs) == {"output"}

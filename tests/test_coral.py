@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import support
 
 import aioaccel
 from aioaccel.testing.coral import simulate_coral
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 
 def close(a: np.ndarray, b: np.ndarray) -> bool:
-    return bool(np.allclose(a, b, rtol=1e-4, atol=1e-5))
+    return support.close(a, b, atol=1e-5)
 
 
 @pytest.fixture
@@ -215,14 +216,7 @@ async def test_segments_on_the_pipelined_model_runner_match_the_reference(
         xs = [chain.random_input(seed=i) for i in range(40)]
         with Unraisable() as unraisable:
             async with aioaccel.open(paths, backend="coral", maxsize=5) as runner:
-                async def produce() -> None:
-                    for i, x in enumerate(xs):
-                        await runner.push(x, tag=f"frame-{i}")
-                    runner.close()
-
-                producer = asyncio.create_task(produce())
-                results = [r async for r in runner]
-                await producer
+                results = await support.stream_all(runner, xs, tag=lambda i: f"frame-{i}")
             engine = sim.engines[0]
         assert unraisable.seen == [], "pycoral's __del__ pushed a second empty request"
         assert engine.empty_pushes == 1

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import support
 
 import aioaccel
 from aioaccel.testing.memryx import simulate_memryx, write_dfp
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.anyio
 
 
 def close(a: np.ndarray, b: np.ndarray) -> bool:
-    return bool(np.allclose(a, b, rtol=1e-4, atol=1e-5))
+    return support.close(a, b, atol=1e-5)
 
 
 @pytest.fixture
@@ -212,14 +213,7 @@ async def test_results_match_the_reference_in_push_order(dfp: Path, chain: Chain
     xs = frames(chain, 30)
     with simulate_memryx(latency=0.001) as sim:
         async with aioaccel.open(dfp, api=api, maxsize=5) as runner:
-            async def produce() -> None:
-                for i, x in enumerate(xs):
-                    await runner.push(x, tag=i)
-                runner.close()
-
-            producer = asyncio.create_task(produce())
-            results = [r async for r in runner]
-            await producer
+            results = await support.stream_all(runner, xs)
             stats = runner.stats()
         accel = sim.accelerators[0]
     assert [r.tag for r in results] == list(range(30))

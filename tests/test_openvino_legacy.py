@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import support
+from support import close
 
 import aioaccel
 from aioaccel.testing.models import Chain, dense_chain
@@ -33,8 +35,6 @@ from aioaccel.backends.openvino_legacy import LegacyIEStage, LegacySyncStage
 pytestmark = pytest.mark.anyio
 
 
-def close(a: np.ndarray, b: np.ndarray) -> bool:
-    return bool(np.allclose(a, b, rtol=1e-4, atol=1e-4))
 
 
 @pytest.fixture
@@ -47,15 +47,7 @@ def stage_of(runner: aioaccel.Runner, index: int = 0) -> LegacyIEStage:
 
 
 async def stream_all(runner: aioaccel.Runner, xs: list[np.ndarray]) -> list[aioaccel.Result]:
-    async def produce() -> None:
-        for i, x in enumerate(xs):
-            await runner.push(x, tag=f"frame-{i}")
-        runner.close()
-
-    producer = asyncio.create_task(produce())
-    results = [r async for r in runner]
-    await producer
-    return results
+    return await support.stream_all(runner, xs, tag=lambda i: f"frame-{i}")
 
 
 @pytest.mark.parametrize("api", ["sync", "callback", "wait"])

@@ -106,6 +106,15 @@ async def aiohttp_server(app: web.Application) -> AsyncIterator[tuple[str, web.A
         await runner.cleanup()
 
 
+@asynccontextmanager
+async def served(framework: str, runner: aioaccel.Runner, **options: Any) -> AsyncIterator[str]:
+    """A real ``framework`` server on 127.0.0.1 for ``runner``; yields its URL."""
+    server: Any = (uvicorn_server(fastapi_app_for(runner, **options)) if framework == "fastapi"
+                   else aiohttp_server(aiohttp_app_for(runner, **options)))
+    async with server as (url, _):
+        yield url
+
+
 async def wait_for(condition: Any) -> None:
     """Wait until ``condition()`` holds: for effects inside a server with no event to await."""
     while not condition():
@@ -249,11 +258,7 @@ async def test_aiohttp_server_concurrency_and_shutdown_lose_no_accepted_request(
 async def test_a_client_that_disconnects_withdraws_its_item(framework: str) -> None:
     stage = SimulatedStage(doubled, hang_at=[0])
     runner = aioaccel.open(stage, maxsize=4)
-    if framework == "fastapi":
-        server = uvicorn_server(fastapi_app_for(runner, admit_timeout=30))
-    else:
-        server = aiohttp_server(aiohttp_app_for(runner, admit_timeout=30))
-    async with server as (url, _):
+    async with served(framework, runner, admit_timeout=30) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             first = asyncio.create_task(client.post("/infer", json=[1]))
             await asyncio.to_thread(stage.hanging.wait, 5)  # the stage holds request 1
@@ -274,11 +279,7 @@ async def test_a_client_that_disconnects_withdraws_its_item(framework: str) -> N
 async def test_real_server_overload_answers_503(framework: str) -> None:
     stage = SimulatedStage(doubled, hang_at=[0, 1])
     runner = aioaccel.open(stage, maxsize=2)
-    if framework == "fastapi":
-        server = uvicorn_server(fastapi_app_for(runner, admit_timeout=0.05))
-    else:
-        server = aiohttp_server(aiohttp_app_for(runner, admit_timeout=0.05))
-    async with server as (url, _):
+    async with served(framework, runner, admit_timeout=0.05) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             held = [asyncio.create_task(client.post("/infer", json=[i])) for i in range(2)]
             await wait_for(lambda: runner.stats().pushed == 2)
