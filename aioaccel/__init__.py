@@ -12,6 +12,8 @@ from .errors import DeviceTimeout as DeviceTimeout
 from .errors import InferenceError as InferenceError
 from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
+from .errors import ModelLoadError as ModelLoadError
+from .errors import ModelNotFound as ModelNotFound
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
 from .runner import Result as Result
@@ -39,6 +41,8 @@ __all__ = [
     "InferenceError",
     "InputError",
     "Model",
+    "ModelLoadError",
+    "ModelNotFound",
     "Result",
     "Runner",
     "RunnerClosed",

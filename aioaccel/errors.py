@@ -10,7 +10,10 @@
      ├── InferTimeout        ``infer(..., timeout=)`` ran out (also TimeoutError)
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
-     └── BackendUnavailable  a runtime is not installed (the message says what to install)
+     ├── BackendUnavailable  a runtime is not installed (the message says what to install)
+     └── ModelLoadError      a model file the runtime cannot open (names file and runtime;
+          │                  also ValueError)
+          └── ModelNotFound  no such file (also FileNotFoundError)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
 exception is always available as ``__cause__``.
@@ -28,6 +31,8 @@ __all__ = [
     "InferTimeout",
     "InferenceError",
     "InputError",
+    "ModelLoadError",
+    "ModelNotFound",
     "RunnerClosed",
     "WouldBlock",
 ]
@@ -77,3 +82,12 @@ class WouldBlock(AccelError):
 
 class BackendUnavailable(AccelError, ImportError):
     """The runtime a backend needs is not installed; the message says what to install."""
+
+
+class ModelLoadError(AccelError, ValueError):
+    """A model could not be opened: the message names the file and the runtime, and the
+    runtime's own error is ``__cause__``. Raised by ``aioaccel.open(...)`` when it is opened."""
+
+
+class ModelNotFound(ModelLoadError, FileNotFoundError):
+    """The model file (or a file it needs, such as an OpenVINO IR's ``.bin``) does not exist."""

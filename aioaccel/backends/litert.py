@@ -24,7 +24,7 @@ from ..errors import BackendUnavailable
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import carry, check_chain, loading, model_paths, needed_after, validator
 
 __all__ = ["LiteRTStage", "load", "tensor_spec"]
 
@@ -128,7 +128,8 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
         raise ValueError("with the Edge TPU, give either several segments or replicas, not both")
     io = []
     for path in paths:  # read the specs without a delegate: it only needs the flatbuffer
-        probe = module.Interpreter(model_path=str(path))
+        with loading(path, "LiteRT"):
+            probe = module.Interpreter(model_path=str(path))
         io.append((path.name, [tensor_spec(d) for d in probe.get_input_details()],
                    [tensor_spec(d) for d in probe.get_output_details()]))
         del probe

@@ -20,7 +20,7 @@ import numpy as np
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import carry, check_chain, loading, model_paths, needed_after, validator
 
 __all__ = ["OnnxStage", "load"]
 
@@ -82,7 +82,8 @@ def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = No
         num_threads = max(1, (os.cpu_count() or 1) // workers)
     io = []
     for path in paths:
-        probe = _session(path, providers, 1, session_options)
+        with loading(path, "ONNX Runtime"):
+            probe = _session(path, providers, 1, session_options)
         io.append((path.name, [_spec(a) for a in probe.get_inputs()],
                    [_spec(a) for a in probe.get_outputs()]))
     check_chain(io)

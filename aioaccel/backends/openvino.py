@@ -41,7 +41,7 @@ from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, needed_after, validator
+from ._segments import carry, check_chain, check_file, loading, needed_after, validator
 
 __all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
 
@@ -128,10 +128,11 @@ def _read(core: Any, item: Any, ov: Any) -> Any:
     if isinstance(item, ov.Model):
         return item
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if not path.is_file():
-            raise FileNotFoundError(f"model file not found: {str(path)!r}")
-        return core.read_model(str(path))
+        path = check_file(Path(item))
+        if path.suffix.lower() == ".xml":  # an IR: its weights are beside it
+            check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
+        with loading(path, "OpenVINO"):
+            return core.read_model(str(path))
     raise TypeError(f"expected an openvino.Model or a model file path, got {type(item).__name__}")
 
 
@@ -159,7 +160,12 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
     if len(items) > 1 and device.upper().startswith("CPU"):
         properties["ENABLE_CPU_PINNING"] = False
     properties.update(config or {})
-    compiled = [core.compile_model(_read(core, item, ov), device, properties) for item in items]
+    compiled = []
+    for item in items:
+        model = _read(core, item, ov)
+        with loading(item if isinstance(item, (str, os.PathLike)) else model.get_friendly_name(),
+                     "OpenVINO", f"compile for {device}"):
+            compiled.append(core.compile_model(model, device, properties))
     io = [(f"model {i}", [_spec(p) for p in c.inputs], [_spec(p) for p in c.outputs])
           for i, c in enumerate(compiled)]
     check_chain(io)

@@ -50,7 +50,7 @@ from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import carry, check_chain, check_file, loading, model_paths, needed_after, validator
 
 __all__ = ["LayerTimes", "LegacyIEStage", "LegacyRequestFailed", "LegacySyncStage", "ie_api",
            "load"]
@@ -272,10 +272,9 @@ def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
 
 
 def _read(core: Any, path: Path) -> Any:
-    weights = path.with_suffix(".bin")
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file not found beside {path.name}: {str(weights)!r}")
-    return core.read_network(model=str(path), weights=str(weights))
+    weights = check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
+    with loading(path, "OpenVINO (legacy Inference Engine API)"):
+        return core.read_network(model=str(path), weights=str(weights))
 
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",
