@@ -1,23 +1,26 @@
-"""OpenVINO: ``AsyncInferQueue`` as a callback-device stage, or sync requests on worker threads.
+"""OpenVINO: infer requests started asynchronously as a device stage, or sync requests on
+worker threads.
 
 ``aioaccel.open("model.xml")``, ``aioaccel.open("model.onnx", backend="openvino")``, an
-``openvino.Model``, or a list of them (a pipeline, one queue per model). A feeder thread calls
-``start_async(inputs, userdata=token)``, which blocks while every infer request is busy; the
-runtime completes requests on its own threads, in any order, and the callback copies the
-outputs out of the request before it is reused and hands them to the bridge.
-
-The callback never raises: an exception escaping an ``AsyncInferQueue`` callback makes the
-next ``start_async`` raise and the one after abort the process. Inputs are copied into the
-request (``share_inputs=False``), so the caller may reuse its arrays while items are in flight.
+``openvino.Model``, or a list of them (a pipeline, one set of requests per model). With
+``api="async"`` a feeder thread starts each item on an idle infer request
+(``start_async``; it blocks while every request is busy), the runtime runs ``jobs`` requests at
+once, and a completion thread waits for them in the order they started, copies the outputs out
+of the request before it is reused, and hands them to the bridge. No Python callback runs on
+OpenVINO's threads (``AsyncInferQueue`` drops a failed job's callback and then fails every later
+``start_async`` with the first error; see :class:`OpenVINOStage`). A failed item fails alone
+with :class:`~aioaccel.InferenceError`, and its request is replaced before the next item.
+Inputs are copied into the request (``share_inputs=False``), so the caller may reuse its arrays
+while items are in flight.
 
 Two ways to drive the runtime (``api=``):
 
 * ``"async"`` -- the above: right for GPU/NPU/VPU devices that run many requests at once.
 * ``"sync"`` -- one ``InferRequest`` per worker thread (``replicas``), each calling the
-  GIL-releasing ``infer``. On the CPU this is faster: every ``AsyncInferQueue`` completion runs
-  a Python callback on an OpenVINO thread, which costs GIL hand-offs between three threads per
-  item (measured on a 0.1 ms model: the vendor's own AsyncInferQueue loop reaches 0.27x of its
-  sync loop; see docs/performance.md).
+  GIL-releasing ``infer``. On the CPU this is faster: an asynchronous completion costs GIL
+  hand-offs between three threads per item (measured on a 0.1 ms model: the vendor's own
+  AsyncInferQueue loop reaches 0.27x of its sync loop; see docs/performance.md). After a
+  failed item the worker's request is replaced too.
 * ``"auto"`` (default) -- ``"sync"`` on the CPU, ``"async"`` elsewhere.
 
 Options: ``device`` ("CPU", "GPU", "NPU", "AUTO", ...), ``jobs`` (async: infer requests; 0 = the
@@ -31,13 +34,16 @@ models on different threads do not run in parallel.
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
+import weakref
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
@@ -57,6 +63,18 @@ def _spec(port: Any) -> TensorSpec:
 
 
 class OpenVINOStage(DeviceStage):
+    """``jobs`` infer requests running at once: the feeder starts each with ``start_async`` on an
+    idle request; a completion thread waits for them in the order they started, copies their
+    outputs out and completes the items.
+
+    Not an ``AsyncInferQueue``: when one of its jobs fails, the queue never runs that job's
+    callback (the item would be in flight forever), and every later ``start_async`` raises the
+    first error. ``InferRequest.wait`` raises a failure instead, so the failed item fails alone;
+    its request is then replaced by a new one before it serves again (a request that failed is
+    not trusted; ``create_infer_request`` costs well under a millisecond, recompiling the model
+    hundreds of times more). No Python code runs on OpenVINO's threads.
+    """
+
     def __init__(self, compiled: Any, jobs: int, keep: frozenset[str], last: bool):
         self.compiled = compiled
         self.jobs = jobs
@@ -65,49 +83,108 @@ class OpenVINOStage(DeviceStage):
         self._keep = keep
         self._last = last
         self._complete: Complete | None = None
-        self.queue: Any = None
+        self._idle: SimpleQueue[Any] = SimpleQueue()
+        self._started: SimpleQueue[Any] = SimpleQueue()
+        self._waiter: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._exiting = False
+        #: requests replaced after a failure (for tests and stats)
+        self.recreated = 0
 
     def start(self, complete: Complete) -> None:
-        ov = runtime()
         self._complete = complete
-        self.queue = ov.AsyncInferQueue(self.compiled, self.jobs)
-        self.queue.set_callback(self._on_done)
+        jobs = self.jobs or int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        for _ in range(max(1, jobs)):
+            self._idle.put(self.compiled.create_infer_request())
+        self._waiter = threading.Thread(target=self._wait_in_order, daemon=True,
+                                        name=f"aioaccel-openvino-{id(self):x}-completions")
+        self._waiter.start()
+        _running.add(self)
 
     def submit(self, token: object, tensors: dict[str, np.ndarray]) -> None:
-        feed = {name: tensors[name] for name in self._inputs}
-        try:
-            self.queue.start_async(feed, userdata=(token, tensors), share_inputs=False)
-        except RuntimeError as exc:  # the runtime refused: treat the device as gone
-            raise DeviceError(f"OpenVINO start_async failed: {exc}") from exc
+        request = self._idle.get()  # blocks while every request is busy: backpressure
+        with self._lock:  # against _finish_at_exit: nothing starts after it has begun
+            if self._exiting:
+                self._idle.put(request)
+                raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
+            try:
+                # share_inputs=False: copied in, so the caller may reuse its arrays at once
+                request.start_async({name: tensors[name] for name in self._inputs},
+                                    share_inputs=False)
+            except BaseException:
+                self._replace(request)  # this item fails alone (the pipeline reports it)
+                raise
+            self._started.put((request, token, tensors))
 
     def read_outputs(self, request: Any) -> dict[str, np.ndarray]:
         """Copy the outputs out of the request (it is reused as soon as we return)."""
         return {name: request.get_output_tensor(i).data.copy()
                 for i, name in enumerate(self._outputs)}
 
-    def _on_done(self, request: Any, userdata: Any) -> None:
-        try:
-            token, tensors = userdata
-        except BaseException:  # never raise into the runtime
-            return
+    def _wait_in_order(self) -> None:
         complete = self._complete
         assert complete is not None
+        while True:
+            job = self._started.get()
+            if job is _STOP:
+                return
+            request, token, tensors = job
+            try:
+                request.wait()  # releases the GIL; raises what failed this item
+                outputs = carry(tensors, self.read_outputs(request), self._keep, self._last)
+            except BaseException as exc:
+                self._replace(request)
+                complete(token, None, exc)
+                continue
+            self._idle.put(request)
+            complete(token, outputs, None)
+
+    def _replace(self, request: Any) -> None:
+        """A request that failed serves no more items: a new one takes its place."""
         try:
-            outputs = carry(tensors, self.read_outputs(request), self._keep, self._last)
-        except BaseException as exc:
-            complete(token, None, exc)
-            return
-        complete(token, outputs, None)
+            fresh = self.compiled.create_infer_request()
+        except BaseException:
+            fresh = request  # cannot make one: the old one is better than a lost slot
+        self.recreated += fresh is not request
+        self._idle.put(fresh)
 
     def close(self) -> None:
-        if self.queue is not None:
-            self.queue.wait_all()
+        """Let what was started finish (the completion thread takes it in order), then stop."""
+        self._stop(None)
+        while not self._idle.empty():  # release the requests now, not at collection
+            self._idle.get()
+
+    def _stop(self, timeout: float | None) -> None:
+        with self._lock:
+            waiter, self._waiter = self._waiter, None
+            self._exiting = True
+            if waiter is not None:
+                self._started.put(_STOP)
+        _running.discard(self)
+        if waiter is not None:
+            waiter.join(timeout)
+
+
+_STOP = object()
+#: async stages whose requests may be running: finished before the interpreter exits
+_running: weakref.WeakSet[OpenVINOStage] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    """A runner never closed may leave requests running at exit. Interpreter finalization then
+    stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` (which aborts the
+    process), or OpenVINO unloads under running requests: let them finish first, while every
+    thread still runs."""
+    for stage in list(_running):
+        stage._stop(timeout=10.0)
 
 
 class OpenVINOSyncStage(BlockingStage):
     """One infer request, driven synchronously by its own worker thread."""
 
     def __init__(self, compiled: Any, keep: frozenset[str], last: bool):
+        self.compiled = compiled
         self.request = compiled.create_infer_request()
         self._inputs = [port.get_any_name() for port in compiled.inputs]
         self._outputs = [port.get_any_name() for port in compiled.outputs]
@@ -118,7 +195,12 @@ class OpenVINOSyncStage(BlockingStage):
         request = self.request
         # share_inputs=False: the input is copied in, so the caller's array is never read
         # by the runtime behind its back
-        request.infer({name: tensors[name] for name in self._inputs}, share_inputs=False)
+        try:
+            request.infer({name: tensors[name] for name in self._inputs}, share_inputs=False)
+        except BaseException:
+            # this item fails alone; a request that failed serves no more items
+            self.request = self.compiled.create_infer_request()
+            raise
         outputs = {name: request.get_output_tensor(i).data.copy()
                    for i, name in enumerate(self._outputs)}
         return carry(tensors, outputs, self._keep, self._last)
