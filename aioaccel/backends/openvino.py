@@ -166,13 +166,13 @@ class OpenVINOStage(DeviceStage):
 
 
 _STOP = object()
-#: async stages whose requests may be running: finished before the interpreter exits
-_running: weakref.WeakSet[OpenVINOStage] = weakref.WeakSet()
+#: stages whose requests may be running: finished before the interpreter exits
+_running: weakref.WeakSet[OpenVINOStage | OpenVINOSyncStage] = weakref.WeakSet()
 
 
 @atexit.register
 def _finish_at_exit() -> None:
-    """A runner never closed may leave requests running at exit. Interpreter finalization then
+    """A runner never closed may leave requests running at exit (async or sync). Interpreter finalization then
     stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` (which aborts the
     process), or OpenVINO unloads under running requests: let them finish first, while every
     thread still runs."""
@@ -190,20 +190,37 @@ class OpenVINOSyncStage(BlockingStage):
         self._outputs = [port.get_any_name() for port in compiled.outputs]
         self._keep = keep
         self._last = last
+        self._lock = threading.Lock()  # held while infer runs: see _finish_at_exit
+        self._exiting = False
+        _running.add(self)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.request
-        # share_inputs=False: the input is copied in, so the caller's array is never read
-        # by the runtime behind its back
-        try:
-            request.infer({name: tensors[name] for name in self._inputs}, share_inputs=False)
-        except BaseException:
-            # this item fails alone; a request that failed serves no more items
-            self.request = self.compiled.create_infer_request()
-            raise
+        with self._lock:
+            if self._exiting:
+                raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
+            # share_inputs=False: the input is copied in, so the caller's array is never read
+            # by the runtime behind its back
+            try:
+                request.infer({name: tensors[name] for name in self._inputs},
+                              share_inputs=False)
+            except BaseException:
+                # this item fails alone; a request that failed serves no more items
+                self.request = self.compiled.create_infer_request()
+                raise
         outputs = {name: request.get_output_tensor(i).data.copy()
                    for i, name in enumerate(self._outputs)}
         return carry(tensors, outputs, self._keep, self._last)
+
+    def close(self) -> None:
+        _running.discard(self)
+
+    def _stop(self, timeout: float | None) -> None:
+        """Wait for the call in progress (if any) and refuse later ones."""
+        if self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._exiting = True
+            self._lock.release()
+        _running.discard(self)
 
 
 def _read(core: Any, item: Any, ov: Any) -> Any:
