@@ -172,10 +172,10 @@ _running: weakref.WeakSet[OpenVINOStage | OpenVINOSyncStage] = weakref.WeakSet()
 
 @atexit.register
 def _finish_at_exit() -> None:
-    """A runner never closed may leave requests running at exit (async or sync). Interpreter finalization then
-    stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` (which aborts the
-    process), or OpenVINO unloads under running requests: let them finish first, while every
-    thread still runs."""
+    """A runner never closed may leave requests running at exit (async or sync). Interpreter
+    finalization then stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` or
+    ``infer`` (which aborts the process), or OpenVINO unloads under running requests: let them
+    finish first, while every thread still runs."""
     for stage in list(_running):
         stage._stop(timeout=10.0)
 

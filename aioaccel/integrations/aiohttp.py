@@ -87,6 +87,11 @@ class Accel(AccelBase):
             log.info("client %s left after sending %d bytes of its body", request.remote,
                      len(body))
             raise web.HTTPBadRequest(text="client closed the connection") from None
+        except asyncio.CancelledError:  # handler_cancellation: the same, told by cancelling
+            if request.transport is None:
+                log.info("client %s left after sending %d bytes of its body", request.remote,
+                         len(body))
+            raise
         try:
             return await decode_inputs_off_loop(body, request.headers.get("Content-Type"),
                                                 runner.inputs)

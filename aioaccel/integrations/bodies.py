@@ -115,18 +115,18 @@ def _array(name: str, value: Any, spec: TensorSpec | None, booleans: bool) -> np
         if array.dtype.kind == "f":
             integral = np.isfinite(array) & (array == np.floor(array))
             if not integral.all():
-                bad = array[~integral].flat[0]
+                bad = array[~integral].flat[0].item()
                 raise InputError(f"{where} takes integers ({dtype}), got {bad!r}")
         info = np.iinfo(dtype)
         if array.size and (array.min() < info.min or array.max() > info.max):
-            bad = array.min() if array.min() < info.min else array.max()
+            bad = (array.min() if array.min() < info.min else array.max()).item()
             raise InputError(f"{where}: {bad} is out of range for {dtype} "
                              f"({info.min}..{info.max})")
         return array.astype(dtype)
     with np.errstate(over="ignore"):
         converted = array.astype(dtype)
     if dtype.kind in "fc" and array.dtype.kind == "f" and not np.isfinite(converted).all():
-        bad = array[~np.isfinite(converted)].flat[0]
+        bad = array[~np.isfinite(converted)].flat[0].item()
         raise InputError(f"{where}: {bad!r} overflows {dtype} (largest: "
                          f"{float(np.finfo(dtype).max):.4g})")
     return converted
