@@ -110,7 +110,7 @@ class InputValidator:
             if value.dtype != dtype:
                 with _casting():
                     value = value.astype(dtype)
-            return np.ascontiguousarray(value)
+            return _contiguous(value)
         if isinstance(value, (list, tuple)):
             return self._from_list(spec, where, dtype, value)
         if not isinstance(value, (int, float, bool, np.generic)):
@@ -123,7 +123,7 @@ class InputValidator:
                              f"({array.dtype}) (no silent casts: pass np.{dtype.name}(value), "
                              f"or open the runner with cast=True)")
         self._check_size(spec, where, dtype, array.shape)
-        return np.ascontiguousarray(_asarray(where, value, dtype) if self.cast else array)
+        return _contiguous(_asarray(where, value, dtype) if self.cast else array)
 
     def _from_list(self, spec: TensorSpec, where: str, dtype: np.dtype[Any],
                    value: list[Any] | tuple[Any, ...]) -> np.ndarray:
@@ -142,7 +142,7 @@ class InputValidator:
             array = _asarray(where, value, dtype)
         if array.shape != claimed:  # a ragged list NumPy still made an array of
             self._check_size(spec, where, dtype, array.shape)
-        return np.ascontiguousarray(array)
+        return _contiguous(array)
 
     @staticmethod
     def _check_kind(where: str, dtype: np.dtype[Any], got: np.dtype[Any]) -> None:
@@ -195,6 +195,12 @@ def _is_the_one_input(value: list[Any] | tuple[Any, ...], spec: TensorSpec) -> b
 def _fits(shape: tuple[int, ...], want: tuple[int | None, ...] | None) -> bool:
     return want is None or (len(shape) == len(want) and all(
         w is None or w == g for w, g in zip(want, shape, strict=True)))
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order (copied only if it is not); unlike ``np.ascontiguousarray`` it
+    keeps a 0-d array 0-d."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def _casting() -> Any:
