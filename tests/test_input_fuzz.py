@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import aioaccel
+from aioaccel.integrations import bodies
 from aioaccel.integrations.http import decode_inputs
 from aioaccel.tensors import InputValidator, TensorSpec
 from aioaccel.testing.models import dense_chain
@@ -150,6 +151,7 @@ def test_json_bodies_decode_and_validate_or_are_input_errors(data: st.DataObject
                                                              cast: bool) -> None:
     value = data.draw(st.one_of(json_values, regular_lists()))
     body = json.dumps(value).encode()  # NaN/Infinity included: refused as not JSON
+    check_fast_path_agrees(body, specs)
     try:
         inputs = decode_inputs(body, "application/json", specs)
         InputValidator(specs, cast=cast, max_bytes=4096)(inputs)
@@ -157,6 +159,25 @@ def test_json_bodies_decode_and_validate_or_are_input_errors(data: st.DataObject
         assert_says_something(exc)
         return
     assert b"NaN" not in body and b"Infinity" not in body
+
+
+def check_fast_path_agrees(body: bytes, specs: list[TensorSpec]) -> None:
+    """Where the array fast path (used for big bodies) takes a body, it gives what
+    ``json.loads`` gives, or refuses what it refuses."""
+    try:
+        fast = bodies._fast_path(body, specs)
+    except aioaccel.InputError:
+        with pytest.raises(aioaccel.InputError):
+            bodies.decode_json(body, specs)
+        return
+    if fast is None:
+        return
+    slow = bodies.decode_json(body, specs)  # small bodies take json.loads
+    if isinstance(fast, dict):
+        assert fast.keys() == slow.keys()
+        fast, slow = fast[specs[0].name], slow[specs[0].name]
+    assert fast.dtype == slow.dtype and fast.shape == slow.shape
+    assert np.array_equal(fast, slow, equal_nan=True)
 
 
 @FUZZ
