@@ -157,6 +157,10 @@ class _Failures:
                               f"row): the device or network is gone")
 
 
+def _ignore_completion(*args: Any) -> None:
+    """The completion callback of a request whose stage has closed."""
+
+
 class LegacyIEStage(DeviceStage):
     """An ``ExecutableNetwork``'s infer requests as slots, completed by callback (or wait)."""
 
@@ -261,6 +265,14 @@ class LegacyIEStage(DeviceStage):
         if self._waiter is not None:
             self._started.put(_STOP)
             self._waiter.join()
+        # A request holding our callback and we holding the request is a cycle through C++
+        # that the garbage collector cannot see: the ExecutableNetwork (and its descriptors)
+        # would live for ever. Drop both ends.
+        if self._api == "callback":
+            for request in self.requests:
+                request.set_completion_callback(_ignore_completion)
+        self.requests = []
+        self.exec_net = None
 
 
 def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
