@@ -267,11 +267,10 @@ class LegacyIEStage(DeviceStage):
             self._waiter.join()
         # A request holding our callback and we holding the request is a cycle through C++
         # that the garbage collector cannot see: the ExecutableNetwork (and its descriptors)
-        # would live for ever. Drop both ends.
+        # would live for ever. Break it.
         if self._api == "callback":
             for request in self.requests:
                 request.set_completion_callback(_ignore_completion)
-        self.requests = []
         self.exec_net = None
 
 
