@@ -217,6 +217,43 @@ async def test_openvino_fails_a_bad_item_alone_and_later_items_flow(api: str) ->
     assert stats.failed == 5 and stats.completed == 7 and stats.in_flight == 0
 
 
+def reshaping_onnx(path: Path) -> Path:
+    """The same model as :func:`reshaping_model`, as an ONNX file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.arange(64, dtype=np.float32).reshape(16, 4) / 64
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "pairs_shape"], ["pairs"]),
+         helper.make_node("MatMul", ["pairs", "w"], ["y"])],
+        "pairs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["half", 4])],
+        [numpy_helper.from_array(np.array([-1, 16], np.int64), "pairs_shape"),
+         numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino", "openvino-async"])
+async def test_a_runtime_failure_on_one_item_fails_it_alone_on_every_backend(
+        backend: str, tmp_path: Path) -> None:
+    path = reshaping_onnx(tmp_path / "pairs.onnx")
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((b, 8)).astype(np.float32) for b in (3, 2, 1, 4, 5, 2)]
+    async with open_model(backend, path, maxsize=3) as runner:
+        outcomes = await asyncio.gather(*(runner.infer(x) for x in xs), return_exceptions=True)
+        stats = runner.stats()
+    for outcome, x in zip(outcomes, xs):
+        if x.shape[0] % 2:
+            assert isinstance(outcome, aioaccel.InferenceError), outcome
+        else:
+            assert close(next(iter(outcome.values())), reshaping_reference(x))
+    assert stats.failed == 3 and stats.completed == 3
+
+
 @pytest.mark.parametrize("api", ["sync", "async"])
 async def test_openvino_requests_are_replaced_after_a_failure(api: str) -> None:
     from aioaccel.backends import openvino
