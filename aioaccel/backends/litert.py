@@ -24,6 +24,7 @@ from ..errors import BackendUnavailable
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
+from ._exit import NativeCalls
 from ._segments import carry, check_chain, loading, model_paths, needed_after, validator
 
 __all__ = ["LiteRTStage", "load", "tensor_spec"]
@@ -91,6 +92,7 @@ class LiteRTStage(BlockingStage):
         self._outputs = [(d["name"], d["index"]) for d in interpreter.get_output_details()]
         self._keep = keep
         self._last = last
+        self._calls = NativeCalls()  # finished before the interpreter exits
 
     @classmethod
     def create(cls, path: Path, num_threads: int | None, delegate_device: str | None,
@@ -114,9 +116,13 @@ class LiteRTStage(BlockingStage):
                 interp.allocate_tensors()
                 self._inputs[slot] = (name, index, value.shape)
             interp.set_tensor(index, value)  # copies: the caller may reuse its array
-        interp.invoke()  # releases the GIL
+        with self._calls:
+            interp.invoke()  # releases the GIL
         outputs = {name: interp.get_tensor(index) for name, index in self._outputs}
         return carry(tensors, outputs, self._keep, self._last)
+
+    def close(self) -> None:
+        self._calls.forget()
 
 
 def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, device: Any = None,

@@ -20,6 +20,7 @@ import numpy as np
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
+from ._exit import NativeCalls
 from ._segments import carry, check_chain, loading, model_paths, needed_after, validator
 
 __all__ = ["OnnxStage", "load"]
@@ -63,11 +64,17 @@ class OnnxStage(BlockingStage):
         self._outputs = [o.name for o in session.get_outputs()]
         self._keep = keep
         self._last = last
+        self._calls = NativeCalls()  # finished before the interpreter exits
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self._outputs, {name: tensors[name] for name in self._inputs})
+        with self._calls:
+            values = self.session.run(self._outputs,
+                                      {name: tensors[name] for name in self._inputs})
         return carry(tensors, dict(zip(self._outputs, values, strict=True)), self._keep,
                      self._last)
+
+    def close(self) -> None:
+        self._calls.forget()
 
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,

@@ -47,6 +47,7 @@ import numpy as np
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
+from ._exit import NativeCalls
 from ._segments import carry, check_chain, check_file, loading, needed_after, validator
 
 __all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
@@ -166,16 +167,16 @@ class OpenVINOStage(DeviceStage):
 
 
 _STOP = object()
-#: stages whose requests may be running: finished before the interpreter exits
-_running: weakref.WeakSet[OpenVINOStage | OpenVINOSyncStage] = weakref.WeakSet()
+#: async stages whose requests may be running: finished before the interpreter exits
+_running: weakref.WeakSet[OpenVINOStage] = weakref.WeakSet()
 
 
 @atexit.register
 def _finish_at_exit() -> None:
-    """A runner never closed may leave requests running at exit (async or sync). Interpreter
-    finalization then stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` or
-    ``infer`` (which aborts the process), or OpenVINO unloads under running requests: let them
-    finish first, while every thread still runs."""
+    """A runner never closed may leave requests running at exit. Interpreter finalization then
+    stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` (which aborts the
+    process), or OpenVINO unloads under running requests: let them finish first, while every
+    thread still runs. (Sync stages use :class:`~aioaccel.backends._exit.NativeCalls`.)"""
     for stage in list(_running):
         stage._stop(timeout=10.0)
 
@@ -190,15 +191,11 @@ class OpenVINOSyncStage(BlockingStage):
         self._outputs = [port.get_any_name() for port in compiled.outputs]
         self._keep = keep
         self._last = last
-        self._lock = threading.Lock()  # held while infer runs: see _finish_at_exit
-        self._exiting = False
-        _running.add(self)
+        self._calls = NativeCalls()  # finished before the interpreter exits
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.request
-        with self._lock:
-            if self._exiting:
-                raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
+        with self._calls:
             # share_inputs=False: the input is copied in, so the caller's array is never read
             # by the runtime behind its back
             try:
@@ -213,14 +210,7 @@ class OpenVINOSyncStage(BlockingStage):
         return carry(tensors, outputs, self._keep, self._last)
 
     def close(self) -> None:
-        _running.discard(self)
-
-    def _stop(self, timeout: float | None) -> None:
-        """Wait for the call in progress (if any) and refuse later ones."""
-        if self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            self._exiting = True
-            self._lock.release()
-        _running.discard(self)
+        self._calls.forget()
 
 
 def _read(core: Any, item: Any, ov: Any) -> Any:
