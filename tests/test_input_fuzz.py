@@ -100,7 +100,16 @@ def assert_says_something(exc: Exception) -> None:
     assert str(exc).strip(), "an InputError must say what was wrong"
 
 
-def check_accepted(specs: list[TensorSpec], inputs: Any, out: dict[str, np.ndarray]) -> None:
+def natural_dtype(value: Any) -> np.dtype[Any] | None:
+    """The dtype NumPy gives ``value`` by itself, or None if it cannot make an array of it."""
+    try:
+        return np.asarray(value).dtype
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def check_accepted(specs: list[TensorSpec], inputs: Any, out: dict[str, np.ndarray],
+                   cast: bool) -> None:
     assert list(out) == [s.name for s in specs]
     for i, spec in enumerate(specs):
         array = out[spec.name]
@@ -119,6 +128,8 @@ def check_accepted(specs: list[TensorSpec], inputs: Any, out: dict[str, np.ndarr
         else:
             candidates.append(inputs)
         assert any(same(array, c, dtype) for c in candidates), (spec, inputs, array)
+        if not cast:  # no silent casts: what was accepted came with the input's dtype
+            assert any(natural_dtype(c) == dtype for c in candidates), (spec, inputs)
 
 
 @FUZZ
@@ -133,7 +144,7 @@ def test_inputs_are_accepted_and_correct_or_input_errors(data: st.DataObject,
     except aioaccel.InputError as exc:
         assert_says_something(exc)
         return
-    check_accepted(specs, inputs, out)
+    check_accepted(specs, inputs, out, cast)
 
 
 json_values = st.recursive(
