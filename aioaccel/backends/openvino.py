@@ -5,8 +5,8 @@ worker threads.
 ``openvino.Model``, or a list of them (a pipeline, one set of requests per model). With
 ``api="async"`` a feeder thread starts each item on an idle infer request
 (``start_async``; it blocks while every request is busy), the runtime runs ``jobs`` requests at
-once, and a completion thread waits for them in the order they started, copies the outputs out
-of the request before it is reused, and hands them to the bridge. No Python callback runs on
+once, and each request's own thread waits for it, copies the outputs out of the request before
+it is reused, and hands them to the bridge. No Python callback runs on
 OpenVINO's threads (``AsyncInferQueue`` drops a failed job's callback and then fails every later
 ``start_async`` with the first error; see :class:`OpenVINOStage`). A failed item fails alone
 with :class:`~aioaccel.InferenceError`, and its request is replaced before the next item.
@@ -63,17 +63,26 @@ def _spec(port: Any) -> TensorSpec:
     return TensorSpec(port.get_any_name(), dtype, shape)
 
 
+class _Slot:
+    """One infer request and the thread that waits for whatever it runs."""
+
+    def __init__(self, request: Any):
+        self.request = request
+        self.jobs: SimpleQueue[Any] = SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+
 class OpenVINOStage(DeviceStage):
-    """``jobs`` infer requests running at once: the feeder starts each with ``start_async`` on an
-    idle request; a completion thread waits for them in the order they started, copies their
-    outputs out and completes the items.
+    """``jobs`` infer requests running at once: the feeder starts each item with
+    ``start_async`` on an idle request; each request has a thread that waits for it, copies
+    the outputs out and completes the item, so requests finish in any order.
 
     Not an ``AsyncInferQueue``: when one of its jobs fails, the queue never runs that job's
     callback (the item would be in flight forever), and every later ``start_async`` raises the
     first error. ``InferRequest.wait`` raises a failure instead, so the failed item fails alone;
     its request is then replaced by a new one before it serves again (a request that failed is
-    not trusted; ``create_infer_request`` costs well under a millisecond, recompiling the model
-    hundreds of times more). No Python code runs on OpenVINO's threads.
+    not trusted; ``create_infer_request`` costs microseconds, recompiling the model thousands
+    of times more). No Python code runs on OpenVINO's threads.
     """
 
     def __init__(self, compiled: Any, jobs: int, keep: frozenset[str], last: bool):
@@ -84,9 +93,8 @@ class OpenVINOStage(DeviceStage):
         self._keep = keep
         self._last = last
         self._complete: Complete | None = None
-        self._idle: SimpleQueue[Any] = SimpleQueue()
-        self._started: SimpleQueue[Any] = SimpleQueue()
-        self._waiter: threading.Thread | None = None
+        self._slots: list[_Slot] = []
+        self._idle: SimpleQueue[_Slot] = SimpleQueue()
         self._lock = threading.Lock()
         self._exiting = False
         #: requests replaced after a failure (for tests and stats)
@@ -95,75 +103,77 @@ class OpenVINOStage(DeviceStage):
     def start(self, complete: Complete) -> None:
         self._complete = complete
         jobs = self.jobs or int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        for _ in range(max(1, jobs)):
-            self._idle.put(self.compiled.create_infer_request())
-        self._waiter = threading.Thread(target=self._wait_in_order, daemon=True,
-                                        name=f"aioaccel-openvino-{id(self):x}-completions")
-        self._waiter.start()
+        for n in range(max(1, jobs)):
+            slot = _Slot(self.compiled.create_infer_request())
+            slot.thread = threading.Thread(target=self._wait_for, args=(slot,), daemon=True,
+                                           name=f"aioaccel-openvino-{id(self):x}-request{n}")
+            slot.thread.start()
+            self._slots.append(slot)
+            self._idle.put(slot)
         _running.add(self)
 
     def submit(self, token: object, tensors: dict[str, np.ndarray]) -> None:
-        request = self._idle.get()  # blocks while every request is busy: backpressure
+        slot = self._idle.get()  # blocks while every request is busy: backpressure
         with self._lock:  # against _finish_at_exit: nothing starts after it has begun
             if self._exiting:
-                self._idle.put(request)
+                self._idle.put(slot)
                 raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
             try:
                 # share_inputs=False: copied in, so the caller may reuse its arrays at once
-                request.start_async({name: tensors[name] for name in self._inputs},
-                                    share_inputs=False)
+                slot.request.start_async({name: tensors[name] for name in self._inputs},
+                                         share_inputs=False)
             except BaseException:
-                self._replace(request)  # this item fails alone (the pipeline reports it)
+                self._replace(slot)  # this item fails alone (the pipeline reports it)
                 raise
-            self._started.put((request, token, tensors))
+            slot.jobs.put((token, tensors))
 
     def read_outputs(self, request: Any) -> dict[str, np.ndarray]:
         """Copy the outputs out of the request (it is reused as soon as we return)."""
         return {name: request.get_output_tensor(i).data.copy()
                 for i, name in enumerate(self._outputs)}
 
-    def _wait_in_order(self) -> None:
+    def _wait_for(self, slot: _Slot) -> None:
         complete = self._complete
         assert complete is not None
-        while True:
-            job = self._started.get()
-            if job is _STOP:
-                return
-            request, token, tensors = job
+        while (job := slot.jobs.get()) is not _STOP:
+            token, tensors = job
             try:
-                request.wait()  # releases the GIL; raises what failed this item
-                outputs = carry(tensors, self.read_outputs(request), self._keep, self._last)
+                slot.request.wait()  # releases the GIL; raises what failed this item
+                outputs = carry(tensors, self.read_outputs(slot.request), self._keep,
+                                self._last)
             except BaseException as exc:
-                self._replace(request)
+                self._replace(slot)
                 complete(token, None, exc)
                 continue
-            self._idle.put(request)
+            self._idle.put(slot)
             complete(token, outputs, None)
 
-    def _replace(self, request: Any) -> None:
+    def _replace(self, slot: _Slot) -> None:
         """A request that failed serves no more items: a new one takes its place."""
         try:
-            fresh = self.compiled.create_infer_request()
+            slot.request = self.compiled.create_infer_request()
+            self.recreated += 1
         except BaseException:
-            fresh = request  # cannot make one: the old one is better than a lost slot
-        self.recreated += fresh is not request
-        self._idle.put(fresh)
+            pass  # cannot make one: the old one is better than a lost slot
+        self._idle.put(slot)
 
     def close(self) -> None:
-        """Let what was started finish (the completion thread takes it in order), then stop."""
+        """Let what was started finish, then stop the request threads."""
         self._stop(None)
-        while not self._idle.empty():  # release the requests now, not at collection
+        self._slots = []  # release the requests now, not at collection
+        while not self._idle.empty():
             self._idle.get()
 
     def _stop(self, timeout: float | None) -> None:
         with self._lock:
-            waiter, self._waiter = self._waiter, None
+            stopping = [] if self._exiting else self._slots
             self._exiting = True
-            if waiter is not None:
-                self._started.put(_STOP)
+            for slot in stopping:
+                slot.jobs.put(_STOP)  # after whatever it runs: that is waited for first
         _running.discard(self)
-        if waiter is not None:
-            waiter.join(timeout)
+        for slot in stopping:
+            if slot.thread is not None:
+                slot.thread.join(timeout)
 
 
 _STOP = object()
