@@ -234,10 +234,12 @@ class Pipeline:
         except BaseException as exc:  # a bug here must not strand the waiters
             self._fatal(exc, w.spec.name)
         finally:
-            if stage is not None and not (w.spec.shared and w.spec.replicas > 1):
-                _close_stage(stage, w.spec.name, self.runner_name)
-            w.exited = True
-            self.bridge.exited(w)
+            try:
+                if stage is not None and not (w.spec.shared and w.spec.replicas > 1):
+                    _close_stage(stage, w.spec.name, self.runner_name)
+            finally:
+                w.exited = True  # whatever close did: aclose must not wait for this thread
+                self.bridge.exited(w)
 
     def _next(self, w: Worker, queue: SimpleQueue[Any]) -> Any:
         """The next job for ``w``; before blocking on an empty queue, flush any deferred
@@ -372,5 +374,5 @@ def _close_stage(stage: Any, name: str, runner_name: str) -> None:
         return
     try:
         close()
-    except Exception:
+    except BaseException:  # even KeyboardInterrupt: the thread ends either way
         log.exception("closing stage %r of runner %r failed", name, runner_name)
