@@ -15,6 +15,8 @@ from .errors import InputError as InputError
 from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
+from .recovery import Health as Health
+from .recovery import Restart as Restart
 from .runner import Result as Result
 from .runner import Runner as Runner
 from .stages import BlockingStage as BlockingStage
@@ -36,11 +38,13 @@ __all__ = [
     "DeviceError",
     "DeviceStage",
     "DeviceTimeout",
+    "Health",
     "InferTimeout",
     "InferenceError",
     "InputError",
     "Model",
     "OpenError",
+    "Restart",
     "Result",
     "Runner",
     "RunnerClosed",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import AccelError, InferenceError, copy_for_waiter, inference_error
@@ -36,6 +37,8 @@ class Ticket:
         "done",
         "error",
         "future",
+        "gen",
+        "inputs",
         "job",
         "lane",
         "released",
@@ -59,6 +62,8 @@ class Ticket:
         self.withdrawn = False        # infer() gave up before a worker took it
         self.released = False         # its slot was freed before it was consumed
         self.retries = 0              # times re-run after a device failure
+        self.gen: Any = None          # the generation (model + pipeline) it was submitted to
+        self.inputs: Any = None       # kept only when it may be re-run (retries > 0)
 
 
 class Completions:
@@ -74,9 +79,11 @@ class Completions:
         self.working = LatencyWindow()            # time in stage calls / on the device
         self.histogram = LatencyHistogram()
         self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
+        self.last_completion: float | None = None      # wall-clock time of the last result
 
     # ---- settling ---------------------------------------------------------------------------
     def on_jobs(self, jobs: list[Job]) -> None:
+        self.last_completion = time()
         unfinished = self.unfinished
         woken: set[Lane] = set()
         for job in jobs:
@@ -143,6 +150,27 @@ class Completions:
     def check_idle(self) -> None:
         if not self.unfinished and self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
+
+    def fail_one(self, ticket: Ticket, failure: AccelError) -> None:
+        """Fail one ticket that is no longer unfinished (a restart gave up on it): an infer
+        caller gets a copy of ``failure``; a streamed item is yielded in its place with an
+        InferenceError caused by it, and later items still flow."""
+        self.failed += 1
+        ticket.lane.failed += 1
+        fut = ticket.future
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(copy_for_waiter(failure))
+            self.admission.release(ticket.lane)
+            return
+        error = InferenceError(f"item {ticket.seq} (tag={ticket.tag!r}) was on the device when "
+                               f"it failed: {failure}", seq=ticket.seq, tag=ticket.tag)
+        error.__cause__ = failure
+        ticket.error = error
+        ticket.done = True
+        lane = ticket.lane
+        if lane.tickets and lane.tickets[0].done:
+            lane.wake()
 
     # ---- failure fan-out --------------------------------------------------------------------
     def fail_pending(self, failure: AccelError, lanes: list[Lane],

@@ -46,7 +46,8 @@ from .errors import (
 )
 from .lanes import Lane
 from .pipeline import Job
-from .stats import RunnerStats, StageStats
+from .recovery import Health, HealthState, Restart, RestartBudget
+from .stats import LatencyHistogram, RunnerStats, StageStats
 from .streams import Stream
 from .supervisor import Generation, load_model
 from .watchdog import Watchdog
@@ -67,9 +68,19 @@ class State(enum.Enum):
     NEW = "new"
     STARTING = "starting"
     READY = "ready"
+    RECOVERING = "recovering"
     BROKEN = "broken"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+_HEALTH: dict[State, HealthState] = {
+    State.NEW: "starting", State.STARTING: "starting", State.READY: "ready",
+    State.RECOVERING: "recovering", State.BROKEN: "broken", State.CLOSING: "closed",
+    State.CLOSED: "closed",
+}
+#: upper bounds (seconds) of the recovery-time histogram
+RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Result:
@@ -115,13 +126,35 @@ class Runner:
     _gen: Generation | None = None
 
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
-                 call_timeout: float | None = None, close_timeout: float = 10.0):
+                 call_timeout: float | None = None, close_timeout: float = 10.0,
+                 restart: Restart | None = None, retries: int = 0, warmup: int = 0,
+                 warmup_inputs: Any = None,
+                 reopen: Callable[..., Callable[[], Model]] | None = None):
         if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
             raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
         if call_timeout is not None and call_timeout <= 0:
             raise ValueError(f"call_timeout must be > 0 seconds or None, got {call_timeout!r}")
+        if restart is not None and not isinstance(restart, Restart):
+            raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.name = name or f"runner{next(_names)}"
         self._load = load
+        self._reopen = reopen                     # (target, options) -> load, for reload()
+        self._restart = RestartBudget(restart) if restart is not None else None
+        self._retries = retries
+        self._warmup = warmup
+        self._warmup_inputs = warmup_inputs
+        self._recovered = asyncio.Event()         # set while not recovering
+        self._recovered.set()
+        self._recovery: asyncio.Task[None] | None = None
+        self._restarts = self._retried = 0
+        self._last_error: BaseException | None = None
+        self._recovery_times = LatencyHistogram(RECOVERY_BUCKETS)
+        self._state_seconds: dict[str, float] = {}
+        self._warmup_seconds = 0.0
         self._call_timeout = call_timeout
         self._close_timeout = close_timeout
         self._maxsize = maxsize
@@ -145,6 +178,7 @@ class Runner:
         self._free_indices: list[int] = []        # stream indices given back, smallest first
         self._next_index = 0
         self._done = Completions(self._admission, self._lane)
+        self._retry_queue: list[Ticket] = []      # held by a failed device, re-run next
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
@@ -161,8 +195,11 @@ class Runner:
         return self.__aenter__().__await__()
 
     def _set_state(self, state: State) -> None:
+        now = time()
+        previous = self._state.value
+        self._state_seconds[previous] = self._state_seconds.get(previous, 0.0) + now - self._since
         self._state = state
-        self._since = time()
+        self._since = now
         self._accepting = state is State.READY and not self._input_closed
 
     async def _open(self) -> None:
@@ -176,8 +213,9 @@ class Runner:
             model = self._model = await load_model(self._load, self.name)
             gen = self._gen = Generation(self.name, model, loop, self, self._maxsize)
             self._prepare = model.prepare
-            self._submit = gen.pipeline.submit
+            self._submit = gen.submit
             await gen.start()
+            self._warmup_seconds = await gen.warm_up(self._warmup, self._warmup_inputs)
         except BaseException as exc:
             if gen is not None:
                 gen.stop_soon()
@@ -195,6 +233,26 @@ class Runner:
         self._set_state(State.READY)
         if self._call_timeout is not None:
             self._watchdog = Watchdog(loop, self._call_timeout, self.name, self._on_hang)
+            self._watchdog.watch(gen.pipeline)
+
+    async def _start_generation(self, load: Callable[[], Model]) -> Generation:
+        """Load, start and warm up a new generation (for a restart or a reload)."""
+        model = await load_model(load, self.name)
+        gen = Generation(self.name, model, self._loop, self, self._maxsize)  # type: ignore[arg-type]
+        try:
+            await gen.start()
+            await gen.warm_up(self._warmup, self._warmup_inputs)
+        except BaseException:
+            gen.stop_soon()
+            raise
+        return gen
+
+    def _switch_to(self, gen: Generation) -> None:
+        self._gen = gen
+        self._model = gen.model
+        self._prepare = gen.model.prepare
+        self._submit = gen.submit
+        if self._watchdog is not None:
             self._watchdog.watch(gen.pipeline)
 
     def close(self) -> None:
@@ -233,6 +291,14 @@ class Runner:
                 except TimeoutError:
                     pass
                 return
+            if self._recovery is not None and not self._recovery.done():
+                self._recovery.cancel()  # closing beats recovering: fail what waits for it
+                try:
+                    await self._recovery
+                except asyncio.CancelledError:
+                    pass
+                if self._state is State.RECOVERING:
+                    self._set_state(State.BROKEN)
             if self._state in (State.READY, State.BROKEN):
                 if self._state is State.READY:
                     self._set_state(State.CLOSING)
@@ -273,7 +339,8 @@ class Runner:
             self._watchdog.stop()
 
     def __del__(self) -> None:
-        if self._state in (State.STARTING, State.READY, State.BROKEN, State.CLOSING):
+        if self._state in (State.STARTING, State.READY, State.RECOVERING, State.BROKEN,
+                           State.CLOSING):
             warnings.warn(f"runner {self.name!r} was never closed: use 'async with "
                           f"aioaccel.open(...)' or 'await runner.aclose()'",
                           ResourceWarning, source=self, stacklevel=1)
@@ -292,6 +359,10 @@ class Runner:
         if self._gen is not None:
             self._gen.stop_sync(timeout)
 
+    def _in(self, state: State) -> bool:
+        """``self._state is state``, re-read after an await (a plain test would be narrowed)."""
+        return self._state is state
+
     def _threads_alive(self) -> bool:
         return self._gen is not None and not self._gen.pipeline.exited
 
@@ -303,15 +374,24 @@ class Runner:
             raise RunnerClosed(f"runner {self.name!r} is closed")
         if lane.closed:
             raise RunnerClosed(f"stream {lane.key!r} of runner {self.name!r} is closed")
-        if self._state is not State.READY:
+        if self._state is not State.READY and self._state is not State.RECOVERING:
             raise RuntimeError(f"runner {self.name!r} is not open: use 'async with "
                                f"aioaccel.open(...) as runner' or 'await aioaccel.open(...)'")
 
     async def _admit(self, lane: Lane) -> None:
         self._check_accepting(lane)
+        while self._in(State.RECOVERING):  # wait (bounded by the caller's timeouts)
+            await self._recovered.wait()
+            self._check_accepting(lane)
         if self._admission.try_take(lane):
             return
         await self._admission.wait(lane, self._loop)  # type: ignore[arg-type]
+        try:
+            while self._in(State.RECOVERING):
+                await self._recovered.wait()
+        except BaseException:
+            self._admission.release(lane)
+            raise
         if not self._accepting or lane.closed:  # closed or broken while we were woken
             self._admission.release(lane)
             self._check_accepting(lane)
@@ -321,6 +401,9 @@ class Runner:
         seq = next(self._seq)
         job = Job(seq, inputs, lane.index)
         ticket = Ticket(seq, tag, lane, future, job, perf_counter())
+        ticket.gen = self._gen
+        if self._retries:
+            ticket.inputs = inputs  # kept to re-run it after a restart
         done = self._done
         done.pushed += 1
         lane.pushed += 1
@@ -595,23 +678,163 @@ class Runner:
         if self._gen is not None:
             self._gen.on_worker_exit(worker)
 
-    def on_fatal(self, error: BaseException, stage: str) -> None:
+    def on_fatal(self, error: BaseException, stage: str, gen: Generation | None = None) -> None:
         if self._failure is not None and not isinstance(self._failure, RunnerClosed):
             return
-        self._break(device_error(error, f"stage {stage!r} of runner {self.name!r}"))
+        err = device_error(error, f"stage {stage!r} of runner {self.name!r}")
+        if gen is not None and gen is not self._gen:  # a generation being replaced by reload
+            gen.bridge.detach()
+            gen.stop_soon()
+            self._retry_or_fail(err, gen)
+            return
+        self._fatal(err)
 
     def _on_hang(self, err: DeviceTimeout) -> None:
         if self._failure is None:
+            self._fatal(err)
+
+    def _fatal(self, err: DeviceError) -> None:
+        if (self._restart is None or (self._state is not State.READY
+                and self._state is not State.CLOSING) or not self._restart.allow()):
             self._break(err)
+            return
+        self._recover(err)
+
+    # ---- self-healing -------------------------------------------------------------------
+    def _recover(self, err: DeviceError) -> None:
+        """Start recovering from a fatal failure: the failed generation stops at once, what
+        it held is kept for a retry or failed, and a task reopens the model."""
+        log.warning("runner %r: %s; recovering", self.name, err)
+        self._last_error = err
+        self._set_state(State.RECOVERING)
+        self._recovered.clear()
+        self._stop_watchdog()
+        old = self._gen
+        if old is not None:
+            old.bridge.detach()
+            old.pipeline.stop()
+        self._retry_or_fail(err, old)
+        self._recovery = asyncio.ensure_future(self._reopen_after(err, old))
+
+    def _retry_or_fail(self, err: DeviceError, gen: Generation | None) -> None:
+        """The items ``gen`` held: re-run (``retries``) on the next generation, or failed."""
+        done = self._done
+        retry: list[Ticket] = []
+        for seq, ticket in list(done.unfinished.items()):
+            if ticket.gen is not gen and gen is not None:
+                continue
+            if ticket.withdrawn:
+                del done.unfinished[seq]
+                self._admission.release(ticket.lane)
+            elif ticket.retries < self._retries:
+                ticket.retries += 1
+                retry.append(ticket)
+            else:
+                del done.unfinished[seq]
+                done.fail_one(ticket, err)
+        self._retry_queue.extend(retry)
+        if self._state is State.READY:
+            self._resubmit()
+        done.check_idle()
+
+    def _resubmit(self) -> None:
+        queue, self._retry_queue = self._retry_queue, []
+        gen = self._gen
+        for ticket in sorted(queue, key=lambda t: t.seq):
+            job = Job(ticket.seq, ticket.inputs, ticket.lane.index)
+            ticket.job = job
+            ticket.gen = gen
+            self._retried += 1
+            self._submit(job)
+
+    async def _reopen_after(self, err: DeviceError, old: Generation | None) -> None:
+        started = perf_counter()
+        budget = self._restart
+        assert budget is not None
+        if old is not None:
+            await old.stop(0.5)  # releases the device, abandoning a hung thread
+        while True:
+            await asyncio.sleep(budget.delay())
+            try:
+                gen = await self._start_generation(self._load)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("runner %r: reopening failed: %s", self.name, exc)
+                self._last_error = exc
+                if not budget.allow():
+                    failure = DeviceError(f"runner {self.name!r} could not recover from {err}: "
+                                          f"reopening failed: {exc}")
+                    failure.__cause__ = exc
+                    self._break(failure)
+                    self._recovered.set()
+                    return
+        self._switch_to(gen)
+        for ticket in self._retry_queue:
+            ticket.gen = gen
+        self._restarts += 1
+        budget.recovered()
+        self._recovery_times.add(perf_counter() - started)
+        self._set_state(State.READY if not self._closing else State.CLOSING)
+        self._resubmit()
+        self._recovered.set()
+        log.warning("runner %r recovered in %.3f s", self.name, perf_counter() - started)
+
+    async def reload(self, target: Any = None, **options: Any) -> None:
+        """Replace the model while serving: open the new one (``target`` and ``options`` as
+        for :func:`aioaccel.open`; by default the same target, re-read) beside the old one,
+        switch admission to it, let the old one finish what it holds, then close it. No item
+        fails or is lost; results keep push order. Both models are in memory for a while."""
+        if self._state is not State.READY:
+            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
+                               f"(it is {self._state.value})")
+        if target is None and not options:
+            load = self._load
+        elif self._reopen is None:
+            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
+                               f"reload only its own model")
+        else:
+            load = self._reopen(target, options)
+        gen = await self._start_generation(load)
+        if not self._in(State.READY):  # closed or failed meanwhile
+            await gen.stop(1.0)
+            raise RunnerClosed(f"runner {self.name!r} closed during the reload")
+        old = self._gen
+        self._load = load
+        self._switch_to(gen)
+        if old is not None:
+            if old.outstanding > 0:
+                old.drained = self._loop.create_future()  # type: ignore[union-attr]
+                try:
+                    await asyncio.wait_for(asyncio.shield(old.drained), self._close_timeout)
+                except TimeoutError:
+                    log.warning("runner %r: the old model still held %d items after %s s",
+                                self.name, old.outstanding, self._close_timeout)
+            await old.stop(1.0)
+
+    def health(self) -> Health:
+        """The runner's health: state, restarts, last fatal error, since when, last result."""
+        state = _HEALTH[self._state]
+        if state == "ready" and self._input_closed:
+            state = "closed"
+        seconds = dict(self._state_seconds)
+        seconds[self._state.value] = seconds.get(self._state.value, 0.0) + time() - self._since
+        return Health(state=state, restarts=self._restarts, last_error=self._last_error,
+                      since=self._since, last_completion=self._done.last_completion,
+                      state_seconds=seconds)
 
     def _break(self, err: DeviceError) -> None:
         """A fatal failure: every waiter gets ``err`` now; the threads are stopped."""
         log.error("runner %r is broken: %s", self.name, err)
         self._failure = err
+        self._last_error = err
         self._input_closed = True
         self._set_state(State.BROKEN)
         self._admission.fail_waiters(self._lanes(), lambda: copy_for_waiter(err))
+        self._retry_queue.clear()
         self._fail_pending(err)
+        self._recovered.set()  # whoever waited for a recovery sees the failure
         self._stop_watchdog()
         if self._gen is not None:
             self._gen.pipeline.stop()
@@ -697,7 +920,10 @@ class Runner:
                      else None),
             latency_buckets=done.histogram.cumulative(), latency_sum=done.histogram.sum,
             duplicates=duplicates, queue_p50=q50, queue_p99=q99, device_p50=w50,
-            device_p99=w99,
+            device_p99=w99, state=_HEALTH[self._state], restarts=self._restarts,
+            retried=self._retried, recovery_buckets=self._recovery_times.cumulative(),
+            recovery_sum=self._recovery_times.sum, warmup_seconds=self._warmup_seconds,
+            state_seconds=self.health().state_seconds,
         )
 
     def __repr__(self) -> str:

@@ -74,6 +74,16 @@ class RunnerStats:
     #: seconds in stage calls / on the device, recent items
     device_p50: float = 0.0
     device_p99: float = 0.0
+    #: health state: starting, ready, recovering, broken or closed
+    state: str = "ready"
+    restarts: int = 0    #: successful recoveries from fatal failures
+    retried: int = 0     #: items re-run after a device failure
+    #: recovery times so far, as cumulative (upper bound, count) buckets, and their sum
+    recovery_buckets: tuple[tuple[float, int], ...] = ()
+    recovery_sum: float = 0.0
+    warmup_seconds: float = 0.0  #: time the warm-up inferences took at open
+    #: seconds spent in each lifecycle state since the runner was made
+    state_seconds: dict[str, float] | None = None
 
     @property
     def throughput(self) -> float:

@@ -17,38 +17,96 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .bridge import Bridge, Receiver
 from .errors import open_error
-from .pipeline import Pipeline
+from .pipeline import Job, Pipeline
 
 if TYPE_CHECKING:
     from .backends import Model
     from .pipeline import Worker
 
-__all__ = ["Generation", "load_model"]
+__all__ = ["Generation", "load_model", "synthetic_inputs"]
 
 log = logging.getLogger("aioaccel")
 
 
 class Generation:
-    """One loaded model and its pipeline."""
+    """One loaded model and its pipeline. It receives its own bridge's signals (so that two
+    generations can run side by side during a reload) and passes finished jobs and fatal
+    failures on to the runner."""
 
     def __init__(self, runner_name: str, model: Model, loop: asyncio.AbstractEventLoop,
-                 receiver: Receiver, maxsize: int):
+                 runner: Receiver, maxsize: int):
         self.runner_name = runner_name
         self.model = model
         self.loop = loop
-        self.bridge = Bridge(loop, receiver)
+        self._runner: Callable[[], Receiver | None] = weakref.ref(runner)
+        self.bridge = Bridge(loop, self)
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize)
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
+        self.outstanding = 0           # jobs submitted and not handed back yet
+        self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
+        self._warmups: dict[int, asyncio.Future[None]] = {}
         self._ready_count = 0
         self._release_lock = threading.Lock()
         self._released = False
+
+    # ---- the runner's side ------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.outstanding += 1
+        self.pipeline.submit(job)
+
+    def on_jobs(self, jobs: list[Job]) -> None:
+        self.outstanding -= len(jobs)
+        if self._warmups:
+            jobs = [job for job in jobs if not self._warmed(job)]
+        runner = self._runner()
+        if runner is not None and jobs:
+            runner.on_jobs(jobs)
+        if self.outstanding <= 0 and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def on_fatal(self, error: BaseException, stage: str) -> None:
+        runner = self._runner()
+        if runner is not None:
+            runner.on_fatal(error, stage, self)  # type: ignore[call-arg]
+
+    async def warm_up(self, count: int, inputs: Any = None) -> float:
+        """Run ``count`` inferences on ``inputs`` (default: zeros of the model's input spec)
+        before any user item; returns the seconds it took. Failures are logged, not raised."""
+        if count <= 0:
+            return 0.0
+        sample = synthetic_inputs(self.model) if inputs is None else inputs
+        if self.model.prepare is not None and sample is not None:
+            sample = self.model.prepare(sample)
+        started = perf_counter()
+        futures = []
+        for n in range(count):
+            seq = -1 - n  # never a user item's seq
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self._warmups[seq] = fut
+            futures.append(fut)
+            self.submit(Job(seq, sample))
+        await asyncio.gather(*futures)
+        return perf_counter() - started
+
+    def _warmed(self, job: Job) -> bool:
+        fut = self._warmups.pop(job.seq, None)
+        if fut is None:
+            return False
+        if job.error is not None:
+            log.warning("runner %r: warm-up inference failed: %r", self.runner_name, job.error)
+        if not fut.done():
+            fut.set_result(None)
+        return True
 
     # ---- starting ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,7 +162,13 @@ class Generation:
         self._finish()
 
     def _finish(self) -> None:
-        hung = self.pipeline.join(0)
+        # Workers that signalled their exit are past every stage call: joining them returns
+        # at once. The others are stuck in a call and are abandoned.
+        for w in self.pipeline.workers:
+            if w.exited and w.thread is not None:
+                w.thread.join(1.0)
+        hung = [w.thread.name for w in self.pipeline.workers
+                if not w.exited and w.thread is not None]
         if hung:
             log.warning("runner %r: threads %s did not stop; abandoned (daemon threads)",
                         self.runner_name, hung)
@@ -125,6 +189,15 @@ class Generation:
                 close()
             except Exception:
                 log.exception("runner %r: releasing the model failed", self.runner_name)
+
+
+def synthetic_inputs(model: Model) -> Any:
+    """Zeros shaped by the model's input spec (dynamic dimensions as 1); None without a spec."""
+    specs = model.inputs
+    if not specs or any(spec.shape is None for spec in specs):
+        return None
+    return {spec.name: np.zeros([1 if d is None else d for d in spec.shape or ()], spec.dtype)
+            for spec in specs}
 
 
 async def load_model(load: Callable[[], Model], runner_name: str) -> Model:
