@@ -264,37 +264,48 @@ class Pipeline:
         return True
 
     def _run_blocking(self, w: Worker, run: Callable[[Any], Any]) -> None:
+        # The hot loop: everything it calls is bound to a local, nothing is a method call
+        # that could be inlined (this thread competes with the loop for the GIL).
         queue = self.queues[w.index]
-        pending, depth = queue.qsize, self.defer_depth
+        get, get_nowait, pending, depth = queue.get, queue.get_nowait, queue.qsize, self.defer_depth
+        flush, claim = self.bridge.flush, self._claim
         forward = self._forward(w.index)
         first = w.index == 0
         name = w.spec.name
-        try:
-            while True:
-                job = self._next(w, queue)
-                if not self._take(w, job, first, forward):
-                    continue
-                t0 = w.call_started = perf_counter()
-                try:
-                    job.value = run(job.value)
-                except DeviceError as exc:
-                    self._fatal(exc, name)
-                    return
-                except Exception as exc:
-                    job.error = exc
-                    job.failed_stage = name
-                except BaseException as exc:  # SystemExit, KeyboardInterrupt: nothing sane remains
-                    self._fatal(exc, name)
-                    return
-                t1 = perf_counter()
-                w.call_started = 0.0
-                w.busy += t1 - t0
-                job.work += t1 - t0
-                w.calls += 1
-                job.at = w.index + 1
-                forward(job, t1, t1 - t0 < SHORT_CALL and pending() > depth)
-        except _Stopped:
-            return
+        while True:
+            try:
+                job = get_nowait()
+            except Empty:
+                flush()  # about to wait: no deferred result may wait with us
+                job = get()
+            if job is _STOP:
+                return
+            if self.stopping:
+                continue
+            if first and not claim(job):
+                forward(job, perf_counter())  # a withdrawn shell: the loop frees its slot
+                continue
+            t0 = w.call_started = perf_counter()
+            if first:
+                job.t_start = t0
+            try:
+                job.value = run(job.value)
+            except DeviceError as exc:
+                self._fatal(exc, name)
+                return
+            except Exception as exc:
+                job.error = exc
+                job.failed_stage = name
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: nothing sane remains
+                self._fatal(exc, name)
+                return
+            t1 = perf_counter()
+            w.call_started = 0.0
+            w.busy += t1 - t0
+            job.work += t1 - t0
+            w.calls += 1
+            job.at = w.index + 1
+            forward(job, t1, t1 - t0 < SHORT_CALL and pending() > depth)
 
     def _feed_device(self, w: Worker, device: DeviceStage) -> None:
         queue = self.queues[w.index]

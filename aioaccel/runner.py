@@ -213,7 +213,7 @@ class Runner:
             model = self._model = await load_model(self._load, self.name)
             gen = self._gen = Generation(self.name, model, loop, self, self._maxsize)
             self._prepare = model.prepare
-            self._submit = gen.submit
+            self._submit = gen.pipeline.queues[0].put
             await gen.start()
             self._warmup_seconds = await gen.warm_up(self._warmup, self._warmup_inputs)
         except BaseException as exc:
@@ -251,7 +251,7 @@ class Runner:
         self._gen = gen
         self._model = gen.model
         self._prepare = gen.model.prepare
-        self._submit = gen.submit
+        self._submit = gen.pipeline.queues[0].put  # (C) the job goes to stage 0's hand-off
         if self._watchdog is not None:
             self._watchdog.watch(gen.pipeline)
 
@@ -643,7 +643,7 @@ class Runner:
                     tickets.popleft()
                     self._done.consumed(head)
                     job = head.job
-                    if not tickets:
+                    if not tickets and lane is not self._lane:
                         self._forget_if_done(lane)
                     return Result(job.value, head.tag, head.seq, job.t_done - head.t_admit,
                                   head.error)
@@ -804,6 +804,7 @@ class Runner:
         self._load = load
         self._switch_to(gen)
         if old is not None:
+            old.outstanding = sum(1 for t in self._done.unfinished.values() if t.gen is old)
             if old.outstanding > 0:
                 old.drained = self._loop.create_future()  # type: ignore[union-attr]
                 try:

@@ -52,7 +52,9 @@ class Generation:
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize)
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
-        self.outstanding = 0           # jobs submitted and not handed back yet
+        #: jobs not handed back yet; counted down here, set by the runner when it matters
+        #: (a reload waits for the old generation to drain), so submitting costs nothing
+        self.outstanding = 0
         self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
         self._warmups: dict[int, asyncio.Future[None]] = {}
         self._ready_count = 0
@@ -61,7 +63,6 @@ class Generation:
 
     # ---- the runner's side ------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        self.outstanding += 1
         self.pipeline.submit(job)
 
     def on_jobs(self, jobs: list[Job]) -> None:
@@ -94,6 +95,7 @@ class Generation:
             fut: asyncio.Future[None] = self.loop.create_future()
             self._warmups[seq] = fut
             futures.append(fut)
+            self.outstanding += 1
             self.submit(Job(seq, sample))
         await asyncio.gather(*futures)
         return perf_counter() - started
