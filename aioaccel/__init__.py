@@ -22,6 +22,7 @@ from .runner import Runner as Runner
 from .stages import BlockingStage as BlockingStage
 from .stages import DeviceStage as DeviceStage
 from .stages import StageSpec as StageSpec
+from .stats import BatchStats as BatchStats
 from .stats import RunnerStats as RunnerStats
 from .stats import StageStats as StageStats
 from .streams import Stream as Stream
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelError",
     "BackendUnavailable",
+    "BatchStats",
     "BlockingStage",
     "Device",
     "DeviceError",

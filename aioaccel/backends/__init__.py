@@ -43,6 +43,8 @@ class Model:
     max_streams: int | None = None
     #: per-layer timings for ``runner.stats().profile`` (backends that can profile)
     profile: Callable[[], dict[str, Any]] | None = None
+    #: rows the first stage takes per call (``open(batch=N)``); 1: one item per call
+    batch: int = 1
 
 
 @dataclass(frozen=True)
