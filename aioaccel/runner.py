@@ -214,7 +214,8 @@ class Runner:
         gen: Generation | None = None
         try:
             model = self._model = await load_model(self._load, self.name)
-            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize, self._batch_wait)
+            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize,
+                                         self._batch_wait)
             self._prepare = model.prepare
             self._submit = gen.pipeline.queues[0].put
             await gen.start()

@@ -216,7 +216,7 @@ def test_join_and_split_round_trip_every_input_form() -> None:
     assert isinstance(parts[0], tuple) and parts[3][1].shape == (2,)
     with pytest.raises(ValueError, match="4 rows for a batch of 5 rows from 4 items"):
         split(batch[:4], counts)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="along dimension 1"):
         join([np.ones((1, 3)), np.ones((1, 4))])
     assert not np.shares_memory(split(batch, counts)[0], batch)
 

@@ -4,6 +4,7 @@ warm-up, live reload."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 import time
@@ -125,7 +126,7 @@ async def test_a_reopen_that_fails_twice_then_works_backs_off_more_each_time() -
         health = runner.health()
     assert outs == list(range(8))
     assert len(attempts) == 4 and health.restarts == 1
-    gaps = [b - a for a, b in zip(attempts[1:], attempts[2:])]
+    gaps = [b - a for a, b in itertools.pairwise(attempts[1:])]
     assert gaps[1] > gaps[0] * 1.5, gaps
 
 
