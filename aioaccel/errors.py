@@ -10,7 +10,8 @@
      ├── InferTimeout        ``infer(..., timeout=)`` ran out (also TimeoutError)
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
-     └── BackendUnavailable  a runtime is not installed (the message says what to install)
+     ├── BackendUnavailable  a runtime is not installed (the message says what to install)
+     └── ModelLoadError      a runtime cannot read or convert a model file (names file, runtime, cause)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
 exception is always available as ``__cause__``.
@@ -28,6 +29,7 @@ __all__ = [
     "InferTimeout",
     "InferenceError",
     "InputError",
+    "ModelLoadError",
     "RunnerClosed",
     "WouldBlock",
 ]
@@ -77,3 +79,8 @@ class WouldBlock(AccelError):
 
 class BackendUnavailable(AccelError, ImportError):
     """The runtime a backend needs is not installed; the message says what to install."""
+
+
+class ModelLoadError(AccelError, ValueError):
+    """A runtime cannot read or convert a model file: the message names the file, the runtime
+    and its reason; the runtime's exception is ``__cause__``."""

@@ -9,7 +9,6 @@ missing runtime costs nothing until it is asked for, and then raises
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -125,13 +124,6 @@ def available_backends() -> list[str]:
     return names
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # the parent package is missing
-        return False
-
-
 def _is_stage(obj: Any) -> bool:
     return isinstance(obj, (StageSpec, BlockingStage, DeviceStage)) or callable(obj)
 
@@ -148,9 +140,9 @@ def resolve_backend(target: Any) -> str:
         return "openvino"
     if isinstance(first, (str, os.PathLike)):
         suffix = os.path.splitext(os.fspath(first))[1].lower()
-        if (suffix == ".xml" and not _importable("openvino.runtime")
-                and _importable("openvino.inference_engine")):
-            return "openvino-legacy"  # an OpenVINO old enough to have only the legacy API
+        # .xml -> "openvino", whose load (on a worker thread) hands over to the legacy backend
+        # when the installed OpenVINO has only the legacy API: finding that out imports the
+        # openvino package, which must not happen here, on the event loop.
         for backend in BACKENDS.values():
             if suffix in backend.suffixes:
                 return backend.name
