@@ -51,14 +51,15 @@ class Backend:
     suffixes: tuple[str, ...]     #: model files it opens when no backend is named
     runtime: tuple[str, ...]      #: modules to import to tell whether it is usable
     install: str                  #: what to install when it is not
+    runtime_any: tuple[str, ...] = ()  #: and at least one of these must import
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("function", "function", (), (), "nothing: it is built in"),
-        Backend("litert", "litert", (".tflite",), ("ai_edge_litert.interpreter",),
-                "pip install 'aioaccel[litert]'"),
+        Backend("litert", "litert", (".tflite",), (), "pip install 'aioaccel[litert]'",
+                ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")),
         Backend("openvino", "openvino", (".xml",), ("openvino",),
                 "pip install 'aioaccel[openvino]'"),
         Backend("onnx", "onnx", (".onnx",), ("onnxruntime",), "pip install 'aioaccel[onnx]'"),
@@ -118,6 +119,8 @@ def available_backends() -> list[str]:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 for mod in backend.runtime:
                     importlib.import_module(mod)
+                if backend.runtime_any:
+                    require(name, *backend.runtime_any)
         except ImportError:
             continue
         names.append(name)
