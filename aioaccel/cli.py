@@ -30,6 +30,8 @@ import numpy as np
 import aioaccel
 from aioaccel.tensors import format_shape
 
+__all__ = ["main"]
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEMO_BACKENDS = ("litert", "onnx", "openvino")
 
