@@ -11,7 +11,7 @@
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
      ├── BackendUnavailable  a runtime is not installed (the message says what to install)
-     └── ModelLoadError      a runtime cannot read or convert a model file (names file, runtime, cause)
+     └── ModelLoadError      a runtime cannot read or convert a model file (also ValueError)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
 exception is always available as ``__cause__``.

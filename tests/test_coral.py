@@ -285,7 +285,6 @@ def test_an_output_no_later_segment_consumes_is_refused_where_libcoral_aborts(
 def test_push_in_another_order_than_the_first_segment_is_an_abort_in_libcoral(
         tmp_path: Path) -> None:
     from aioaccel.testing.coral import SimulatedAbort
-
     from aioaccel.testing.models import two_input_model
 
     path = two_input_model(tmp_path / "two.tflite")

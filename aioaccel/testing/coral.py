@@ -85,7 +85,7 @@ class CoralSimulation:
                          delegate: Any = None) -> Any:
         from ..backends.litert import interpreter_module
 
-        Interpreter = interpreter_module().Interpreter  # noqa: N806 - a class
+        Interpreter = interpreter_module().Interpreter
         tpu = self._find(device)
         self.interpreters.append((str(model_path_or_content)[:200], tpu["path"]))
         if isinstance(model_path_or_content, bytes):
