@@ -5,13 +5,13 @@
     AccelError
      ├── InferenceError      one item failed; later items still flow (.seq, .tag, cause chained)
      ├── InputError          bad input, rejected before it reached the runtime (also ValueError)
+     ├── ModelLoadError      a runtime cannot read or convert a model file (also ValueError)
      ├── DeviceError         fatal: the runner is broken, every waiter gets it
      │    └── DeviceTimeout  a runtime call hung past ``call_timeout``
      ├── InferTimeout        ``infer(..., timeout=)`` ran out (also TimeoutError)
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
-     ├── BackendUnavailable  a runtime is not installed (the message says what to install)
-     └── ModelLoadError      a runtime cannot read or convert a model file (also ValueError)
+     └── BackendUnavailable  a runtime is not installed (the message says what to install)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
 exception is always available as ``__cause__``.
@@ -57,6 +57,11 @@ class InputError(AccelError, ValueError):
     """The input does not match the model's input spec; nothing reached the runtime."""
 
 
+class ModelLoadError(AccelError, ValueError):
+    """A runtime cannot read or convert a model file: the message names the file, the runtime
+    and its reason; the runtime's exception is ``__cause__``."""
+
+
 class DeviceError(AccelError):
     """A fatal failure: the device or runtime is gone and the runner is broken."""
 
@@ -79,8 +84,3 @@ class WouldBlock(AccelError):
 
 class BackendUnavailable(AccelError, ImportError):
     """The runtime a backend needs is not installed; the message says what to install."""
-
-
-class ModelLoadError(AccelError, ValueError):
-    """A runtime cannot read or convert a model file: the message names the file, the runtime
-    and its reason; the runtime's exception is ``__cause__``."""
