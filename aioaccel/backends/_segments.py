@@ -31,8 +31,7 @@ if TYPE_CHECKING:
     from ..stages import StageSpec
     from . import Model
 
-__all__ = ["SegmentIO", "Wiring", "build_model", "check_chain", "model_paths", "plan",
-           "validator"]
+__all__ = ["SegmentIO", "Wiring", "build_model", "model_paths", "plan", "validator"]
 
 
 def model_paths(target: Any, suffixes: Sequence[str]) -> list[Path]:
@@ -187,12 +186,6 @@ def _refusal(index: int, segment: SegmentIO, previous: SegmentIO,
     return (f"segment {index} ({segment.label}) {by_name}; by position: {by_position}. "
             f"Segment files must chain by tensor name, or by position in count, dtype and "
             f"shape")
-
-
-def check_chain(segments: Sequence[SegmentIO | tuple[str, Sequence[TensorSpec],
-                                                    Sequence[TensorSpec]]]) -> list[Wiring]:
-    """:func:`plan` for (label, inputs, outputs) tuples too."""
-    return plan([s if isinstance(s, SegmentIO) else SegmentIO(*s) for s in segments])
 
 
 def validator(inputs: Sequence[TensorSpec], cast: bool,

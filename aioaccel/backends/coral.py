@@ -6,7 +6,9 @@
   thread calls ``push`` and a drainer thread calls ``pop``. Both vendor queues are bounded
   (``set_input_queue_size`` / ``set_output_queue_size``, unbounded by default) by the runner's
   ``maxsize``, so ``push`` blocks the feeder when the TPUs fall behind: backpressure reaches
-  the vendor. pycoral returns results in push order, so tokens are paired FIFO.
+  the vendor. pycoral returns results in push order, so tokens are paired FIFO. The chain is
+  checked first (:func:`check_pipeline`): where libcoral's constructor would abort the
+  process, aioaccel raises ``ValueError`` naming the segment and the tensor.
 * ``aioaccel.open("model.tflite", backend="coral", replicas=2)`` -- data parallelism: the same
   model on several Edge TPUs, one interpreter and worker thread each.
 
