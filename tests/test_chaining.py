@@ -20,14 +20,18 @@ from aioaccel.testing.models import Chain, dense_chain
 
 pytestmark = pytest.mark.anyio
 
-RUNTIMES = ["litert", "onnx", "openvino", "openvino-async"]
+RUNTIMES = ["litert", "onnx", "openvino", "openvino-async", "openvino-ir"]
 
 
 def segment_files(runtime: str, chain: Chain, tmp: Path, segments: int,
                   generic: bool) -> list[Path]:
     if runtime == "litert":
         return chain.write_tflite_segments(tmp, segments, generic_names=generic)
-    # OpenVINO reads the same ONNX files (its frontend converts them at open)
+    if runtime == "openvino-ir":  # OpenVINO's own format, .xml + .bin per segment
+        parts = chain.split(segments)
+        return [(p.generically_named() if generic else p).write_openvino(
+                    tmp / f"segment_{i}_of_{segments}.xml") for i, p in enumerate(parts)]
+    # OpenVINO also reads the ONNX files (its frontend converts them at open)
     return chain.write_onnx_segments(tmp, segments, generic_names=generic)
 
 

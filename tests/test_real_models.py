@@ -147,6 +147,17 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("name,runtime", sorted({(m, r) for m, r, _ in CASES}))
+def test_info_names_every_input_and_output(name: str, runtime: str) -> None:
+    path = real(name)
+    proc = cli("info", str(path), "--backend", runtime)
+    assert proc.returncode == 0, proc.stderr
+    expected = raw_outputs(runtime, path, next(f for m, r, [f, *_] in CASES if m == name))
+    for tensor in [*next(f for m, _, [f, *_] in CASES if m == name), *expected]:
+        assert tensor in proc.stdout, (tensor, proc.stdout)
+    assert f"backend: {runtime}" in proc.stdout
+
+
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_info_shows_every_input_and_output_of_a_multi_input_model(backend: str) -> None:
     proc = cli("info", str(real("vad")), "--backend", backend)
