@@ -45,7 +45,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,29 +109,29 @@ class AccelReplica:
         options.setdefault("maxsize", DEFAULT_REPLICA_MAXSIZE)
         self._cast = bool(options.get("cast", False))
         self._items = 0
+        self._where = _where_am_i()
         self._runner = aioaccel.open(target, **options)
         await self._runner.__aenter__()
 
     async def describe(self) -> dict[str, Any]:
         """What a client needs once: the model's specs, and where this replica runs."""
-        import ray
-
         runner = self._runner
-        context = ray.get_runtime_context()
         return {
             "inputs": runner.inputs,
             "outputs": runner.outputs,
             "cast": self._cast,
-            "node_id": context.get_node_id(),
+            "replica": self._where,
             "pid": os.getpid(),
             "items": self._items,
             "stats": runner.stats(),
         }
 
-    async def infer_batch(self, batch: list[Any]) -> list[tuple[int, Any]]:
-        """Run every input of ``batch`` concurrently; one ``(kind, value)`` answer per input."""
+    async def infer_batch(self, batch: list[Any]) -> tuple[str, list[tuple[int, Any]]]:
+        """Run every input of ``batch`` concurrently: ``(replica, answers)``, one ``(kind,
+        value)`` answer per input; ``replica`` names this replica (its actor id and node)."""
         self._items += len(batch)
-        return list(await asyncio.gather(*(self._infer_one(x) for x in batch)))
+        answers = await asyncio.gather(*(self._infer_one(x) for x in batch))
+        return self._where, list(answers)
 
     async def _infer_one(self, inputs: Any) -> tuple[int, Any]:
         try:
@@ -146,10 +146,25 @@ class AccelReplica:
         if self._runner.closed:
             raise RuntimeError(f"aioaccel runner {self._runner.name!r} is closed or broken")
 
-    async def __del__(self) -> None:
-        runner = getattr(self, "_runner", None)
-        if runner is not None:
-            await runner.aclose()
+    async def aclose(self) -> None:
+        """Close the runner: it drains what it admitted (bounded by its ``close_timeout``)."""
+        await self._runner.aclose()
+
+    def __del__(self) -> Coroutine[Any, Any, None] | None:
+        # Serve calls __del__ at the replica's graceful shutdown and awaits what it returns;
+        # Python's own call at garbage collection must not make a coroutine nobody awaits.
+        if getattr(self, "_runner", None) is None or getattr(self, "_closing", False):
+            return None
+        self._closing = True
+        return self.aclose()
+
+
+def _where_am_i() -> str:
+    """``"<actor id>@<node id>"``: which replica answered, on which node."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return f"{context.get_actor_id()}@{context.get_node_id()}"
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -228,8 +243,7 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     if not isinstance(max_ongoing, int) or max_ongoing < 1:
         raise ValueError(f"max_ongoing must be a positive int, got {max_ongoing!r}")
     actor_options = _actor_options(resources)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    _ensure_serve(serve)
     if check_resources:
         need_per_replica = {"CPU": actor_options.get("num_cpus", 1),
                             "GPU": actor_options.get("num_gpus", 0),
@@ -251,6 +265,19 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     return handle
 
 
+def _ensure_serve(serve: Any) -> None:
+    """Connect to Ray (``RAY_ADDRESS`` or a local cluster) and start Serve if it is not running,
+    without its HTTP proxy: clients come through handles (``connect``), not HTTP."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        serve.start(proxy_location="Disabled")
+
+
 def _wait_running(serve: Any, name: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pause = 0.05
@@ -265,7 +292,7 @@ def _wait_running(serve: Any, name: str, timeout: float) -> None:
             detail = "; ".join(
                 f"{dep}: {d.status}: {d.message}"
                 for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
-            serve.delete(name)
+            serve.delete(name, _blocking=False)  # pending replicas may take long to go
             what = ("failed to deploy" if status == "DEPLOY_FAILED"
                     else f"was not running after {timeout} s (status {status})")
             raise NotEnoughResources(f"application {name!r} {what}: {message} {detail}".strip())
@@ -397,6 +424,7 @@ class _RemoteStage(DeviceStage):
         # counters (read by stats().profile)
         self._sent_calls = self._sent_items = self._retried = self._lost_calls = 0
         self._cancelled_unsent = self._cancelled_calls = self._overloaded = 0
+        self._answered_by: dict[str, int] = {}  # "<actor id>@<node id>" -> items answered
 
     def counters(self) -> dict[str, Any]:
         calls = self._sent_calls
@@ -405,7 +433,8 @@ class _RemoteStage(DeviceStage):
                 "retries": self._retried, "failed_calls": self._lost_calls,
                 "overloaded_calls": self._overloaded, "cancelled_unsent": self._cancelled_unsent,
                 "cancelled_calls": self._cancelled_calls, "in_flight_calls": len(self._in_flight),
-                "batch": self._batch, "max_calls": self._calls}
+                "batch": self._batch, "max_calls": self._calls,
+                "answered_by": dict(self._answered_by)}
 
     # ---- DeviceStage --------------------------------------------------------------------
     def start(self, complete: Complete) -> None:
@@ -529,9 +558,11 @@ class _RemoteStage(DeviceStage):
             for p in batch:
                 self._answer(p, None, RemoteError(_describe_error(exc)))
             return []
+        replica, answers = replies
+        self._answered_by[replica] = self._answered_by.get(replica, 0) + len(batch)
         again: list[_Pending] = []
         reason = ""
-        for p, (kind, value) in zip(batch, replies, strict=True):
+        for p, (kind, value) in zip(batch, answers, strict=True):
             if kind == _OK:
                 self._answer(p, value, None)
             elif kind == _REPLICA_BROKEN:
