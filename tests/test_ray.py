@@ -310,7 +310,7 @@ async def test_fastapi_integration_over_connect(mlp: str) -> None:
 
     @app.post("/infer")
     async def infer(request: Request,
-                    runner: aioaccel.Runner = Depends(accel.runner())) -> Response:
+                    runner: aioaccel.Runner = Depends(accel.runner())) -> Response:  # noqa: B008
         return await accel.infer(request, runner, await accel.read_inputs(request, runner))
 
     @app.get("/healthz")

@@ -102,7 +102,8 @@ class AccelReplica:
     application), or :func:`deploy` to run it as an application of its own.
     """
 
-    async def __init__(self, target: Any, open_options: dict[str, Any]) -> None:
+    # Serve awaits an async __init__ (the runner opens on the replica's loop); mypy objects
+    async def __init__(self, target: Any, open_options: dict[str, Any]) -> None:  # type: ignore[misc]
         import aioaccel
 
         options = dict(open_options)
@@ -233,8 +234,6 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     is deleted. ``target`` must be picklable (a model path, a picklable callable).
     """
     serve = _serve()
-    import ray
-
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     if not isinstance(max_queued, int) or (max_queued < 1 and max_queued != -1):
