@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: F401  (one BLAS/OpenMP thread per call)
+import _common  # also sets one BLAS/OpenMP thread per call
 import numpy as np
 import ray
 from ray import serve

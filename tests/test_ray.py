@@ -7,8 +7,11 @@ One cluster for the module; every application is deleted by the fixture that mad
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -330,6 +333,18 @@ async def test_fastapi_integration_over_connect(mlp: str) -> None:
     np.testing.assert_allclose(value, CHAIN.reference(x), rtol=1e-5, atol=1e-5)
     assert bad.status_code == 422 and "expected shape (1, 8)" in bad.text
     assert health.status_code == 200 and health.json()["ok"] is True
+
+
+# ---- the example -----------------------------------------------------------------------------
+def test_scale_out_example_runs(cluster: Any) -> None:
+    root = Path(__file__).resolve().parent.parent
+    # its own local Ray instance (address="local"), beside this module's cluster
+    proc = subprocess.run([sys.executable, "-W", "error", "examples/ray_scale_out.py", "60", "2"],
+                          cwd=root, capture_output=True, text=True, timeout=180,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("60 frames in order, answered by ")
+    assert "bad input refused at the client: input 'input': expected shape (1, 16)" in proc.stdout
 
 
 # ---- the replica, on its own -----------------------------------------------------------------
