@@ -423,6 +423,7 @@ class _RemoteStage(DeviceStage):
         # counters (read by stats().profile)
         self._sent_calls = self._sent_items = self._retried = self._lost_calls = 0
         self._cancelled_unsent = self._cancelled_calls = self._overloaded = 0
+        self._cancelled_items = 0  # answered "cancelled": never sent, or their call cancelled
         self._answered_by: dict[str, int] = {}  # "<actor id>@<node id>" -> items answered
 
     def counters(self) -> dict[str, Any]:
@@ -431,7 +432,8 @@ class _RemoteStage(DeviceStage):
                 "mean_batch": self._sent_items / calls if calls else 0.0,
                 "retries": self._retried, "failed_calls": self._lost_calls,
                 "overloaded_calls": self._overloaded, "cancelled_unsent": self._cancelled_unsent,
-                "cancelled_calls": self._cancelled_calls, "in_flight_calls": len(self._in_flight),
+                "cancelled_calls": self._cancelled_calls,
+                "cancelled_items": self._cancelled_items, "in_flight_calls": len(self._in_flight),
                 "batch": self._batch, "max_calls": self._calls,
                 "answered_by": dict(self._answered_by)}
 
@@ -505,6 +507,7 @@ class _RemoteStage(DeviceStage):
                 pending = arrived.popleft()
                 if _abandoned(pending.token):
                     self._cancelled_unsent += 1
+                    self._cancelled_items += 1
                     self._answer(pending, None, RemoteError("cancelled before it was sent"))
                 else:
                     batch.append(pending)
@@ -521,6 +524,7 @@ class _RemoteStage(DeviceStage):
                 raise
             self._cancelled_calls += 1  # every item's infer was cancelled (see _reap)
             for p in batch:
+                self._cancelled_items += 1
                 self._answer(p, None, RemoteError("cancelled"))
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
