@@ -98,10 +98,20 @@ def fails_on_negative(x: np.ndarray) -> np.ndarray:
     return x + 1
 
 
+def unplugs_on_negative(x: np.ndarray) -> np.ndarray:
+    if x[0] < 0:
+        raise aioaccel.DeviceError("device unplugged")  # breaks the replica's runner
+    return x * 3
+
+
+def replica_names(app: str) -> list[str]:
+    """The live replica actors of ``app`` (Serve names them ``SERVE_REPLICA::app#...#id``)."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+
+
 def replica_actors(app: str) -> list[Any]:
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
-    return [ray.get_actor(name, namespace="serve") for name in names]
+    return [ray.get_actor(name, namespace="serve") for name in replica_names(app)]
 
 
 def node_of(actor: Any) -> str:
@@ -229,6 +239,51 @@ async def test_remote_item_failure_is_an_inference_error_with_the_cause(cluster:
             assert remote.stats().profile["retries"] == 0  # an item's failure is not retried
     finally:
         serve.delete("picky")
+
+
+async def test_serve_overload_becomes_client_backpressure(cluster: Any) -> None:
+    # one replica serving one call at a time, one more queued: the client's other calls are
+    # refused by Serve (BackPressureError), wait and go again; the client fills up meanwhile
+    deploy(slow_double, name="narrow", replicas=1, resources={"CPU": 0.25}, max_ongoing=1,
+           max_queued=1)
+    try:
+        async with connect("narrow", maxsize=8, calls=4, batch=2) as remote:
+            for i in range(8):
+                remote.push_nowait(np.array([float(i)]), tag=i)
+            with pytest.raises(aioaccel.WouldBlock):
+                remote.push_nowait(np.array([8.0]))
+            results = [await anext(remote) for _ in range(8)]
+            stats = remote.stats()
+        assert [r.tag for r in results] == list(range(8))
+        assert [float(r.outputs[0]) for r in results] == [2.0 * i for i in range(8)]
+        assert stats.profile["overloaded_calls"] >= 1 and stats.failed == 0
+    finally:
+        serve.delete("narrow")
+
+
+async def test_a_broken_runner_makes_serve_replace_its_replica(cluster: Any) -> None:
+    deploy(unplugs_on_negative, name="fragile", replicas=1, resources={"CPU": 0.25},
+           health_check_period=0.5)
+    try:
+        [before] = replica_names("fragile")
+        async with connect("fragile", maxsize=4, retries=0) as remote:
+            with pytest.raises(aioaccel.InferenceError, match="device unplugged"):
+                await remote.infer(np.array([-1.0]))
+            # check_health now fails on that replica: Serve replaces it (no event to await)
+            deadline = time.monotonic() + 25
+            while replica_names("fragile") in ([before], []):
+                assert time.monotonic() < deadline, "Serve did not replace the broken replica"
+                await asyncio.sleep(0.2)
+            while True:  # the new replica serves once Serve routes to it
+                try:
+                    reply = await remote.infer(np.array([2.0]))
+                    break
+                except aioaccel.InferenceError:
+                    assert time.monotonic() < deadline, "the new replica never answered"
+                    await asyncio.sleep(0.2)
+            assert float(reply[0]) == 6.0
+    finally:
+        serve.delete("fragile")
 
 
 async def test_connect_to_an_unknown_application_says_so(cluster: Any) -> None:

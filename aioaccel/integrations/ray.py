@@ -183,6 +183,13 @@ def deployment() -> Any:
     return _serve().deployment(AccelReplica)
 
 
+def __getattr__(name: str) -> Any:
+    # ``AccelDeployment``: the Serve deployment, made on first use (it needs Ray)
+    if name == "AccelDeployment":
+        return deployment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _actor_options(resources: Mapping[str, float] | None) -> dict[str, Any]:
     """``{"CPU": 1, "GPU": 0, "EdgeTPU": 1}`` -> Ray actor options (CPU/GPU are separate)."""
     custom = dict(resources or {})
@@ -221,7 +228,8 @@ def _replicas_that_fit(need_per_replica: Mapping[str, float]) -> tuple[int, dict
 def deploy(target: Any, *, name: str, replicas: int = 1,
            resources: Mapping[str, float] | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
            max_ongoing: int = DEFAULT_MAX_ONGOING, check_resources: bool = True,
-           deploy_timeout: float = 120.0, **open_options: Any) -> Any:
+           deploy_timeout: float = 120.0, health_check_period: float | None = None,
+           **open_options: Any) -> Any:
     """Run the Ray Serve application ``name``: ``replicas`` replicas, each owning one
     ``aioaccel.open(target, **open_options)`` runner. Returns its ``DeploymentHandle``.
 
@@ -231,7 +239,10 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     ``check_resources=False`` (an autoscaling cluster that adds nodes on demand), asking for
     more replicas than the live nodes can hold raises :class:`NotEnoughResources` at once;
     replicas not running within ``deploy_timeout`` seconds raise it too, and the application
-    is deleted. ``target`` must be picklable (a model path, a picklable callable).
+    is deleted. Serve asks each replica's runner for its health every ``health_check_period``
+    seconds (Serve's default: 10). ``target`` must be picklable (a model path, a picklable
+    callable). It blocks until the replicas run: from async code, ``await
+    asyncio.to_thread(deploy, ...)``.
     """
     serve = _serve()
     if not isinstance(replicas, int) or replicas < 1:
@@ -255,9 +266,12 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
                 f"{need_per_replica}, but the cluster's live nodes can hold {fit} (cluster "
                 f"totals: {totals}); start nodes with those resources (ray start "
                 f"--resources=...), or ask for fewer replicas")
+    options: dict[str, Any] = {}
+    if health_check_period is not None:
+        options["health_check_period_s"] = health_check_period
     app = deployment().options(
         name="AccelReplica", num_replicas=replicas, ray_actor_options=actor_options,
-        max_ongoing_requests=max_ongoing, max_queued_requests=max_queued,
+        max_ongoing_requests=max_ongoing, max_queued_requests=max_queued, **options,
     ).bind(target, dict(open_options))
     handle = serve._run(app, name=name, route_prefix=None, _blocking=False)
     _wait_running(serve, name, deploy_timeout)
