@@ -119,6 +119,14 @@ def node_of(actor: Any) -> str:
                                              .get_node_id()))
 
 
+def test_without_ray_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does when it is absent
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    for call in (lambda: connect("x"), lambda: deploy("m.onnx", name="x")):
+        with pytest.raises(aioaccel.BackendUnavailable, match=r"pip install 'aioaccel\[ray\]'"):
+            call()
+
+
 # ---- placement ---------------------------------------------------------------------------
 def test_replicas_land_only_on_nodes_with_the_resource(cluster: Any, mlp: str) -> None:
     actors = replica_actors(mlp)
