@@ -30,6 +30,7 @@ import aioaccel  # noqa: E402
 from aioaccel.integrations.fastapi import Accel  # noqa: E402
 from aioaccel.integrations.ray import (  # noqa: E402
     AccelReplica,
+    DeployError,
     NotEnoughResources,
     RemoteError,
     connect,
@@ -159,6 +160,14 @@ def test_replicas_that_cannot_start_are_reported_after_the_deadline(cluster: Any
             break  # deleting a replica that never started takes Serve a while: not waited for
         assert time.monotonic() < deadline, f"the application was not deleted: {left}"
         time.sleep(0.1)
+
+
+def test_a_replica_that_cannot_open_its_runner_fails_the_deploy(cluster: Any) -> None:
+    with pytest.raises(DeployError, match="no-such-model.onnx"):
+        deploy("/nonexistent/no-such-model.onnx", name="broken", replicas=1,
+               resources={"CPU": 0.25}, deploy_timeout=60)
+    assert "broken" not in serve.status().applications or \
+        serve.status().applications["broken"].status == "DELETING"
 
 
 # ---- streaming ---------------------------------------------------------------------------

@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_MAX_ONGOING",
     "DEFAULT_MAX_QUEUED",
     "AccelReplica",
+    "DeployError",
     "NotEnoughResources",
     "RemoteError",
     "connect",
@@ -89,9 +90,14 @@ class RemoteError(AccelError):
     remote exception object itself does not cross the wire)."""
 
 
-class NotEnoughResources(AccelError, RuntimeError):
-    """``deploy`` asked for more replicas than the cluster's nodes can hold (or the replicas did
-    not start within ``deploy_timeout``); nothing is left deployed."""
+class DeployError(AccelError, RuntimeError):
+    """``deploy`` could not bring the application up (a replica failed to open its runner, for
+    instance); the message carries Serve's reason and nothing is left deployed."""
+
+
+class NotEnoughResources(DeployError):
+    """``deploy`` asked for more replicas than the cluster's nodes can hold, or the replicas
+    were not running within ``deploy_timeout`` (waiting for resources, usually)."""
 
 
 # ---- the replica (server side) ----------------------------------------------------------
@@ -229,7 +235,7 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
            resources: Mapping[str, float] | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
            max_ongoing: int = DEFAULT_MAX_ONGOING, check_resources: bool = True,
            deploy_timeout: float = 120.0, health_check_period: float | None = None,
-           **open_options: Any) -> Any:
+           open_retries: int = 3, **open_options: Any) -> Any:
     """Run the Ray Serve application ``name``: ``replicas`` replicas, each owning one
     ``aioaccel.open(target, **open_options)`` runner. Returns its ``DeploymentHandle``.
 
@@ -239,10 +245,11 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     ``check_resources=False`` (an autoscaling cluster that adds nodes on demand), asking for
     more replicas than the live nodes can hold raises :class:`NotEnoughResources` at once;
     replicas not running within ``deploy_timeout`` seconds raise it too, and the application
-    is deleted. Serve asks each replica's runner for its health every ``health_check_period``
-    seconds (Serve's default: 10). ``target`` must be picklable (a model path, a picklable
-    callable). It blocks until the replicas run: from async code, ``await
-    asyncio.to_thread(deploy, ...)``.
+    is deleted. A replica whose runner fails to open is started again up to ``open_retries``
+    times, then :class:`DeployError` says why. Serve asks each replica's runner for its health
+    every ``health_check_period`` seconds (Serve's default: 10). ``target`` must be picklable
+    (a model path, a picklable callable). It blocks until the replicas run: from async code,
+    ``await asyncio.to_thread(deploy, ...)``.
     """
     serve = _serve()
     if not isinstance(replicas, int) or replicas < 1:
@@ -250,6 +257,8 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     if not isinstance(max_queued, int) or (max_queued < 1 and max_queued != -1):
         raise ValueError(f"max_queued must be a positive int (or -1: unbounded), "
                          f"got {max_queued!r}")
+    if not isinstance(open_retries, int) or open_retries < 1:
+        raise ValueError(f"open_retries must be a positive int, got {open_retries!r}")
     if not isinstance(max_ongoing, int) or max_ongoing < 1:
         raise ValueError(f"max_ongoing must be a positive int, got {max_ongoing!r}")
     actor_options = _actor_options(resources)
@@ -271,7 +280,8 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
         options["health_check_period_s"] = health_check_period
     app = deployment().options(
         name="AccelReplica", num_replicas=replicas, ray_actor_options=actor_options,
-        max_ongoing_requests=max_ongoing, max_queued_requests=max_queued, **options,
+        max_ongoing_requests=max_ongoing, max_queued_requests=max_queued,
+        max_constructor_retry_count=open_retries, **options,
     ).bind(target, dict(open_options))
     handle = serve._run(app, name=name, route_prefix=None, _blocking=False)
     _wait_running(serve, name, deploy_timeout)
@@ -306,9 +316,11 @@ def _wait_running(serve: Any, name: str, timeout: float) -> None:
                 f"{dep}: {d.status}: {d.message}"
                 for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
             serve.delete(name, _blocking=False)  # pending replicas may take long to go
-            what = ("failed to deploy" if status == "DEPLOY_FAILED"
-                    else f"was not running after {timeout} s (status {status})")
-            raise NotEnoughResources(f"application {name!r} {what}: {message} {detail}".strip())
+            if status == "DEPLOY_FAILED":
+                raise DeployError(f"application {name!r} failed to deploy: {message} {detail}"
+                                  .strip())
+            raise NotEnoughResources(f"application {name!r} was not running after {timeout} s "
+                                     f"(status {status}): {message} {detail}".strip())
         time.sleep(pause)
         pause = min(pause * 1.5, 0.5)
 
