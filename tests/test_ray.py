@@ -99,6 +99,12 @@ def fails_on_negative(x: np.ndarray) -> np.ndarray:
     return x + 1
 
 
+def stalls_on_negative(x: np.ndarray) -> np.ndarray:
+    if x[0] < 0:
+        time.sleep(3)  # a device call that takes far longer than the client's timeout
+    return x
+
+
 def unplugs_on_negative(x: np.ndarray) -> np.ndarray:
     if x[0] < 0:
         raise aioaccel.DeviceError("device unplugged")  # breaks the replica's runner
@@ -276,6 +282,21 @@ async def test_serve_overload_becomes_client_backpressure(cluster: Any) -> None:
         assert stats.profile["overloaded_calls"] >= 1 and stats.failed == 0
     finally:
         serve.delete("narrow")
+
+
+async def test_a_replica_that_does_not_answer_is_bounded_by_the_timeout(cluster: Any) -> None:
+    deploy(stalls_on_negative, name="stalls", replicas=1, resources={"CPU": 0.25})
+    try:
+        async with connect("stalls", maxsize=4, timeout=0.5, retries=1) as remote:
+            started = time.monotonic()
+            with pytest.raises(aioaccel.InferenceError,
+                               match=r"no answer within timeout=0.5 s; gave up after 2 attempts"):
+                await remote.infer(np.array([-1.0]))
+            assert time.monotonic() - started < 2.5  # two calls of 0.5 s, not the 3 s stall
+            profile = remote.stats().profile
+            assert profile["retries"] == 1 and profile["failed_calls"] == 2
+    finally:
+        serve.delete("stalls")
 
 
 async def test_a_broken_runner_makes_serve_replace_its_replica(cluster: Any) -> None:
