@@ -47,13 +47,6 @@ CHAIN = dense_chain(32, 3, inputs=8)
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> object:
-    # Ray start-up dominates this module: run its async tests on one loop, not on each (the
-    # client's remote stage runs its own loop on its sender thread whatever the caller's is)
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 def cluster() -> Any:
     cluster = Cluster(initialize_head=True, connect=True,
                       head_node_args={"num_cpus": 2, "include_dashboard": False})
