@@ -14,13 +14,17 @@ from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
 from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelNotFound as ModelNotFound
+from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
+from .recovery import Health as Health
+from .recovery import Restart as Restart
 from .runner import Result as Result
 from .runner import Runner as Runner
 from .stages import BlockingStage as BlockingStage
 from .stages import DeviceStage as DeviceStage
 from .stages import StageSpec as StageSpec
+from .stats import BatchStats as BatchStats
 from .stats import RunnerStats as RunnerStats
 from .stats import StageStats as StageStats
 from .streams import Stream as Stream
@@ -32,17 +36,21 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelError",
     "BackendUnavailable",
+    "BatchStats",
     "BlockingStage",
     "Device",
     "DeviceError",
     "DeviceStage",
     "DeviceTimeout",
+    "Health",
     "InferTimeout",
     "InferenceError",
     "InputError",
     "Model",
     "ModelLoadError",
     "ModelNotFound",
+    "OpenError",
+    "Restart",
     "Result",
     "Runner",
     "RunnerClosed",

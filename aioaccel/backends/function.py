@@ -17,7 +17,9 @@ from . import Model
 __all__ = ["load"]
 
 
-def load(target: Any, *, replicas: int = 1, **options: Any) -> Model:
+def load(target: Any, *, replicas: int = 1, batch: int | None = None, **options: Any) -> Model:
+    """``batch``: the first stage receives the items' inputs joined along axis 0 (an array, or a
+    dict or list of arrays) and must return outputs with the same first-axis length."""
     if options:
         raise TypeError(f"the function backend takes no options, got {', '.join(sorted(options))}")
     targets = list(target) if isinstance(target, (list, tuple)) else [target]
@@ -30,9 +32,10 @@ def load(target: Any, *, replicas: int = 1, **options: Any) -> Model:
             name = getattr(stage, "__name__", None) or type(stage).__name__
             _refuse_async(stage, name)
             device = isinstance(stage, DeviceStage)
-            spec = StageSpec(name, made(stage), 1 if device else replicas, device)
+            spec = StageSpec(name, made(stage), 1 if device else replicas, device, shared=True)
         if spec.name in seen:  # thread names and stats key on it
-            spec = StageSpec(f"{spec.name}{i}", spec.factory, spec.replicas, spec.device)
+            spec = StageSpec(f"{spec.name}{i}", spec.factory, spec.replicas, spec.device,
+                             spec.shared)
         seen.add(spec.name)
         specs.append(spec)
     return Model(stages=specs)
