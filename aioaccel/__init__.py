@@ -15,6 +15,7 @@ from .errors import InputError as InputError
 from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
+from .pool import pool as pool
 from .recovery import Health as Health
 from .recovery import Restart as Restart
 from .runner import Result as Result
@@ -60,4 +61,5 @@ __all__ = [
     "available_backends",
     "devices",
     "open",
+    "pool",
 ]
