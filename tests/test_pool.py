@@ -1,0 +1,402 @@
+"""Device pools: routing (balance, failover), retries, spec agreement, real runtimes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from time import perf_counter
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from support import close, stream_all
+
+import aioaccel
+from aioaccel.pool import MemberLost, Pool, agreed_specs
+from aioaccel.routing import Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
+from aioaccel.testing import SimulatedDevice, SimulatedStage
+from aioaccel.testing.models import dense_chain
+
+pytestmark = pytest.mark.anyio
+
+
+def sim(latency: float, name: str, **options: Any) -> aioaccel.Runner:
+    """A member runner: a simulated device of ``latency`` seconds per item, one at a time."""
+    return aioaccel.open(SimulatedStage(latency=latency, **options), name=name)
+
+
+def labelled(label: str, latency: float = 0.0, **options: Any) -> SimulatedStage:
+    """A simulated device whose outputs say which member computed them."""
+    return SimulatedStage(lambda x: (label, x), latency=latency, name=label, **options)
+
+
+async def rate(runner: aioaccel.Runner, count: int) -> tuple[float, list[aioaccel.Result]]:
+    async with runner:
+        started = perf_counter()
+        results = await stream_all(runner, list(range(count)))
+        return count / (perf_counter() - started), results
+
+
+# ---- balance ------------------------------------------------------------------------------
+async def test_fast_and_slow_together_beat_the_fast_one_alone() -> None:
+    count = 400
+    alone, _ = await rate(sim(0.001, "fast"), count)
+    pool = aioaccel.pool(sim(0.001, "fast"), sim(0.003, "slow"))
+    together, results = await rate(pool, count)
+    assert [r.tag for r in results] == list(range(count))
+    assert [r.outputs for r in results] == list(range(count))
+    assert together >= 1.2 * alone, (together, alone)
+    fast, slow = pool.member_stats()
+    assert fast.completed + slow.completed == count
+    # balanced by measured speed, not round-robin: the fast device does most of the work
+    assert fast.completed > 1.8 * slow.completed > 0
+    assert fast.service_time is not None and slow.service_time is not None
+    assert slow.service_time > 2 * fast.service_time
+
+
+async def test_results_in_push_order_when_members_finish_out_of_order() -> None:
+    members = [aioaccel.open(SimulatedDevice(lambda x: x * 10, latency=0.002, jitter=0.9,
+                                             capacity=4, seed=n, name=f"dev{n}"), name=f"d{n}")
+               for n in range(3)]
+    async with aioaccel.pool(*members) as pool:
+        results = await stream_all(pool, list(range(150)), tag=lambda i: f"t{i}")
+    assert [r.tag for r in results] == [f"t{i}" for i in range(150)]
+    assert [r.outputs for r in results] == [i * 10 for i in range(150)]
+    assert [r.seq for r in results] == list(range(150))
+    assert all(s.completed > 0 for s in pool.member_stats())
+
+
+async def test_infer_from_many_callers_and_streams() -> None:
+    async with aioaccel.pool(sim(0.001, "a"), sim(0.002, "b"), maxsize=6) as pool:
+        answers = await asyncio.gather(*(pool.infer(i) for i in range(60)))
+        assert answers == list(range(60))
+        cams = [pool.stream(key) for key in ("left", "right")]
+
+        async def camera(stream: aioaccel.Stream) -> list[Any]:
+            async def produce() -> None:
+                for n in range(20):
+                    await stream.push((stream.key, n), tag=n)
+                stream.close()
+
+            producer = asyncio.create_task(produce())
+            outputs = [r.outputs async for r in stream]
+            await producer
+            return outputs
+
+        left, right = await asyncio.gather(*map(camera, cams))
+        stats = pool.stats()
+    assert left == [("left", n) for n in range(20)]
+    assert right == [("right", n) for n in range(20)]
+    assert stats.peak_admitted <= 6
+    assert stats.completed == 100
+
+
+async def test_memory_stays_bounded_with_a_slow_consumer() -> None:
+    members = [sim(0.0005, "a"), sim(0.001, "b")]
+    async with aioaccel.pool(*members, maxsize=5) as pool:
+        pushed = 0
+        while True:
+            try:
+                pool.push_nowait(pushed)
+            except aioaccel.WouldBlock:
+                break
+            pushed += 1
+        assert pushed == 5
+        results = []
+        for i in range(40):
+            results.append((await anext(pool)).outputs)
+            await pool.push(5 + i)
+        pool.close()
+        results += [r.outputs async for r in pool]
+        assert results == list(range(45))
+        assert pool.stats().peak_admitted == 5
+        assert all(m.stats().peak_admitted <= m.maxsize for m in pool.members)
+
+
+# ---- failover and retries -----------------------------------------------------------------
+async def test_failover_first_member_breaks_at_item_100_of_300() -> None:
+    first = labelled("first", 0.0005, fatal_at=100)
+    second = labelled("second", 0.0005)
+    pool = aioaccel.pool(aioaccel.open(first, name="first"),
+                         aioaccel.open(second, name="second"), policy="failover")
+    async with pool:
+        results = await stream_all(pool, list(range(300)))
+    assert [r.tag for r in results] == list(range(300))   # exactly once each, in order
+    assert all(r.ok for r in results)
+    assert [r.outputs[1] for r in results] == list(range(300))
+    served = [r.outputs[0] for r in results]
+    # everything went to the first member until it broke, then everything to the second
+    assert served == ["first"] * 100 + ["second"] * 200
+    a, b = pool.member_stats()
+    assert a.state in ("broken", "closed") and a.completed == 100 and a.retried >= 1
+    assert b.completed == 200
+    assert second.calls == 200    # nothing ran twice on the member that took over
+
+
+async def test_failover_follows_member_health_and_returns_to_the_first() -> None:
+    first, second = aioaccel.open(labelled("first"), name="first"), aioaccel.open(
+        labelled("second"), name="second")
+    state = {"value": "ready"}
+    first.health = lambda: SimpleNamespace(state=state["value"])  # type: ignore[attr-defined]
+    async with aioaccel.pool(first, second, policy="failover") as pool:
+        assert (await pool.infer(1))[0] == "first"
+        state["value"] = "recovering"
+        assert [(await pool.infer(n))[0] for n in range(5)] == ["second"] * 5
+        state["value"] = "ready"
+        assert [(await pool.infer(n))[0] for n in range(5)] == ["first"] * 5
+        assert [s.state for s in pool.member_stats()] == ["ready", "ready"]
+
+
+@pytest.mark.skipif(not hasattr(aioaccel, "Restart"), reason="needs self-healing (issue 13)")
+async def test_failover_returns_to_the_first_after_it_recovers() -> None:
+    restart = aioaccel.Restart(limit=3, window=60.0, backoff=0.05)  # type: ignore[attr-defined]
+    first = aioaccel.open(labelled("first", 0.001, fatal_at=100), name="first", restart=restart)
+    second = aioaccel.open(labelled("second", 0.001), name="second")
+    async with aioaccel.pool(first, second, policy="failover") as pool:
+        results = await stream_all(pool, list(range(300)))
+    assert [r.tag for r in results] == list(range(300))
+    assert [r.outputs[1] for r in results] == list(range(300))
+    served = [r.outputs[0] for r in results]
+    assert served[:100] == ["first"] * 100
+    assert "second" in served[100:]                      # taken over while it recovered
+    back = served.index("second", 100)
+    assert "first" in served[back:]                      # and traffic came back to it
+    assert served[-1] == "first"
+
+
+async def test_balance_re_runs_what_a_broken_member_held() -> None:
+    flaky = SimulatedStage(lambda x: x + 1000, latency=0.001, fatal_at=50, name="flaky")
+    steady = SimulatedStage(lambda x: x + 1000, latency=0.001, name="steady")
+    async with aioaccel.pool(aioaccel.open(flaky, name="flaky"),
+                             aioaccel.open(steady, name="steady")) as pool:
+        results = await stream_all(pool, list(range(200)))
+        stats = pool.stats()
+        a, b = pool.member_stats()
+    assert [r.tag for r in results] == list(range(200))
+    assert [r.outputs for r in results] == [i + 1000 for i in range(200)]
+    assert a.state in ("broken", "closed") and a.completed == 50 and a.retried >= 1
+    assert a.completed + b.completed == 200
+    assert stats.completed == 200 and stats.failed == 0
+
+
+async def test_with_retries_0_the_items_held_fail_and_later_ones_flow() -> None:
+    flaky = SimulatedStage(latency=0.001, fatal_at=20, name="flaky")
+    async with aioaccel.pool(aioaccel.open(flaky, name="flaky"), sim(0.001, "steady"),
+                             retries=0) as pool:
+        results = await stream_all(pool, list(range(100)))
+        held = pool.member_stats()[0].retried
+    failed = [r for r in results if not r.ok]
+    assert held == 0 and failed, "the broken member held items"
+    for r in failed:
+        assert isinstance(r.error, aioaccel.InferenceError)
+        assert isinstance(r.error.__cause__, MemberLost)
+        assert "flaky" in str(r.error.__cause__)
+    assert [r.outputs for r in results if r.ok] == [r.tag for r in results if r.ok]
+    assert len(results) == 100 and results[-1].ok
+
+
+async def test_every_member_broken_breaks_the_pool() -> None:
+    members = [sim(0.0005, "a", fatal_at=3), sim(0.0005, "b", fatal_at=3)]
+    async with aioaccel.pool(*members) as pool:
+        async def produce() -> None:
+            for i in range(50):
+                await pool.push(i)
+
+        producer = asyncio.create_task(produce())
+        with pytest.raises(aioaccel.DeviceError, match="every member of pool"):
+            async for _ in pool:
+                pass
+        with pytest.raises(aioaccel.DeviceError, match="every member of pool"):
+            await producer  # it was waiting for room: it gets the error too
+        with pytest.raises(aioaccel.DeviceError):
+            await pool.push(1)
+
+
+async def test_a_per_item_failure_stays_with_its_item() -> None:
+    bad = SimulatedStage(fail_if=lambda x: x == 7, name="picky")
+    async with aioaccel.pool(aioaccel.open(bad, name="picky")) as pool:
+        results = await stream_all(pool, list(range(12)))
+    assert [r.ok for r in results] == [i != 7 for i in range(12)]
+    assert "simulated failure" in str(results[7].error.__cause__)  # type: ignore[union-attr]
+    assert pool.member_stats()[0].state == "closed"
+
+
+# ---- spec agreement and arguments ---------------------------------------------------------
+async def test_members_with_different_input_specs_fail_at_open(tmp_path: Path) -> None:
+    narrow = dense_chain(16, 2, inputs=8).write_onnx(tmp_path / "narrow.onnx")
+    wide = dense_chain(16, 2, inputs=12).write_onnx(tmp_path / "wide.onnx")
+    a = aioaccel.open(narrow, name="narrow", num_threads=1)
+    b = aioaccel.open(wide, name="wide", num_threads=1)
+    with pytest.raises(ValueError, match=r"member 0 \('narrow'\) and member 1 \('wide'\).*"
+                                         r"'input' has shape \(1, 8\) vs \(1, 12\)"):
+        async with aioaccel.pool(a, b):
+            pass
+    assert a.closed and b.closed   # what it opened, it closed
+
+
+def spec_holder(name: str, inputs: Any, outputs: Any = None) -> Any:
+    return SimpleNamespace(name=name, inputs=inputs, outputs=outputs)
+
+
+def test_agreed_specs_merge_dynamic_dims_and_name_differences() -> None:
+    from aioaccel import TensorSpec as T
+
+    dyn = spec_holder("ov", [T("x", "float32", (None, 4)), T("y", "int64", None)])
+    fixed = spec_holder("tfl", [T("y", "int64", (2,)), T("x", "float32", (1, 4))])
+    plain = spec_holder("fn", None)
+    merged = agreed_specs([plain, dyn, fixed], "inputs")
+    assert merged == [T("x", "float32", (1, 4)), T("y", "int64", (2,))]
+    assert agreed_specs([plain], "inputs") is None
+    with pytest.raises(ValueError, match=r"member 1 \('ov'\) and member 2 \('bad'\): 'x' has "
+                                         r"dtype float32 vs float16"):
+        agreed_specs([plain, dyn, spec_holder("bad", [T("x", "float16", (1, 4)),
+                                                      T("y", "int64", (2,))])], "inputs")
+    with pytest.raises(ValueError, match=r"disagree on outputs.*names \['a'\] vs \['b'\]"):
+        agreed_specs([spec_holder("p", None, [T("a", "float32", (1,))]),
+                      spec_holder("q", None, [T("b", "float32", (1,))])], "outputs")
+    with pytest.raises(ValueError, match=r"'x' has shape \(\?, 4\) vs \(1, 4, 1\)"):
+        agreed_specs([dyn, spec_holder("r", [T("x", "float32", (1, 4, 1)),
+                                             T("y", "int64", None)])], "inputs")
+
+
+def test_bad_pool_arguments_are_clear() -> None:
+    with pytest.raises(ValueError, match="at least one member"):
+        aioaccel.pool()
+    with pytest.raises(TypeError, match="member 1 must be a runner made with aioaccel.open"):
+        aioaccel.pool(aioaccel.open(abs), abs)  # type: ignore[arg-type]
+    same = aioaccel.open(abs, name="same")
+    with pytest.raises(ValueError, match="members 0 and 1 are the same runner"):
+        aioaccel.pool(same, same)
+    with pytest.raises(ValueError, match=r"policy must be one of \['balance', 'failover'\], "
+                                         r"got 'fastest'"):
+        aioaccel.pool(aioaccel.open(abs), policy="fastest")
+    with pytest.raises(ValueError, match="retries must be an int >= 0"):
+        aioaccel.pool(aioaccel.open(abs), retries=-1)
+    with pytest.raises(ValueError, match="maxsize must be a positive int"):
+        aioaccel.pool(aioaccel.open(abs), maxsize=0)
+    assert aioaccel.pool(aioaccel.open(abs, maxsize=3), aioaccel.open(abs, maxsize=5)).maxsize == 8
+
+
+async def test_a_member_that_fails_to_open_is_named_and_the_others_closed(
+        tmp_path: Path) -> None:
+    good = sim(0.0, "good")
+    missing = aioaccel.open(tmp_path / "missing.onnx", name="ghost")
+    with pytest.raises(FileNotFoundError, match=r"member 1 \('ghost'\) failed to open"):
+        await aioaccel.pool(good, missing, name="p")
+    assert good.closed
+
+
+async def test_an_opened_member_is_refused() -> None:
+    async with sim(0.0, "early") as early:
+        with pytest.raises(RuntimeError, match=r"member 0 \('early'\) failed to open.*already"):
+            await aioaccel.pool(early)
+
+
+async def test_bad_input_is_refused_before_admission(tmp_path: Path) -> None:
+    chain = dense_chain(8, 2)
+    model = chain.write_onnx(tmp_path / "m.onnx")
+    async with aioaccel.pool(aioaccel.open(model, num_threads=1)) as pool:
+        assert pool.inputs is not None and pool.inputs[0].shape == (1, 8)
+        with pytest.raises(aioaccel.InputError, match="input 'input': expected shape"):
+            await pool.push(np.zeros((1, 9), np.float32))
+        with pytest.raises(aioaccel.InputError, match="expected dtype float32"):
+            await pool.infer(np.zeros((1, 8), np.float64))
+        assert pool.stats().pushed == 0
+
+
+# ---- real runtimes ------------------------------------------------------------------------
+async def test_onnx_openvino_and_litert_members_agree_with_each_alone(tmp_path: Path) -> None:
+    chain = dense_chain(64, 3)
+    files = {"onnx": chain.write_onnx(tmp_path / "m.onnx"),
+             "openvino": chain.write_openvino(tmp_path / "m.xml"),
+             "litert": chain.write_tflite(tmp_path / "m.tflite")}
+    options: dict[str, dict[str, Any]] = {"onnx": {"num_threads": 1}, "openvino": {},
+                                          "litert": {"num_threads": 1}}
+
+    def member(backend: str) -> aioaccel.Runner:
+        return aioaccel.open(files[backend], name=backend, maxsize=4, **options[backend])
+
+    xs = [chain.random_input(seed) for seed in range(48)]
+    alone = {}
+    for backend in files:
+        async with member(backend) as runner:
+            alone[backend] = [r.outputs["output"] for r in await stream_all(runner, xs)]
+    async with aioaccel.pool(*(member(b) for b in files)) as pool:
+        assert [s.name for s in pool.inputs or ()] == ["input"]
+        assert [s.name for s in pool.outputs or ()] == ["output"]
+        results = await stream_all(pool, xs)
+        used = [s.completed for s in pool.member_stats()]
+    assert [r.tag for r in results] == list(range(48))
+    assert sum(used) == 48 and sum(n > 0 for n in used) >= 2, used
+    for i, (r, x) in enumerate(zip(results, xs, strict=True)):
+        assert close(r.outputs["output"], chain.reference(x))
+        for backend in files:
+            assert close(r.outputs["output"], alone[backend][i]), backend
+
+
+# ---- stats --------------------------------------------------------------------------------
+async def test_stats_per_member_and_for_the_pool() -> None:
+    pool = aioaccel.pool(sim(0.001, "a"), sim(0.002, "b"), name="duo")
+    assert isinstance(pool, Pool) and isinstance(pool, aioaccel.Runner)
+    async with pool:
+        await stream_all(pool, list(range(60)))
+        stats = pool.stats()
+        members = pool.member_stats()
+        assert [m.name for m in pool.members] == ["a", "b"]
+    assert stats.name == "duo" and stats.completed == 60
+    assert [s.name for s in stats.stages] == ["pool"]
+    assert stats.profile is not None and stats.profile["policy"] == "balance"
+    assert [m["name"] for m in stats.profile["members"]] == ["a", "b"]
+    assert sum(m.routed for m in members) == 60
+    for m in members:
+        assert m.completed == m.routed > 0 and m.in_flight == 0
+        assert 0.0 < m.busy <= 1.0
+        assert m.latency_p99 >= m.latency_p50 > 0
+        assert m.capacity == 8
+
+
+# ---- the policies on their own ------------------------------------------------------------
+def view(index: int, depth: int, service: float | None, state: str = "ready",
+         capacity: int = 8) -> MemberView:
+    return MemberView(index, state, depth, capacity, service)
+
+
+def test_balance_picks_the_soonest_finish_not_the_next_in_turn() -> None:
+    balance = Balance()
+    # fast: 1 ms x (5 + 1) = 6 ms; slow: 3 ms x (1 + 1) = 6 ms -> tie -> the earlier one
+    assert balance.choose([view(0, 5, 0.001), view(1, 1, 0.003)]) == 0
+    assert balance.choose([view(0, 6, 0.001), view(1, 1, 0.003)]) == 1
+    # a full member can still be the soonest: the item waits for it
+    assert balance.choose([view(0, 8, 0.001), view(1, 7, 0.003)]) == 0
+    # unknown speed: try it
+    assert balance.choose([view(0, 0, 0.001), view(1, 0, None)]) == 1
+    assert balance.choose([view(0, 0, 0.001, "recovering"), view(1, 3, 0.003)]) == 1
+    assert balance.choose([view(0, 0, None, "recovering"), view(1, 0, None, "broken")]) is None
+    with pytest.raises(NoMember):
+        balance.choose([view(0, 0, None, "broken"), view(1, 0, None, "closed")])
+
+
+def test_failover_picks_the_first_ready_member_in_order() -> None:
+    failover = Failover()
+    assert failover.choose([view(0, 8, 0.01), view(1, 0, 0.001)]) == 0  # full: wait for it
+    assert failover.choose([view(0, 0, 0.01, "recovering"), view(1, 0, 0.001)]) == 1
+    assert failover.choose([view(0, 0, 0.01, "broken"), view(1, 0, 0.001, "starting"),
+                            view(2, 0, 0.001)]) == 2
+    assert failover.choose([view(0, 0, 0.01), view(1, 0, 0.001)]) == 0
+    with pytest.raises(NoMember):
+        failover.choose([view(0, 0, None, "closed")])
+    assert make_policy("failover").name == "failover"
+
+
+def test_service_clock_measures_time_per_item_while_busy() -> None:
+    clock = ServiceClock()
+    clock.started(10.0, 0)
+    clock.started(10.0, 1)
+    clock.finished(10.004)           # 4 ms for the first item
+    assert clock.value == pytest.approx(0.004)
+    clock.finished(10.006)           # the second came 2 ms later
+    assert clock.value == pytest.approx(0.004 + 0.2 * (0.002 - 0.004))
+    clock.started(20.0, 0)           # idle time in between does not count
+    clock.finished(20.003)
+    assert clock.value < 0.004
