@@ -224,6 +224,10 @@ class _Dispatch(DeviceStage):
         """Hand waiting jobs to members, as the policy says, while the chosen member has room."""
         backlog = self._backlog
         members = self.members
+        if any(m.lost is None and m.runner.closed for m in members):
+            # A member broke and its consumer has not taken back what it held yet: wait for
+            # that (it is already woken), so those items, the oldest, are placed first.
+            return
         while backlog and self._dead is None:
             try:
                 index = self.policy.choose([m.view() for m in members])
