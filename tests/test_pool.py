@@ -184,6 +184,20 @@ async def test_balance_re_runs_what_a_broken_member_held() -> None:
     assert stats.completed == 200 and stats.failed == 0
 
 
+async def test_a_hung_member_is_timed_out_and_its_item_re_run_elsewhere() -> None:
+    hung = SimulatedStage(latency=0.001, hang_at=5, name="hung")
+    member = aioaccel.open(hung, name="hung", call_timeout=0.2)
+    try:
+        async with aioaccel.pool(member, sim(0.001, "steady")) as pool:
+            results = await stream_all(pool, list(range(60)))
+            hung.release()  # let its abandoned thread end (the pool no longer waits for it)
+            a, _ = pool.member_stats()
+    finally:
+        hung.release()
+    assert [r.outputs for r in results] == list(range(60))
+    assert a.state in ("broken", "closed") and a.retried >= 1
+
+
 async def test_with_retries_0_the_items_held_fail_and_later_ones_flow() -> None:
     flaky = SimulatedStage(latency=0.001, fatal_at=20, name="flaky")
     async with aioaccel.pool(aioaccel.open(flaky, name="flaky"), sim(0.001, "steady"),
