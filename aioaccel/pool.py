@@ -135,6 +135,7 @@ class _Dispatch(DeviceStage):
         self._opened_at = 0.0
         self._members_closed = False
         self._closers: set[asyncio.Task[None]] = set()
+        self._opening: asyncio.Task[Any] | None = None
 
     # ---- open: on the pool's load thread, members opened on the loop ---------------------
     def load(self) -> Model:
@@ -154,6 +155,7 @@ class _Dispatch(DeviceStage):
         )
 
     async def _open_members(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
+        self._opening = asyncio.current_task()
         outcomes = await asyncio.gather(*(_open(m.runner) for m in self.members),
                                         return_exceptions=True)
         try:
@@ -224,7 +226,7 @@ class _Dispatch(DeviceStage):
         """Hand waiting jobs to members, as the policy says, while the chosen member has room."""
         backlog = self._backlog
         members = self.members
-        if any(m.lost is None and m.runner.closed for m in members):
+        if any(m.lost is None and m.runner.closed and m.state() in FINAL for m in members):
             # A member broke and its consumer has not taken back what it held yet: wait for
             # that (it is already woken), so those items, the oldest, are placed first.
             return
@@ -352,11 +354,22 @@ class _Dispatch(DeviceStage):
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
-        await asyncio.gather(*(m.runner.aclose() for m in self.members), return_exceptions=True)
+        # The pool has drained (or given up on) its items: what members still hold is
+        # nobody's any more, so their drain is short.
+        await asyncio.gather(*(m.runner.aclose(timeout=1.0) for m in self.members),
+                             return_exceptions=True)
         consumers = [m.consumer for m in self.members if m.consumer is not None]
         for task in consumers:
             task.cancel()  # a no-op for those that ended with their member
         await asyncio.gather(*consumers, return_exceptions=True)
+
+    async def abandon(self) -> None:
+        """The pool's open failed or was cancelled: close whatever members it opened (their
+        opening may still be under way on the loop, the load thread having been left)."""
+        opening = self._opening
+        if opening is not None and not opening.done():
+            await asyncio.gather(opening, return_exceptions=True)
+        await self._close_members()
 
     def _release(self) -> None:
         """Model.close: members are normally closed by the feeder thread as it leaves; if it
@@ -425,7 +438,11 @@ class Pool(Runner):
     async def __aenter__(self) -> Pool:
         # The load (on its own thread) opens the members on this loop.
         self._pool_router.loop = asyncio.get_running_loop()
-        await super().__aenter__()
+        try:
+            await super().__aenter__()
+        except BaseException:
+            await asyncio.shield(self._pool_router.abandon())
+            raise
         return self
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from time import perf_counter
 from types import SimpleNamespace
@@ -303,6 +304,26 @@ async def test_a_member_that_fails_to_open_is_named_and_the_others_closed(
     with pytest.raises(FileNotFoundError, match=r"member 1 \('ghost'\) failed to open"):
         await aioaccel.pool(good, missing, name="p")
     assert good.closed
+
+
+async def test_a_cancelled_open_closes_the_members_it_opened() -> None:
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_to_start() -> Any:  # runs on the member's worker thread while it opens
+        loop.call_soon_threadsafe(started.set)
+        time.sleep(0.2)
+        return abs
+
+    slow = aioaccel.open(aioaccel.StageSpec("slow", slow_to_start), name="slow")
+    quick = sim(0.0, "quick")
+    pool = aioaccel.pool(quick, slow)
+    opening = asyncio.create_task(pool.__aenter__())
+    await started.wait()
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert quick.closed and slow.closed   # and no thread is left (the fixture checks)
 
 
 async def test_an_opened_member_is_refused() -> None:
