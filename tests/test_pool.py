@@ -53,7 +53,7 @@ async def test_fast_and_slow_together_beat_the_fast_one_alone() -> None:
     # balanced by measured speed, not round-robin: the fast device does most of the work
     assert fast.completed > 1.8 * slow.completed > 0
     assert fast.service_time is not None and slow.service_time is not None
-    assert slow.service_time > 2 * fast.service_time
+    assert slow.service_time > 1.5 * fast.service_time
 
 
 async def test_results_in_push_order_when_members_finish_out_of_order() -> None:
