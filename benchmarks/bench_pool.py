@@ -14,8 +14,9 @@ is what two CPU "devices" can give together. Simulated devices sleep 1 ms and
 is ONNX Runtime and OpenVINO on the CPU, one thread each, on the same model built in code.
 
 Failover gap: policy="failover", the first member breaks (a fatal device error) at item
-``count // 3``; the gap is the longest time between two consecutive results, against the
-usual time between results.
+``count // 3``; the gap is the time between the last result before the break and the next one
+(that item, re-run on the second member), against the usual time between results. The longest
+gap anywhere in the run is printed too: on a loaded machine it shows the scheduler's noise.
 
 Run: ``python benchmarks/bench_pool.py [--loop uvloop] [--rounds 3] [--count 300] [--no-real]``
 """
@@ -122,10 +123,12 @@ def raw_pair(onnx_file: Path, xml_file: Path, x: Any, seconds: float = 1.0) -> f
     return sum(counts) / seconds
 
 
-async def failover_gap(count: int) -> tuple[float, float]:
-    """(longest gap between results, median gap) in seconds, across the first member's
-    fatal failure at item count // 3."""
-    first = aioaccel.open(SimulatedStage(latency=0.001, fatal_at=count // 3), name="first")
+async def failover_gap(count: int) -> tuple[float, float, float]:
+    """Across the first member's fatal failure at item ``count // 3``: the time between the
+    last result before it and the result of that item (re-run on the second member), the
+    longest gap between results in the whole run, and the median gap, in seconds."""
+    broken_at = count // 3
+    first = aioaccel.open(SimulatedStage(latency=0.001, fatal_at=broken_at), name="first")
     second = aioaccel.open(SimulatedStage(latency=0.001), name="second")
     arrivals: list[float] = []
     async with aioaccel.pool(first, second, policy="failover") as pool:
@@ -141,7 +144,7 @@ async def failover_gap(count: int) -> tuple[float, float]:
         await producer
     assert len(arrivals) == count
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    return max(gaps), statistics.median(gaps)
+    return gaps[broken_at - 1], max(gaps), statistics.median(gaps)
 
 
 def main() -> None:
@@ -180,10 +183,10 @@ def main() -> None:
                     raw=lambda: raw_pair(onnx_file, xml_file, xs[0]))
 
     gaps = [loop.run_until_complete(failover_gap(args.count)) for _ in range(args.rounds)]
-    worst = statistics.median(g[0] for g in gaps)
-    usual = statistics.median(g[1] for g in gaps)
-    print(f"\nfailover (1 ms members, the first breaks at item {args.count // 3}): longest gap "
-          f"between results {worst * 1e3:.1f} ms (usual gap {usual * 1e3:.2f} ms)")
+    at_break, longest, usual = (statistics.median(g[k] for g in gaps) for k in range(3))
+    print(f"\nfailover (1 ms members, the first breaks at item {args.count // 3}): "
+          f"{at_break * 1e3:.1f} ms without results across the break (usual gap between "
+          f"results {usual * 1e3:.2f} ms; longest gap anywhere in the run {longest * 1e3:.1f} ms)")
     loop.close()
 
 

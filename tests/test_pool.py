@@ -93,6 +93,15 @@ async def test_infer_from_many_callers_and_streams() -> None:
     assert stats.completed == 100
 
 
+async def test_a_pool_of_pools() -> None:
+    inner = aioaccel.pool(sim(0.001, "a"), sim(0.001, "b"), name="inner")
+    async with aioaccel.pool(inner, sim(0.002, "c"), name="outer") as outer:
+        results = await stream_all(outer, list(range(80)))
+        assert inner.member_stats()[0].completed > 0 and inner.member_stats()[1].completed > 0
+    assert [r.outputs for r in results] == list(range(80))
+    assert inner.closed and all(m.closed for m in inner.members)
+
+
 async def test_memory_stays_bounded_with_a_slow_consumer() -> None:
     members = [sim(0.0005, "a"), sim(0.001, "b")]
     async with aioaccel.pool(*members, maxsize=5) as pool:
