@@ -68,12 +68,14 @@ class MemberStats:
 
 
 class _Job:
-    __slots__ = ("attempts", "inputs", "token")
+    __slots__ = ("attempts", "depth", "handed_at", "inputs", "token")
 
     def __init__(self, token: object, inputs: Any):
         self.token = token
         self.inputs = inputs
-        self.attempts = 0   # members that broke while holding it
+        self.attempts = 0     # members that broke while holding it
+        self.handed_at = 0.0  # when it went to its current member
+        self.depth = 0        # how many items that member held before it
 
 
 class _Member:
@@ -83,7 +85,7 @@ class _Member:
         self.index = index
         self.runner = runner
         self.inflight: deque[_Job] = deque()   # in the member's push order = its result order
-        self.clock = ServiceClock()
+        self.clock = ServiceClock(runner.maxsize)
         self.lost: BaseException | None = None   # its async for raised: it is gone
         self.consumer: asyncio.Task[None] | None = None
         self.routed = self.completed = self.retried = 0
@@ -104,7 +106,7 @@ class _Member:
 
     def view(self) -> MemberView:
         return MemberView(self.index, self.state(), len(self.inflight), self.runner.maxsize,
-                          self.clock.value)
+                          self.clock.value, self.clock.latencies)
 
     def busy(self, now: float, elapsed: float) -> float:
         total = self.busy_total + (now - self.busy_since if self.inflight else 0.0)
@@ -230,19 +232,19 @@ class _Dispatch(DeviceStage):
             # A member broke and its consumer has not taken back what it held yet: wait for
             # that (it is already woken), so those items, the oldest, are placed first.
             return
-        while backlog and self._dead is None:
+        if backlog and self._dead is None:
             try:
-                index = self.policy.choose([m.view() for m in members])
+                plan = self.policy.plan([m.view() for m in members], len(backlog))
             except NoMember:
                 self._all_lost()
                 return
-            if index is None or members[index].view().full:
-                break  # wait: for a completion on that member, or for one to become ready
-            member = members[index]
-            job = backlog.popleft()
-            if not self._hand(member, job):
-                backlog.appendleft(job)
-                break
+            if any(target is not None for target in plan):
+                waiting: deque[_Job] = deque()
+                for position, job in enumerate(list(backlog)):
+                    target = plan[position] if position < len(plan) else None
+                    if target is None or not self._hand(members[target], job):
+                        waiting.append(job)  # for a member to finish one, or to be ready
+                self._backlog = backlog = waiting
         if backlog and self._recheck is None and self._dead is None and self.loop is not None:
             self._recheck = self.loop.call_later(_RECHECK, self._recheck_now)
 
@@ -254,18 +256,19 @@ class _Dispatch(DeviceStage):
         """Push ``job`` into ``member``; False if it could not take it now (job not consumed)."""
         try:
             member.runner.push_nowait(job.inputs, tag=job)
-        except WouldBlock:
-            return False  # a self-healing member holding its slots: look again shortly
-        except (RunnerClosed, DeviceError) as exc:
-            self._lose(member, exc)
+        except (WouldBlock, RunnerClosed, DeviceError):
+            # full (a self-healing member holding its slots) or gone: its consumer reports
+            # a loss; either way the job waits and the pool looks again shortly
             return False
         except Exception as exc:  # it refuses this input (InputError &c.): a per-item failure
             self._finish(job, None, exc)
             return True
         now = perf_counter()
-        if not member.inflight:
+        depth = len(member.inflight)
+        if not depth:
             member.busy_since = now
-        member.clock.started(now, len(member.inflight))
+        member.clock.started(now, depth)
+        job.handed_at, job.depth = now, depth
         member.inflight.append(job)
         member.routed += 1
         return True
@@ -287,7 +290,7 @@ class _Dispatch(DeviceStage):
         job = member.inflight.popleft()
         assert result.tag is job, "a member's results come in its push order"
         now = perf_counter()
-        member.clock.finished(now)
+        member.clock.finished(now, job.handed_at, job.depth)
         member.completed += 1
         if not member.inflight:
             member.busy_total += now - member.busy_since

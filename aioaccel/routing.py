@@ -1,10 +1,10 @@
-"""Routing policies of a device pool: which member the next item should go to.
+"""Routing policies of a device pool: which member each waiting item should go to.
 
-A policy sees one :class:`MemberView` per member (in priority order) and picks a member, or
-none. It keeps no state of its own and touches no thread or loop, so the pool can call it
-wherever it decides (today: on the event loop, per item, just before the item is handed
-over). A picked member may be full: the item then waits for that member rather than going to
-a member that would finish it later.
+A policy sees one :class:`MemberView` per member (in priority order) and the number of items
+waiting, and plans where each of them goes. It keeps no state and touches no thread or loop,
+so the pool can call it wherever it decides (today: on the event loop, whenever an item
+arrives or a member finishes one). A member may be full: an item planned for it waits for it
+rather than going to a member that would finish it later.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["POLICIES", "Balance", "Failover", "MemberView", "NoMember", "Policy", "ServiceClock",
-           "make_policy"]
+__all__ = ["FINAL", "POLICIES", "ROUTABLE", "Balance", "Failover", "MemberView", "NoMember",
+           "Policy", "ServiceClock", "make_policy"]
 
-#: health states a member can take a new item in ("starting" is a member still opening)
+#: health states in which a member takes new items
 ROUTABLE = frozenset({"ready"})
 #: health states a member never leaves: it will not take items again
 FINAL = frozenset({"broken", "closed"})
@@ -34,24 +34,40 @@ class MemberView:
     state: str            #: "starting" | "ready" | "recovering" | "broken" | "closed"
     depth: int            #: items handed to it and not yet back
     capacity: int         #: most items it may hold (its maxsize)
-    service_time: float | None  #: measured seconds per item while busy; None: not yet known
+    service_time: float | None  #: seconds between its completions while busy (None: unknown)
+    #: measured seconds from hand-off to result, by the depth it was handed at (None: unseen)
+    latencies: Sequence[float | None] = ()
 
     @property
     def full(self) -> bool:
         return self.depth >= self.capacity
 
-    @property
-    def finish_estimate(self) -> float:
-        """When a new item would be done here: service time x (queue depth + 1)."""
-        return (self.service_time or 0.0) * (self.depth + 1)
+    def finish_estimate(self, depth: int | None = None) -> float:
+        """Seconds until an item handed now (behind ``depth`` others) would be back.
+
+        Measured per depth where the member has been seen at that depth: a device that runs
+        four items at once takes as long at depth 3 as at depth 0, a one-at-a-time device
+        four times as long. A depth not seen yet is assumed as fast as the nearest one below
+        (so it gets tried, and measured); never seen at all: 0 (try it). Past its capacity
+        an item also waits for slots to free, one service time each.
+        """
+        d = self.depth if depth is None else depth
+        if d >= self.capacity and self.capacity > 0:
+            extra = d - self.capacity + 1
+            return self.finish_estimate(self.capacity - 1) + extra * (self.service_time or 0.0)
+        for k in range(min(d, len(self.latencies) - 1), -1, -1):
+            seen = self.latencies[k]
+            if seen is not None:
+                return seen
+        return (self.service_time or 0.0) * (d + 1)
 
 
 class Policy(Protocol):
     name: str
 
-    def choose(self, members: Sequence[MemberView]) -> int | None:
-        """The index of the member for the next item; None: wait (no member can take it now).
-        Raises :class:`NoMember` when every member is gone for good."""
+    def plan(self, members: Sequence[MemberView], waiting: int) -> list[int | None]:
+        """For each of the ``waiting`` items, in order: the index of the member to hand it to
+        now, or None (it waits). Raises :class:`NoMember` when every member is gone."""
 
 
 def _check_alive(members: Sequence[MemberView]) -> None:
@@ -62,23 +78,29 @@ def _check_alive(members: Sequence[MemberView]) -> None:
 class Balance:
     """Each item to the member expected to finish it soonest.
 
-    Expected finish = measured service time x (queue depth + 1), so a member three times
-    slower gets about a third of the items and no queue grows on a slow device while a fast
-    one idles. A member whose speed is not known yet is tried first (estimate 0). Ties go to
-    a member with room, then to the earlier member.
+    Items are placed one after the other, each counting the ones placed before it: the
+    expected finish on a member is its measured time at that queue depth (see
+    :meth:`MemberView.finish_estimate`). So a member three times slower gets the items it can
+    finish before the fast one could, about a quarter of them, and no queue grows in front of
+    a slow device while a fast one idles -- nor the other way round. A member whose speed is
+    not known yet is tried first. Ties go to a member with room, then to the earlier member.
     """
 
     name = "balance"
 
-    def choose(self, members: Sequence[MemberView]) -> int | None:
+    def plan(self, members: Sequence[MemberView], waiting: int) -> list[int | None]:
         _check_alive(members)
-        best: MemberView | None = None
-        for m in members:
-            if m.state not in ROUTABLE:
-                continue
-            if best is None or (m.finish_estimate, m.full) < (best.finish_estimate, best.full):
-                best = m
-        return None if best is None else best.index
+        usable = [m for m in members if m.state in ROUTABLE]
+        depth = {m.index: m.depth for m in usable}
+        out: list[int | None] = []
+        for _ in range(waiting):
+            if all(depth[m.index] >= m.capacity for m in usable):
+                break  # every member is (virtually) full: the rest wait
+            best = min(usable, key=lambda m: (m.finish_estimate(depth[m.index]),
+                                              depth[m.index] >= m.capacity, m.index))
+            out.append(best.index if depth[best.index] < best.capacity else None)
+            depth[best.index] += 1
+        return out
 
 
 class Failover:
@@ -87,12 +109,13 @@ class Failover:
 
     name = "failover"
 
-    def choose(self, members: Sequence[MemberView]) -> int | None:
+    def plan(self, members: Sequence[MemberView], waiting: int) -> list[int | None]:
         _check_alive(members)
         for m in members:
             if m.state in ROUTABLE:
-                return m.index
-        return None
+                room = max(0, m.capacity - m.depth)
+                return [m.index] * min(room, waiting)
+        return []
 
 
 POLICIES: dict[str, type[Balance] | type[Failover]] = {"balance": Balance, "failover": Failover}
@@ -106,27 +129,34 @@ def make_policy(name: str) -> Balance | Failover:
 
 
 class ServiceClock:
-    """Measures a member's service time: the mean gap between completions while it is busy.
+    """Measures one member: its service time and its latency at each queue depth.
 
-    For a device that runs several items at once this is its time per item at full load
-    (latency / parallelism), which is what queueing in front of it costs. An exponential
-    moving average follows speed changes (thermal throttling, a shared CPU) within ~10 items.
+    The service time is the mean gap between completions while the member is busy: for a
+    device that runs several items at once, its time per item at full load (latency /
+    parallelism), which is what waiting for a free slot costs. The latency at depth ``d`` is
+    the time from hand-off to result of items handed behind ``d`` others. Exponential moving
+    averages follow speed changes (thermal throttling, a shared CPU) within ~10 items.
     """
 
-    __slots__ = ("_mark", "value")
+    __slots__ = ("_mark", "latencies", "value")
 
     SMOOTHING = 0.2
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 1) -> None:
         self.value: float | None = None
+        self.latencies: list[float | None] = [None] * max(1, capacity)
         self._mark = 0.0  # last completion, or when it went busy from idle
 
     def started(self, now: float, depth_before: int) -> None:
         if depth_before == 0:
             self._mark = now
 
-    def finished(self, now: float) -> None:
-        sample = max(0.0, now - self._mark)
+    def finished(self, now: float, handed_at: float | None = None, depth: int = 0) -> None:
+        self.value = _smooth(self.value, max(0.0, now - self._mark))
         self._mark = now
-        value = self.value
-        self.value = sample if value is None else value + self.SMOOTHING * (sample - value)
+        if handed_at is not None and 0 <= depth < len(self.latencies):
+            self.latencies[depth] = _smooth(self.latencies[depth], max(0.0, now - handed_at))
+
+
+def _smooth(value: float | None, sample: float) -> float:
+    return sample if value is None else value + ServiceClock.SMOOTHING * (sample - value)
