@@ -43,6 +43,9 @@ log = logging.getLogger("aioaccel")
 
 #: how often the pool looks again at members that could not take an item (recovering ones)
 _RECHECK = 0.005
+#: the feeder may run this many times the members' capacity ahead: the items beyond it wait
+#: on the loop, so a member that frees a slot is refilled at once, without the feeder's hop
+_AHEAD = 2
 
 
 class MemberLost(AccelError):
@@ -183,7 +186,7 @@ class _Dispatch(DeviceStage):
 
     def submit(self, token: object, inputs: Any) -> None:
         with self._cond:
-            while self._pending >= self._room and self._dead is None:
+            while self._pending >= _AHEAD * self._room and self._dead is None:
                 # every live member is full: the feeder waits (backpressure) for a completion
                 if not self._cond.wait(0.5) and self.loop.is_closed():  # type: ignore[union-attr]
                     raise DeviceError(f"pool {self.pool_name!r}: its event loop is closed")
@@ -478,7 +481,8 @@ def pool(*members: Runner, policy: str = "balance", maxsize: int | None = None,
     first member that is ready, the next one while it is broken or recovering, and returns to
     the first once it is ready again. An item held by a member that breaks is re-run on
     another one, ``retries`` times at most (inference is idempotent). ``maxsize`` bounds the
-    pool's own admission (default: the sum of the members' maxsizes).
+    pool's own admission (default: twice the sum of the members' maxsizes: their queues, and
+    as much again for results waiting for their turn behind an item on a slower member).
     """
     if not members:
         raise ValueError("aioaccel.pool() needs at least one member runner")
@@ -494,7 +498,9 @@ def pool(*members: Runner, policy: str = "balance", maxsize: int | None = None,
     make_policy(policy)  # fail now on a bad name
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    size = sum(m.maxsize for m in members) if maxsize is None else maxsize
+    # Room for every member's queue, and as much again for results that wait for their turn
+    # in push order behind an item still on a slower member.
+    size = 2 * sum(m.maxsize for m in members) if maxsize is None else maxsize
     return Pool(members, policy=policy, maxsize=size, name=name, retries=retries,
                 close_timeout=close_timeout)
 

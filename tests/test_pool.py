@@ -49,15 +49,18 @@ async def test_fast_and_slow_together_beat_the_fast_one_alone(kind: str) -> None
         return aioaccel.open(SimulatedDevice(latency=ms / 1000, name=name), name=name)
 
     count = 400 if kind == "blocking" else 1200
-    # interleaved rounds, best of each: a loaded machine slows a round, not the ratio
+    # up to 3 interleaved rounds, best of each: a machine shared with other work slows a
+    # round now and then (the limit is ~1.33x: 1/1 ms + 1/3 ms)
     alone = together = 0.0
-    for _ in range(2):
+    for _ in range(3):
         alone = max(alone, (await rate(device(1, "fast"), count))[0])
         pool = aioaccel.pool(device(1, "fast"), device(3, "slow"))
         speed, results = await rate(pool, count)
         together = max(together, speed)
         assert [r.tag for r in results] == list(range(count))
         assert [r.outputs for r in results] == list(range(count))
+        if together >= 1.2 * alone:
+            break
     assert together >= 1.2 * alone, (together, alone)
     if kind == "device":
         return
@@ -316,7 +319,7 @@ def test_bad_pool_arguments_are_clear() -> None:
         aioaccel.pool(aioaccel.open(abs), retries=-1)
     with pytest.raises(ValueError, match="maxsize must be a positive int"):
         aioaccel.pool(aioaccel.open(abs), maxsize=0)
-    assert aioaccel.pool(aioaccel.open(abs, maxsize=3), aioaccel.open(abs, maxsize=5)).maxsize == 8
+    assert aioaccel.pool(aioaccel.open(abs, maxsize=3), aioaccel.open(abs, maxsize=5)).maxsize == 16
 
 
 async def test_a_member_that_fails_to_open_is_named_and_the_others_closed(
