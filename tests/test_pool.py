@@ -164,6 +164,24 @@ async def test_failover_first_member_breaks_at_item_100_of_300() -> None:
     assert seen == list(range(100, 300))
 
 
+async def test_failover_with_devices_that_complete_out_of_order() -> None:
+    def device(name: str, **faults: Any) -> aioaccel.Runner:
+        stage = SimulatedDevice(lambda x: (name, x), latency=0.001, capacity=4, seed=3,
+                                name=name, **faults)
+        return aioaccel.open(stage, name=name)
+
+    async with aioaccel.pool(device("first", fatal_at=100), device("second"),
+                             policy="failover") as pool:
+        results = await stream_all(pool, list(range(300)))
+    assert [r.tag for r in results] == list(range(300))
+    assert [r.outputs[1] for r in results] == list(range(300))
+    served = [r.outputs[0] for r in results]
+    switch = served.index("second")
+    # a prefix from the first (what it finished, in order, before it broke), the rest from
+    # the second, including what the first held unfinished
+    assert 90 <= switch <= 100 and served == ["first"] * switch + ["second"] * (300 - switch)
+
+
 async def test_failover_follows_member_health_and_returns_to_the_first() -> None:
     first, second = aioaccel.open(labelled("first"), name="first"), aioaccel.open(
         labelled("second"), name="second")
