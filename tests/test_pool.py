@@ -118,6 +118,30 @@ async def test_a_pool_of_pools() -> None:
     assert inner.closed and all(m.closed for m in inner.members)
 
 
+async def test_cancelled_infers_leave_nothing_stuck() -> None:
+    async with aioaccel.pool(sim(0.001, "a"), sim(0.003, "b"), maxsize=8) as pool:
+        calls = [asyncio.create_task(pool.infer(i)) for i in range(120)]
+        await asyncio.wait([calls[1]])  # by now early items are on the members, later wait
+        for task in calls[3::3]:
+            task.cancel()
+        calls[0].cancel()  # done already: its result stands
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        cancelled = 0
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, asyncio.CancelledError):
+                assert i % 3 == 0 and i
+                cancelled += 1
+            else:
+                assert outcome == i
+        assert cancelled >= 30
+        assert await pool.infer(-1) == -1   # still serving
+        stats = pool.stats()
+        assert stats.in_flight == 0 and stats.waiting == 0
+        assert stats.withdrawn + stats.completed == stats.pushed  # discarded ones completed
+        assert stats.discarded > 0   # some were cancelled while on a member
+        assert all(m.in_flight == 0 for m in pool.member_stats())
+
+
 async def test_memory_stays_bounded_with_a_slow_consumer() -> None:
     members = [sim(0.0005, "a"), sim(0.001, "b")]
     async with aioaccel.pool(*members, maxsize=5) as pool:
