@@ -443,6 +443,8 @@ class Pool(Runner):
 
     async def __aenter__(self) -> Pool:
         # The load (on its own thread) opens the members on this loop.
+        if self._pool_router.loop is not None:
+            raise RuntimeError(f"pool {self.name!r} was already opened")
         self._pool_router.loop = asyncio.get_running_loop()
         try:
             await super().__aenter__()

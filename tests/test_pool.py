@@ -393,6 +393,13 @@ async def test_a_cancelled_open_closes_the_members_it_opened() -> None:
     assert quick.closed and slow.closed   # and no thread is left (the fixture checks)
 
 
+async def test_opening_a_pool_twice_is_refused_and_harmless() -> None:
+    async with aioaccel.pool(sim(0.0, "a")) as pool:
+        with pytest.raises(RuntimeError, match="already opened"):
+            await pool
+        assert await pool.infer(3) == 3 and not pool.members[0].closed
+
+
 async def test_an_opened_member_is_refused() -> None:
     async with sim(0.0, "early") as early:
         with pytest.raises(RuntimeError, match=r"member 0 \('early'\) failed to open.*already"):
