@@ -242,12 +242,12 @@ class _Dispatch(DeviceStage):
                 self._all_lost()
                 return
             if any(target is not None for target in plan):
-                waiting: deque[_Job] = deque()
-                for position, job in enumerate(list(backlog)):
-                    target = plan[position] if position < len(plan) else None
+                kept: list[_Job] = []
+                for target in plan:
+                    job = backlog.popleft()
                     if target is None or not self._hand(members[target], job):
-                        waiting.append(job)  # for a member to finish one, or to be ready
-                self._backlog = backlog = waiting
+                        kept.append(job)  # for a member to finish one, or to be ready
+                backlog.extendleft(reversed(kept))  # back in front, in their order
         if backlog and self._recheck is None and self._dead is None and self.loop is not None:
             self._recheck = self.loop.call_later(_RECHECK, self._recheck_now)
 

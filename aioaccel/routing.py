@@ -61,6 +61,17 @@ class MemberView:
                 return seen
         return (self.service_time or 0.0) * (d + 1)
 
+    def estimates(self) -> list[float]:
+        """:meth:`finish_estimate` for each depth below the capacity, in one pass."""
+        out: list[float] = []
+        last: float | None = None
+        for d in range(max(1, self.capacity)):
+            seen = self.latencies[d] if d < len(self.latencies) else None
+            if seen is not None:
+                last = seen
+            out.append(last if last is not None else (self.service_time or 0.0) * (d + 1))
+        return out
+
 
 class Policy(Protocol):
     name: str
@@ -91,15 +102,36 @@ class Balance:
     def plan(self, members: Sequence[MemberView], waiting: int) -> list[int | None]:
         _check_alive(members)
         usable = [m for m in members if m.state in ROUTABLE]
-        depth = {m.index: m.depth for m in usable}
+        room = sum(max(0, m.capacity - m.depth) for m in usable)
+        if not room:
+            return []
+        # what finish_estimate gives, tabulated once per member for the depths in play
+        tables = [m.estimates() for m in usable]
+        service = [m.service_time or 0.0 for m in usable]
+        caps = [m.capacity for m in usable]
+        depth = [m.depth for m in usable]
+
+        def estimate(k: int) -> float:
+            d, table = depth[k], tables[k]
+            if d < caps[k]:
+                return table[d]
+            return table[-1] + (d - caps[k] + 1) * service[k]
+
+        current = [estimate(k) for k in range(len(usable))]
         out: list[int | None] = []
-        for _ in range(waiting):
-            if all(depth[m.index] >= m.capacity for m in usable):
-                break  # every member is (virtually) full: the rest wait
-            best = min(usable, key=lambda m: (m.finish_estimate(depth[m.index]),
-                                              depth[m.index] >= m.capacity, m.index))
-            out.append(best.index if depth[best.index] < best.capacity else None)
-            depth[best.index] += 1
+        handed = 0
+        while handed < room and len(out) < waiting:  # once all are (virtually) full, wait
+            k = 0
+            for i in range(1, len(usable)):  # soonest; ties: one with room, then the earlier
+                if (current[i], depth[i] >= caps[i]) < (current[k], depth[k] >= caps[k]):
+                    k = i
+            if depth[k] < caps[k]:
+                out.append(usable[k].index)
+                handed += 1
+            else:
+                out.append(None)  # it waits for this member, and is counted there
+            depth[k] += 1
+            current[k] = estimate(k)
         return out
 
 

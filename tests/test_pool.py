@@ -509,6 +509,14 @@ def test_estimates_per_depth_and_past_capacity() -> None:
     assert view(0, 3, 0.001).finish_estimate() == pytest.approx(0.004)  # nothing per depth yet
 
 
+def test_tabulated_estimates_match_finish_estimate() -> None:
+    for latencies in ([None, None, None], [0.004, None, 0.002], [None, 0.003, None],
+                      [0.001, 0.002, 0.003]):
+        for service in (None, 0.0005):
+            m = view(0, 0, service, capacity=3, latencies=list(latencies))
+            assert m.estimates() == [m.finish_estimate(d) for d in range(3)]
+
+
 def test_failover_plans_everything_for_the_first_ready_member() -> None:
     failover = Failover()
     assert failover.plan([view(0, 8, 0.01), view(1, 0, 0.001)], 3) == []  # full: wait for it
