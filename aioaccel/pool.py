@@ -102,10 +102,7 @@ class _Member:
     def state(self) -> str:
         if self.lost is not None:
             return "broken"
-        health = getattr(self.runner, "health", None)
-        if callable(health):  # the self-healing runner reports its own state
-            return str(health().state)
-        return "closed" if self.runner.closed else "ready"
+        return str(self.runner.health().state)  # "recovering" while a self-healing one restarts
 
     def view(self) -> MemberView:
         return MemberView(self.index, self.state(), len(self.inflight), self.runner.maxsize,
