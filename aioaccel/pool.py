@@ -294,10 +294,17 @@ class _Dispatch(DeviceStage):
         member.completed += 1
         if not member.inflight:
             member.busy_total += now - member.busy_since
-        if result.error is None:
+        error = result.error
+        if error is None:
             self._finish(job, result.outputs, None)
+        elif isinstance(error.__cause__, DeviceError) and job.attempts < self.retries:
+            # A self-healing member restarted while it held this item and gave up on it: the
+            # device failed, not the input, so another member runs it again.
+            job.attempts += 1
+            member.retried += 1
+            self._backlog.appendleft(job)
         else:
-            self._finish(job, None, result.error)
+            self._finish(job, None, error)
         self._route()
 
     def _finish(self, job: _Job, outputs: Any, error: BaseException | None) -> None:
