@@ -118,6 +118,20 @@ async def test_infer_from_many_callers_and_streams() -> None:
     assert stats.completed == 100
 
 
+async def test_a_reserved_stream_on_a_pool_is_admitted_during_a_burst() -> None:
+    async with aioaccel.pool(sim(0.002, "a"), sim(0.002, "b"), maxsize=6) as pool:
+        critical = pool.stream("critical", priority=1, reserve=1)
+        burst = pool.stream("burst")
+        for i in range(5):          # the burst takes every slot it may
+            burst.push_nowait(i)
+        with pytest.raises(aioaccel.WouldBlock):
+            burst.push_nowait(5)
+        critical.push_nowait("now")  # the reserved slot is still free
+        assert (await anext(critical)).outputs == "now"
+        burst.close()
+        assert [r.outputs async for r in burst] == list(range(5))
+
+
 async def test_a_pool_of_pools() -> None:
     inner = aioaccel.pool(sim(0.001, "a"), sim(0.001, "b"), name="inner")
     async with aioaccel.pool(inner, sim(0.002, "c"), name="outer") as outer:
