@@ -17,6 +17,7 @@ from .errors import ModelNotFound as ModelNotFound
 from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
+from .pool import pool as pool
 from .recovery import Health as Health
 from .recovery import Restart as Restart
 from .runner import Result as Result
@@ -64,4 +65,5 @@ __all__ = [
     "available_backends",
     "devices",
     "open",
+    "pool",
 ]
