@@ -36,6 +36,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..batching import refuse_batch
 from ..errors import DeviceError
 from ..stages import Complete, DeviceStage, StageSpec, made
 from . import Model, require
@@ -195,7 +196,8 @@ def _listed(edgetpu: Any) -> str:
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: Any = None,
          queue_size: int | None = None, cast: bool = False,
-         max_input_bytes: int | None = None) -> Model:
+         max_input_bytes: int | None = None, batch: int | None = None) -> Model:
+    refuse_batch(batch, "coral", "Edge TPU models are compiled for a fixed batch")
     paths = model_paths(target, (".tflite",))
     edgetpu, runner_class, takes_dicts = pycoral()
     segmented = isinstance(target, (list, tuple))

@@ -2,10 +2,12 @@
 
 ``aioaccel.open("model.onnx")`` or a list of segment files. ``InferenceSession.run`` releases
 the GIL. Options: ``providers`` (default ``["CPUExecutionProvider"]``), ``num_threads`` (intra-op
-threads per session; with several segments or replicas the default shares the cores out, one
-session per core at least, instead of a spinning pool per session on every core),
+threads per session; the default leaves one core to the event loop and shares the others
+out between the sessions, at least one each, and turns the pool's spinning off:
+ONNX Runtime's own default, a spinning pool on every core per session, competes with the loop),
 ``session_options`` (a callable that edits the ``SessionOptions``), ``cast``,
-``max_input_bytes``.
+``max_input_bytes``, ``batch`` (N >= 2: stages receive up to N items joined along axis 0; every
+segment's inputs and outputs need a dynamic first dimension, or open fails naming the tensor).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import backend_batch, batched_specs, require_batch_axis
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
 from ._segments import carry, check_chain, model_paths, needed_after, validator
 
-__all__ = ["OnnxStage", "load"]
+__all__ = ["SPINNING", "OnnxStage", "default_threads", "load"]
 
 _DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -44,6 +47,16 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, dtype, shape)
 
 
+#: a session-config key ONNX Runtime reads as "0"/"1"
+SPINNING = "session.intra_op.allow_spinning"
+
+
+def default_threads(sessions: int) -> int:
+    """Intra-op threads per session when ``num_threads`` is not given: one core is left to the
+    event loop (and the Python work around each call), the rest shared out, at least 1 each."""
+    return max(1, ((os.cpu_count() or 1) - 1) // sessions)
+
+
 def _session(path: Path, providers: Sequence[str], num_threads: int | None,
              session_options: Callable[[Any], None] | None) -> Any:
     ort = runtime()
@@ -53,6 +66,10 @@ def _session(path: Path, providers: Sequence[str], num_threads: int | None,
         options.inter_op_num_threads = 1
     if session_options is not None:
         session_options(options)
+    try:
+        options.get_session_config_entry(SPINNING)
+    except RuntimeError:  # not set by session_options: workers that spin idle steal the loop's
+        options.add_session_config_entry(SPINNING, "0")  # core while the loop feeds them
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
@@ -72,20 +89,25 @@ class OnnxStage(BlockingStage):
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,
          num_threads: int | None = None, session_options: Callable[[Any], None] | None = None,
-         cast: bool = False, max_input_bytes: int | None = None) -> Model:
+         cast: bool = False, max_input_bytes: int | None = None,
+         batch: int | None = None) -> Model:
+    batch = backend_batch(batch, "onnx")
     paths = model_paths(target, (".onnx",))
     providers = list(providers or ["CPUExecutionProvider"])
-    workers = len(paths) * replicas
-    if num_threads is None and workers > 1:
+    if num_threads is None:
         # Each session's default pool has a (spinning) thread per core: several sessions would
-        # oversubscribe the cores. Share them out instead.
-        num_threads = max(1, (os.cpu_count() or 1) // workers)
+        # oversubscribe the cores, and even one competes with the event loop. Share them out.
+        num_threads = default_threads(len(paths) * replicas)
     io = []
     for path in paths:
         probe = _session(path, providers, 1, session_options)
         io.append((path.name, [_spec(a) for a in probe.get_inputs()],
                    [_spec(a) for a in probe.get_outputs()]))
     check_chain(io)
+    if batch is not None:
+        for label, inputs, outputs in io:
+            require_batch_axis(inputs, batch, "input", label)
+            require_batch_axis(outputs, batch, "output", label)
     keeps = needed_after([inputs for _, inputs, _ in io])
     specs = []
     for i, path in enumerate(paths):
@@ -94,7 +116,8 @@ def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = No
             return OnnxStage(_session(path, providers, num_threads, session_options), keep, last)
 
         specs.append(StageSpec(path.stem, factory, replicas))
-    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
-                 prepare=validator(io[0][1], cast, max_input_bytes),
+    inputs = batched_specs(io[0][1]) if batch else io[0][1]
+    return Model(stages=specs, inputs=inputs, outputs=io[-1][2],
+                 prepare=validator(inputs, cast, max_input_bytes), batch=batch or 1,
                  info={"backend": "onnx", "segments": [str(p) for p in paths],
-                       "providers": providers})
+                       "providers": providers, "num_threads": num_threads})

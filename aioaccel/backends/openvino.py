@@ -27,6 +27,13 @@ precision; on the CPU it defaults to "f32", because OpenVINO otherwise picks bf1
 that have it, and results drift), ``config`` (more properties for ``compile_model``),
 ``cast``, ``max_input_bytes``. With several models, CPU pinning is turned off: pinned one-stream
 models on different threads do not run in parallel.
+
+``batch=N`` (N >= 2): stages receive up to N items joined along axis 0. A model whose first
+dimension is static (a batch of 1) is reshaped to a dynamic first dimension before it is
+compiled (a copy: an ``openvino.Model`` passed in is left as it is); a model that cannot be
+reshaped, or whose outputs do not follow the batch, fails at open naming the tensor. Partial
+batches are not padded: measured here, a dynamic batch of 5 runs as fast as a static one of
+5 and 1.4x faster than 5 rows padded to 16 (width-512 MLP), so padding would only cost.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import BatchingUnsupported, backend_batch, batched_specs, require_batch_axis
 from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
@@ -135,10 +143,39 @@ def _read(core: Any, item: Any, ov: Any) -> Any:
     raise TypeError(f"expected an openvino.Model or a model file path, got {type(item).__name__}")
 
 
+def _batchable(model: Any, batch: int, label: str, ov: Any) -> Any:
+    """A copy of ``model`` whose inputs take any number of rows on axis 0."""
+    model = model.clone()
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        spec = _spec(port) if shape.rank.is_static else None
+        require_batch_axis([spec] if spec else [], batch, "input", label, fixed_ok=True)
+        if shape.rank.is_static and not shape[0].is_dynamic:
+            shape[0] = ov.Dimension(-1)
+            shapes[port] = shape
+    if shapes:
+        try:
+            model.reshape(shapes)
+        except Exception as exc:  # the graph pins its batch (a Reshape to constants, ...)
+            names = ", ".join(f"{port.get_any_name()!r} {port.get_partial_shape()}"
+                              for port in shapes)
+            raise BatchingUnsupported(
+                f"batch={batch}: batch= needs a dynamic batch dimension, and {label} has "
+                f"input {names} "
+                f"and OpenVINO cannot reshape it to a dynamic first dimension ({exc}); open "
+                f"it without batch=") from exc
+    for port in model.outputs:
+        if port.get_partial_shape().rank.is_static:
+            require_batch_axis([_spec(port)], batch, "output", label)
+    return model
+
+
 def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "auto",
          jobs: int = 0, hint: str | None = None, precision: str | None = None,
          config: dict[str, Any] | None = None, cast: bool = False,
-         max_input_bytes: int | None = None) -> Model:
+         max_input_bytes: int | None = None, batch: int | None = None) -> Model:
+    batch = backend_batch(batch, "openvino")
     ov = runtime()
     if api == "auto":
         api = "sync" if device.upper().startswith("CPU") else "async"
@@ -159,7 +196,10 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
     if len(items) > 1 and device.upper().startswith("CPU"):
         properties["ENABLE_CPU_PINNING"] = False
     properties.update(config or {})
-    compiled = [core.compile_model(_read(core, item, ov), device, properties) for item in items]
+    models = [_read(core, item, ov) for item in items]
+    if batch is not None:
+        models = [_batchable(m, batch, f"model {i}", ov) for i, m in enumerate(models)]
+    compiled = [core.compile_model(m, device, properties) for m in models]
     io = [(f"model {i}", [_spec(p) for p in c.inputs], [_spec(p) for p in c.outputs])
           for i, c in enumerate(compiled)]
     check_chain(io)
@@ -174,8 +214,9 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
 
         name = f"openvino{i}" if len(compiled) > 1 else "openvino"
         specs.append(StageSpec(name, factory, replicas, device=api == "async"))
-    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
-                 prepare=validator(io[0][1], cast, max_input_bytes),
-                 close=compiled.clear,
+    inputs = batched_specs(io[0][1]) if batch else io[0][1]
+    return Model(stages=specs, inputs=inputs, outputs=io[-1][2],
+                 prepare=validator(inputs, cast, max_input_bytes), close=compiled.clear,
+                 batch=batch or 1,
                  info={"backend": "openvino", "device": device, "api": api,
                        "properties": properties})
