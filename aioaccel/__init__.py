@@ -12,6 +12,7 @@ from .errors import DeviceTimeout as DeviceTimeout
 from .errors import InferenceError as InferenceError
 from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
+from .errors import ModelLoadError as ModelLoadError
 from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
@@ -45,6 +46,7 @@ __all__ = [
     "InferenceError",
     "InputError",
     "Model",
+    "ModelLoadError",
     "OpenError",
     "Restart",
     "Result",

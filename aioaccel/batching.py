@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_LATENCY_BUDGET",
     "BatchingUnsupported",
     "backend_batch",
+    "batched_model",
     "batched_specs",
     "calibrate",
     "check_batch",
@@ -311,6 +312,22 @@ def batched_specs(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
         else:
             out.append(TensorSpec(spec.name, spec.dtype, (None, *spec.shape[1:])))
     return out
+
+
+def batched_model(model: Model, batch: int | None, *, cast: bool = False,
+                  max_input_bytes: int | None = None) -> Model:
+    """``model`` as a backend hands it out for ``batch=N``: input specs (and the validator
+    that checks each item against them) take any number of rows on axis 0; ``model.batch``
+    is N. Unchanged for ``batch=None``."""
+    if batch is None or model.inputs is None:
+        return model
+    from .tensors import DEFAULT_MAX_INPUT_BYTES, InputValidator
+
+    model.inputs = batched_specs(model.inputs)
+    model.prepare = InputValidator(model.inputs, cast=cast, max_bytes=DEFAULT_MAX_INPUT_BYTES
+                                   if max_input_bytes is None else max_input_bytes)
+    model.batch = batch
+    return model
 
 
 # ---- choosing the batch size ----------------------------------------------------------------

@@ -757,8 +757,8 @@ class Runner:
         started = perf_counter()
         budget = self._restart
         assert budget is not None
-        if old is not None:
-            await old.stop(0.5)  # releases the device, abandoning a hung thread
+        if old is not None:  # release the device; a hung thread is abandoned, not awaited
+            await old.stop(0.05 if isinstance(err, DeviceTimeout) else 0.5)
         while True:
             await asyncio.sleep(budget.delay())
             try:

@@ -24,20 +24,22 @@ from __future__ import annotations
 import ctypes
 import itertools
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..batching import BatchingUnsupported, backend_batch, batched_specs
-from ..errors import BackendUnavailable
+from ..batching import BatchingUnsupported, backend_batch, batched_model
+from ..errors import BackendUnavailable, ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
-__all__ = ["LiteRTStage", "load", "tensor_spec"]
+__all__ = ["LiteRTStage", "interpreter_module", "interpreter_name", "load", "probe",
+           "tensor_spec"]
 
 EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib",
                    "Windows": "edgetpu.dll"}.get(platform.system(), "libedgetpu.so.1")
@@ -95,24 +97,25 @@ def tensor_spec(detail: dict[str, Any]) -> TensorSpec:
 class LiteRTStage(BlockingStage):
     """One interpreter, used only by the worker thread that runs this stage."""
 
-    def __init__(self, interpreter: Any, keep: frozenset[str], last: bool,
+    def __init__(self, interpreter: Any, wiring: Wiring,
                  full_batch: tuple[int, Callable[[], Any]] | None = None):
         self.interpreter = interpreter
+        self._wiring = wiring
         self._inputs = self._slots(interpreter)
         self._outputs = [(d["name"], d["index"]) for d in interpreter.get_output_details()]
-        self._keep = keep
-        self._last = last
         #: batching: (rows of a full batch, how to make its interpreter); made on first use
         self._full_batch = full_batch
         self._full: tuple[Any, list[tuple[str, int, tuple[int, ...]]]] | None = None
 
-    @staticmethod
-    def _slots(interpreter: Any) -> list[tuple[str, int, tuple[int, ...]]]:
-        return [(d["name"], d["index"], tuple(d["shape"])) for d in interpreter.get_input_details()]
+    def _slots(self, interpreter: Any) -> list[tuple[str, int, tuple[int, ...]]]:
+        """(key in the carried dict, tensor index, current shape), in the interpreter's order."""
+        keys = dict(self._wiring.feeds)
+        return [(keys.get(d["name"], d["name"]), d["index"], tuple(d["shape"]))
+                for d in interpreter.get_input_details()]
 
     @classmethod
     def create(cls, path: Path, num_threads: int | None, delegate_device: str | None,
-               keep: frozenset[str], last: bool, batch: int | None = None) -> LiteRTStage:
+               wiring: Wiring, batch: int | None = None) -> LiteRTStage:
         """Make the interpreter (on the calling worker thread) and the stage around it."""
         module = interpreter_module()
 
@@ -125,7 +128,7 @@ class LiteRTStage(BlockingStage):
             interpreter.allocate_tensors()
             return interpreter
 
-        return cls(make(), keep, last, None if batch is None else (batch, make))
+        return cls(make(), wiring, None if batch is None else (batch, make))
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interp, inputs = self.interpreter, self._inputs
@@ -135,27 +138,28 @@ class LiteRTStage(BlockingStage):
                 made = full[1]()
                 self._full = (made, self._slots(made))
             interp, inputs = self._full
-        for slot, (name, index, shape) in enumerate(inputs):
-            value = tensors[name]
+        for slot, (key, index, shape) in enumerate(inputs):
+            value = tensors[key]
             if value.shape != shape:  # a dynamic dimension changed: resize, then reallocate
                 interp.resize_tensor_input(index, value.shape)
                 interp.allocate_tensors()
-                inputs[slot] = (name, index, value.shape)
+                inputs[slot] = (key, index, value.shape)
             interp.set_tensor(index, value)  # copies: the caller may reuse its array
         interp.invoke()  # releases the GIL
         outputs = {name: interp.get_tensor(index) for name, index in self._outputs}
-        return carry(tensors, outputs, self._keep, self._last)
+        return self._wiring.pass_on(tensors, outputs)
 
 
-def _check_batchable(probe: Any, batch: int, label: str) -> None:
-    """Resize ``probe`` to a batch of 2 rows; raise BatchingUnsupported unless it allocates and
-    every output follows the batch."""
+def _check_batchable(module: Any, path: Path, batch: int) -> None:
+    """Resize a probe interpreter to a batch of 2 rows; raise BatchingUnsupported unless it
+    allocates and every output follows the batch."""
+    probe = module.Interpreter(model_path=str(path))
+    label = path.name
     details = probe.get_input_details()
     for d in details:
-        spec = tensor_spec(d)
         if not len(d["shape"]):
             raise BatchingUnsupported(f"batch={batch}: batch= needs a batch dimension, and input "
-                                      f"{spec.name!r} of {label} has no dimensions")
+                                      f"{d['name']!r} of {label} has no dimensions")
     try:
         for d in details:
             probe.resize_tensor_input(d["index"], (2, *d["shape"][1:]))
@@ -164,7 +168,8 @@ def _check_batchable(probe: Any, batch: int, label: str) -> None:
         shapes = ", ".join(str(tensor_spec(d)) for d in details)
         raise BatchingUnsupported(
             f"batch={batch}: batch= needs a dynamic batch dimension, and {label} ({shapes}) "
-            f"cannot be resized along its first axis ({exc}); open it without batch=") from exc
+            f"cannot be resized along its first axis ({_first_line(exc)}); open it without "
+            f"batch=") from exc
     for d in probe.get_output_details():
         if not len(d["shape"]) or int(d["shape"][0]) != 2:
             raise BatchingUnsupported(
@@ -186,30 +191,46 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
     devices = edgetpu_devices(device, len(paths), replicas)
     if device not in (None, "cpu") and len(paths) > 1 and replicas > 1:
         raise ValueError("with the Edge TPU, give either several segments or replicas, not both")
-    io = []
-    for path in paths:  # read the specs without a delegate: it only needs the flatbuffer
-        probe = module.Interpreter(model_path=str(path))
-        io.append((path.name, [tensor_spec(d) for d in probe.get_input_details()],
-                   [tensor_spec(d) for d in probe.get_output_details()]))
-        if batch is not None:
-            _check_batchable(probe, batch, path.name)
-        del probe
-    check_chain(io)
-    keeps = needed_after([inputs for _, inputs, _ in io])
+    io = [probe(module, path) for path in paths]
+    wirings = plan(io)
+    if batch is not None:
+        for path in paths:
+            _check_batchable(module, path, batch)
     specs = []
     for i, path in enumerate(paths):
-        def factory(path: Path = path, keep: frozenset[str] = keeps[i],
-                    last: bool = i == len(paths) - 1,
+        def factory(path: Path = path, wiring: Wiring = wirings[i],
                     devs: tuple[str | None, ...] = tuple(devices[i * replicas:(i + 1) * replicas]),
                     counter: Any = itertools.count()) -> LiteRTStage:  # noqa: B008 - one per stage
             # next() on a count is atomic: each replica thread takes its own device (modulo:
             # batch="auto" makes stages of its own to time the model before the workers do)
             device = devs[next(counter) % len(devs)]
-            return LiteRTStage.create(path, num_threads, device, keep, last, batch)
+            return LiteRTStage.create(path, num_threads, device, wiring, batch)
 
         specs.append(StageSpec(path.stem, factory, replicas))
-    inputs = batched_specs(io[0][1]) if batch else io[0][1]
-    return Model(stages=specs, inputs=inputs, outputs=io[-1][2],
-                 prepare=validator(inputs, cast, max_input_bytes), batch=batch or 1,
-                 info={"backend": "litert", "segments": [str(p) for p in paths],
-                       "device": device or "cpu"})
+    model = build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                        info={"backend": "litert", "interpreter": interpreter_name(module),
+                              "segments": [str(p) for p in paths], "device": device or "cpu"})
+    return batched_model(model, batch, cast=cast, max_input_bytes=max_input_bytes)
+
+
+def interpreter_name(module: Any) -> str:
+    """Which interpreter runs: ``ai_edge_litert`` or ``tflite_runtime``, with its version."""
+    package = module.__name__.split(".")[0]
+    version = getattr(sys.modules.get(package), "__version__", None)
+    return f"{package} {version}" if version else package
+
+
+def probe(module: Any, path: Path) -> SegmentIO:
+    """A segment's inputs and outputs, read without a delegate (it only needs the flatbuffer).
+    A file the interpreter cannot read fails here, naming the file and the runtime."""
+    try:
+        interpreter = module.Interpreter(model_path=str(path))
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{interpreter_name(module)} cannot load {str(path)!r}: "
+                             f"{_first_line(exc)}") from exc
+    return SegmentIO(path.name, [tensor_spec(d) for d in interpreter.get_input_details()],
+                     [tensor_spec(d) for d in interpreter.get_output_details()])
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]

@@ -330,7 +330,8 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
          group_id: int = 0, model_idx: int | Sequence[int] = 0, streams: int | None = None,
          queue_size: int | None = None, input_shapes: Sequence[Sequence[int]] | None = None,
          dtype: str = "float32", cast: bool = False, max_input_bytes: int | None = None,
-         poll_ms: int = 50, batch: int | None = None, **accl_options: Any) -> Model:
+         poll_ms: int = 50, runner_name: str = "runner",
+         batch: int | None = None, **accl_options: Any) -> Model:
     refuse_batch(batch, "memryx", "a DFP is compiled for fixed input shapes, and the "
                  "accelerator streams frames one by one")
     if replicas != 1:
@@ -384,7 +385,8 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
     if api == "async":
         stage = MemryxAsyncStage(accl, models, in_names, out_names, size, fan_out)
     elif api == "sync":
-        stage = MemryxSyncStage(accl, models[0], in_names[0], out_names[0], poll_ms, "mx3")
+        stage = MemryxSyncStage(accl, models[0], in_names[0], out_names[0], poll_ms,
+                                f"{runner_name}-mx3")
     else:
         stage = MemryxMultiStreamStage(accl, models[0], streams, in_names[0],  # type: ignore[arg-type]
                                        out_names[0], size)

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..batching import backend_batch, batched_specs, require_batch_axis
+from ..batching import backend_batch, batched_model, require_batch_axis
+from ..errors import ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
 __all__ = ["SPINNING", "OnnxStage", "default_threads", "load"]
 
@@ -74,17 +75,15 @@ def _session(path: Path, providers: Sequence[str], num_threads: int | None,
 
 
 class OnnxStage(BlockingStage):
-    def __init__(self, session: Any, keep: frozenset[str], last: bool):
+    def __init__(self, session: Any, wiring: Wiring):
         self.session = session
-        self._inputs = [i.name for i in session.get_inputs()]
-        self._outputs = [o.name for o in session.get_outputs()]
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
+        self._outputs = list(wiring.outputs)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self._outputs, {name: tensors[name] for name in self._inputs})
-        return carry(tensors, dict(zip(self._outputs, values, strict=True)), self._keep,
-                     self._last)
+        wiring = self._wiring
+        return wiring.pass_on_values(tensors, self.session.run(self._outputs,
+                                                               wiring.gather(tensors)))
 
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,
@@ -98,26 +97,32 @@ def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = No
         # Each session's default pool has a (spinning) thread per core: several sessions would
         # oversubscribe the cores, and even one competes with the event loop. Share them out.
         num_threads = default_threads(len(paths) * replicas)
-    io = []
-    for path in paths:
-        probe = _session(path, providers, 1, session_options)
-        io.append((path.name, [_spec(a) for a in probe.get_inputs()],
-                   [_spec(a) for a in probe.get_outputs()]))
-    check_chain(io)
+    io = [_probe(path, providers, session_options) for path in paths]
+    wirings = plan(io)
     if batch is not None:
-        for label, inputs, outputs in io:
-            require_batch_axis(inputs, batch, "input", label)
-            require_batch_axis(outputs, batch, "output", label)
-    keeps = needed_after([inputs for _, inputs, _ in io])
+        for segment in io:
+            require_batch_axis(segment.inputs, batch, "input", segment.label)
+            require_batch_axis(segment.outputs, batch, "output", segment.label)
     specs = []
     for i, path in enumerate(paths):
-        def factory(path: Path = path, keep: frozenset[str] = keeps[i],
-                    last: bool = i == len(paths) - 1) -> OnnxStage:
-            return OnnxStage(_session(path, providers, num_threads, session_options), keep, last)
+        def factory(path: Path = path, wiring: Wiring = wirings[i]) -> OnnxStage:
+            return OnnxStage(_session(path, providers, num_threads, session_options), wiring)
 
         specs.append(StageSpec(path.stem, factory, replicas))
-    inputs = batched_specs(io[0][1]) if batch else io[0][1]
-    return Model(stages=specs, inputs=inputs, outputs=io[-1][2],
-                 prepare=validator(inputs, cast, max_input_bytes), batch=batch or 1,
-                 info={"backend": "onnx", "segments": [str(p) for p in paths],
-                       "providers": providers, "num_threads": num_threads})
+    model = build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                        info={"backend": "onnx", "segments": [str(p) for p in paths],
+                              "providers": providers, "num_threads": num_threads})
+    return batched_model(model, batch, cast=cast, max_input_bytes=max_input_bytes)
+
+
+def _probe(path: Path, providers: Sequence[str],
+           session_options: Callable[[Any], None] | None) -> SegmentIO:
+    ort = runtime()
+    try:
+        session = _session(path, providers, 1, session_options)
+    except Exception as exc:  # onnxruntime's own classes (Fail, InvalidGraph, ...) vary
+        reason = " ".join(str(exc).split())[:500]
+        raise ModelLoadError(f"ONNX Runtime {ort.__version__} cannot load {str(path)!r}: "
+                             f"{reason}") from exc
+    return SegmentIO(path.name, [_spec(a) for a in session.get_inputs()],
+                     [_spec(a) for a in session.get_outputs()])

@@ -2,3 +2,5 @@
 :mod:`aioaccel.integrations.aiohttp` (each needs its extra), sharing
 :mod:`aioaccel.integrations.http` (request bodies to arrays, results to responses, errors to
 status codes)."""
+
+__all__: list[str] = []  # a namespace: import the submodule of the framework you use
