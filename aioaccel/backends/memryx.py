@@ -113,9 +113,10 @@ class _MemryxStage(DeviceStage):
         with self._lock:
             self._outstanding += 1
 
-    def _drain(self, timeout: float = 10.0) -> None:
+    def _drain(self, timeout: float = 2.0) -> None:
         """Wait until every item handed over came back (bounded: a dead chip never answers;
-        the runner has failed those items by then)."""
+        the runner has failed those items by then, and a healthy one has answered: the runner
+        drains its results before it stops its stages)."""
         with self._lock:
             self._lock.wait_for(lambda: self._outstanding <= 0 or self._broken, timeout)
 

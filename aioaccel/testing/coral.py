@@ -63,6 +63,14 @@ class CoralSimulation:
         self.interpreters: list[tuple[str, str]] = []  #: (model path, TPU path) made
         self.hanging = threading.Event()
         self._released = threading.Event()
+        self._requests = 0
+        self._count_lock = threading.Lock()
+
+    def _next_request(self) -> int:
+        with self._count_lock:
+            number = self._requests
+            self._requests += 1
+        return number
 
     def release(self) -> None:
         """Let hung segments (``hang_at``) carry on."""
@@ -256,7 +264,7 @@ class _Engine:
         with self.cond:
             if self.turned_off:
                 raise RuntimeError("Pipeline was turned off before.")
-            number = self.pushed
+            number = self.sim._next_request()  # counted over every runner, as documented
             self.pushed += 1
         self._put(self.queues[0], (number, request), pusher=True)
 
