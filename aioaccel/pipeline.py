@@ -44,13 +44,16 @@ class Job:
     """What travels through the stages for one admitted item (owned by one thread at a time:
     the worker or device holding it, then the loop once the bridge delivered it)."""
 
-    __slots__ = ("at", "error", "failed_stage", "seq", "solo", "state", "stream", "t_admit",
-                 "t_done", "t_start", "value", "work")
+    __slots__ = ("abandoned", "at", "error", "failed_stage", "seq", "solo", "state", "stream",
+                 "t_admit", "t_done", "t_start", "value", "work")
 
     def __init__(self, seq: int, value: Any, stream: int = 0, t_admit: float = 0.0):
         self.seq = seq
         self.t_admit = t_admit        # when the runner admitted it (read-only here)
         self.solo = False             # run on its own, never in a batch (a failed batch's)
+        #: set by the runner when the infer() waiting for it is gone (cancelled or timed out)
+        #: after a worker took it: a device stage may drop it (its result would be discarded)
+        self.abandoned = False
         self.value = value            # the inputs, then each stage's outputs
         self.stream = stream          # the runner's stream index (MemryX stream_idx)
         self.error: BaseException | None = None

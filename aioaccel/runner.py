@@ -521,6 +521,8 @@ class Runner:
                 # so the hand-off never holds more than maxsize jobs.
                 ticket.withdrawn = True
                 self._done.withdrawn += 1
+            else:
+                ticket.job.abandoned = True  # a device stage may cancel its remote work
             raise
 
     # ---- streams ------------------------------------------------------------------------
