@@ -13,6 +13,7 @@ from .errors import InferenceError as InferenceError
 from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
 from .errors import ModelLoadError as ModelLoadError
+from .errors import ModelNotFound as ModelNotFound
 from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
@@ -47,6 +48,7 @@ __all__ = [
     "InputError",
     "Model",
     "ModelLoadError",
+    "ModelNotFound",
     "OpenError",
     "Restart",
     "Result",

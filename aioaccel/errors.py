@@ -12,6 +12,8 @@
      ├── WouldBlock          ``push_nowait`` on a full runner
      ├── OpenError           a backend load or stage factory failed (cause chained)
      │    └── ModelLoadError a runtime cannot read or convert a model file (also ValueError)
+     │         └── ModelNotFound  no such model file, or an IR without its .bin
+     │                            (also FileNotFoundError)
      └── BackendUnavailable  a runtime is not installed (the message says what to install)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
@@ -31,6 +33,7 @@ __all__ = [
     "InferenceError",
     "InputError",
     "ModelLoadError",
+    "ModelNotFound",
     "OpenError",
     "RunnerClosed",
     "WouldBlock",
@@ -96,6 +99,10 @@ class OpenError(AccelError):
 class ModelLoadError(OpenError, ValueError):
     """A runtime cannot read or convert a model file: the message names the file, the runtime
     and its reason; the runtime's exception is ``__cause__``."""
+
+
+class ModelNotFound(ModelLoadError, FileNotFoundError):
+    """The model file (or a file it needs, such as an OpenVINO IR's ``.bin``) does not exist."""
 
 
 

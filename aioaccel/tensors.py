@@ -7,6 +7,7 @@ No silent casts (OpenVINO would cast silently, LiteRT refuses): ``cast=True`` op
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +16,13 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MAX_INPUT_BYTES", "InputValidator", "TensorSpec", "format_shape"]
+__all__ = ["DEFAULT_MAX_INPUT_BYTES", "InputValidator", "TensorSpec", "format_shape",
+           "nested_shape"]
 
 #: the byte-size cap for one input whose shape has dynamic dimensions
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024
+#: NumPy's own limit on dimensions (numpy 2; numpy 1 has 32)
+_MAX_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class InputValidator:
     """Turns one item's inputs into ``{name: contiguous ndarray}`` or raises InputError.
 
     Accepts a dict by name, a list/tuple by position, or a single array for a one-input model.
+    For a one-input model, a nested Python list whose shape is the input's is that input (not
+    "inputs by position"). Shape and byte size are checked before anything is converted or
+    copied, so a huge wrong input costs microseconds on the event loop.
     """
 
     def __init__(self, specs: Sequence[TensorSpec], *, cast: bool = False,
@@ -63,7 +70,7 @@ class InputValidator:
         # per-item checks run on the event loop: work out once what each spec needs
         self._dynamic = [s.dynamic for s in self.specs]
         #: (rank, ((axis, size), ...) of the fixed dimensions), or None for an unknown shape
-        self._fixed = [None if s.shape is None or dtype.hasobject or dtype.kind in "OUSV" else
+        self._fixed = [None if s.shape is None or dtype.hasobject or dtype.kind in "OUSVMm" else
                        (len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None))
                        for s, dtype in zip(self.specs, self._dtypes, strict=True)]
 
@@ -79,10 +86,13 @@ class InputValidator:
                     f"the model takes {self.names}")
             values = [inputs[n] for n in self.names]
         elif isinstance(inputs, (list, tuple)):
-            if len(inputs) != len(specs):
+            if len(specs) == 1 and _is_the_one_input(inputs, specs[0]):
+                values = [inputs]
+            elif len(inputs) != len(specs):
                 raise InputError(f"got {len(inputs)} inputs by position, the model takes "
                                  f"{len(specs)}: {self.names}")
-            values = list(inputs)
+            else:
+                values = list(inputs)
         elif len(specs) == 1:
             values = [inputs]
         else:
@@ -95,35 +105,131 @@ class InputValidator:
                     and value.ndim == fixed[0] and all(value.shape[i] == d for i, d in fixed[1])
                     and (not self._dynamic[k] or value.nbytes <= self.max_bytes)):
                 # the common case, checked in full: right array, dtype, shape and size
-                checked[spec.name] = (value if value.flags.c_contiguous
-                                      else np.ascontiguousarray(value))
+                checked[spec.name] = _contiguous(value)
             else:
                 checked[spec.name] = self._check(spec, dtype, value)
         return checked
 
     def _check(self, spec: TensorSpec, dtype: np.dtype[Any], value: Any) -> np.ndarray:
         where = f"input {spec.name!r}"
-        if not isinstance(value, np.ndarray):
-            if not isinstance(value, (list, tuple, int, float, bool, np.generic)):
-                raise InputError(f"{where}: expected a numpy array of {dtype} with shape "
-                                 f"{format_shape(spec.shape)}, got {type(value).__name__}")
-            value = np.asarray(value)
-        if value.dtype.hasobject or value.dtype.kind in "OUSV":
-            raise InputError(f"{where}: expected {dtype}, got an array of {value.dtype} "
-                             f"(object/string/void arrays are never accepted)")
-        if value.dtype != dtype:
-            if not self.cast:
+        if isinstance(value, np.ndarray):
+            if isinstance(value, np.ma.MaskedArray):
+                raise InputError(f"{where}: got a masked array; its mask would be ignored by "
+                                 f"the runtime: fill it first (value.filled(...)) or pass "
+                                 f"value.data")
+            self._check_kind(where, dtype, value.dtype)
+            if value.dtype != dtype and not self.cast:
                 raise InputError(f"{where}: expected dtype {dtype}, got {value.dtype} (no "
                                  f"silent casts: convert it, or open the runner with cast=True)")
-            value = value.astype(dtype)
-        shape = spec.shape
-        if shape is not None and (value.ndim != len(shape) or any(
-                want is not None and want != got
-                for want, got in zip(shape, value.shape, strict=True))):
-            raise InputError(f"{where}: expected shape {format_shape(shape)}, got "
-                             f"{tuple(value.shape)}")
-        if spec.dynamic and value.nbytes > self.max_bytes:
-            raise InputError(f"{where}: {value.nbytes} bytes is over the cap of {self.max_bytes} "
-                             f"bytes for dynamic shapes (max_input_bytes=)")
-        # (np.ascontiguousarray would turn a 0-d scalar input into shape (1,))
-        return value if value.flags.c_contiguous else np.ascontiguousarray(value)
+            self._check_size(spec, where, dtype, tuple(value.shape))
+            if value.dtype != dtype:
+                with _casting():
+                    value = value.astype(dtype)
+            return _contiguous(value)
+        if isinstance(value, (list, tuple)):
+            return self._from_list(spec, where, dtype, value)
+        if not isinstance(value, (int, float, bool, np.generic)):
+            raise InputError(f"{where}: expected a numpy array of {dtype} with shape "
+                             f"{format_shape(spec.shape)}, got {type(value).__name__}")
+        array = _asarray(where, value, None)
+        self._check_kind(where, dtype, array.dtype)
+        if array.dtype != dtype and not self.cast:
+            raise InputError(f"{where}: expected dtype {dtype}, got {type(value).__name__} "
+                             f"({array.dtype}) (no silent casts: pass np.{dtype.name}(value), "
+                             f"or open the runner with cast=True)")
+        self._check_size(spec, where, dtype, array.shape)
+        return _contiguous(_asarray(where, value, dtype) if self.cast else array)
+
+    def _from_list(self, spec: TensorSpec, where: str, dtype: np.dtype[Any],
+                   value: list[Any] | tuple[Any, ...]) -> np.ndarray:
+        """A nested Python list: its claimed shape is checked before NumPy builds anything."""
+        claimed = nested_shape(value)
+        self._check_size(spec, where, dtype, claimed, what="a nested list of shape")
+        array = _asarray(where, value, None)
+        self._check_kind(where, dtype, array.dtype)
+        if array.dtype != dtype:
+            if not self.cast:
+                raise InputError(
+                    f"{where}: a nested {type(value).__name__} was given; its values make "
+                    f"{array.dtype}, the model takes {dtype} (no silent casts): pass "
+                    f"np.asarray(value, dtype=np.{dtype.name}), or open the runner with "
+                    f"cast=True")
+            array = _asarray(where, value, dtype)
+        if array.shape != claimed:  # a ragged list NumPy still made an array of
+            self._check_size(spec, where, dtype, array.shape)
+        return _contiguous(array)
+
+    @staticmethod
+    def _check_kind(where: str, dtype: np.dtype[Any], got: np.dtype[Any]) -> None:
+        if got.hasobject or got.kind in "OUSVMm":
+            raise InputError(f"{where}: expected {dtype}, got an array of {got} "
+                             f"(object/string/void arrays are never accepted)")
+        if got.kind == "c" and dtype.kind != "c":
+            raise InputError(f"{where}: expected {dtype}, got complex values ({got}), which "
+                             f"no cast turns into {dtype} without losing their imaginary part")
+
+    def _check_size(self, spec: TensorSpec, where: str, dtype: np.dtype[Any],
+                    shape: tuple[int, ...], what: str = "got") -> None:
+        want = spec.shape
+        if want is not None and not _fits(shape, want):
+            raise InputError(f"{where}: expected shape {format_shape(want)}, {what} "
+                             f"{tuple(shape)}")
+        if spec.dynamic:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > self.max_bytes:
+                raise InputError(f"{where}: {nbytes} bytes is over the cap of {self.max_bytes} "
+                                 f"bytes for dynamic shapes (max_input_bytes=)")
+
+
+def nested_shape(value: Any) -> tuple[int, ...]:
+    """The shape a nested list claims, read down its first elements (without building it)."""
+    shape = []
+    while isinstance(value, (list, tuple)):
+        shape.append(len(value))
+        if not value or len(shape) > _MAX_DIMS:
+            break
+        value = value[0]
+    return tuple(shape)
+
+
+def _is_the_one_input(value: list[Any] | tuple[Any, ...], spec: TensorSpec) -> bool:
+    """Is ``value`` the single input itself (a nested list), rather than inputs by position?
+
+    It is unless it holds arrays or dicts, or it is ``[x]`` with ``x`` a scalar or a nested list
+    of the input's own shape (one input by position)."""
+    if any(isinstance(v, (np.ndarray, Mapping)) for v in value):
+        return False
+    if _fits(nested_shape(value), spec.shape):
+        return True
+    if len(value) == 1:
+        first = value[0]
+        return isinstance(first, (list, tuple)) and not _fits(nested_shape(first), spec.shape)
+    return True
+
+
+def _fits(shape: tuple[int, ...], want: tuple[int | None, ...] | None) -> bool:
+    return want is None or (len(shape) == len(want) and all(
+        w is None or w == g for w, g in zip(want, shape, strict=True)))
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order (copied only if it is not); unlike ``np.ascontiguousarray`` it
+    keeps a 0-d array 0-d."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _casting() -> Any:
+    """``cast=True`` follows NumPy's ``astype``: NaN or out-of-range floats into integers give
+    NumPy's values, without its warnings (which would be errors under ``-W error``)."""
+    return np.errstate(invalid="ignore", over="ignore")
+
+
+def _asarray(where: str, value: Any, dtype: np.dtype[Any] | None) -> np.ndarray:
+    try:
+        with _casting():
+            return np.asarray(value, dtype=dtype)
+    except OverflowError as exc:
+        raise InputError(f"{where}: a value is out of range for {dtype}: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise InputError(f"{where}: not a regular numeric array (a ragged or mixed nested "
+                         f"list?): {exc}") from None

@@ -3,7 +3,7 @@
 1. overhead    -- OpenVINO, a tiny (~0.03 ms) and a ~1 ms model (f32): raw sync loop, raw
                   AsyncInferQueue with callbacks, run_in_executor per item, aioaccel streaming
                   (default api: sync requests on the CPU), aioaccel infer() with 64 concurrent
-                  callers, and aioaccel streaming over AsyncInferQueue (api="async").
+                  callers, and aioaccel streaming with api="async" (started requests).
 2. pipelining  -- a ~10 ms LiteRT and ONNX conv chain split into 2 segments: the whole model
                   sequentially, aioaccel's pipeline, and the limit 1 / (slowest segment).
 3. loop health -- event-loop lag p50/p99 (a 1 ms sleeper) while each backend runs flat out.
@@ -153,7 +153,7 @@ def loop_health(loop: asyncio.AbstractEventLoop, tmp: Path) -> None:
         "litert, 2 segments": (chain.write_tflite_segments(tmp, 2), {"num_threads": 1}),
         "onnx, 2 segments": (chain.write_onnx_segments(tmp, 2), {"num_threads": 1}),
         "openvino (sync requests)": (chain.openvino_model(), {}),
-        "openvino (AsyncInferQueue)": (chain.openvino_model(), {"api": "async"}),
+        "openvino (api=async)": (chain.openvino_model(), {"api": "async"}),
     }
     print("\n3. loop health: lag of a 1 ms sleeper while the runner streams flat out")
     print(f"  {'backend':<30} {'items/s':>8} {'lag p50':>9} {'lag p99':>9}")

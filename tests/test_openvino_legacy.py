@@ -306,3 +306,58 @@ async def test_legacy_backend_is_chosen_when_only_the_legacy_api_imports(
 def test_devices_lists_the_legacy_api_devices() -> None:
     legacy = [d for d in aioaccel.devices() if d.backend == "openvino-legacy"]
     assert any(d.device == "CPU" and d.available for d in legacy)
+
+
+# ---- reliability (docs/reliability.md) -------------------------------------------------------
+async def test_files_that_are_not_models_give_model_load_errors(tmp_path: Path,
+                                                               chain: Chain) -> None:
+    good = chain.write_openvino(tmp_path / "good.xml")
+    xml, weights = good.read_bytes(), good.with_suffix(".bin").read_bytes()
+    cases: dict[str, tuple[bytes | None, bytes | None]] = {
+        "random": (os.urandom(400), weights), "truncated": (xml[: len(xml) // 3], weights),
+        "short_weights": (xml, weights[:40]), "no_weights": (xml, None), "empty": (b"", weights),
+    }
+    for name, (model, bin_bytes) in cases.items():
+        path = tmp_path / f"{name}.xml"
+        path.write_bytes(model or b"")
+        if bin_bytes is not None:
+            path.with_suffix(".bin").write_bytes(bin_bytes)
+        with pytest.raises(aioaccel.ModelLoadError) as info:
+            async with aioaccel.open(path, backend="openvino-legacy"):
+                pass
+        message = str(info.value)
+        assert path.name in message or path.with_suffix(".bin").name in message, message
+        if name == "no_weights":
+            assert isinstance(info.value, aioaccel.ModelNotFound)
+        elif name != "empty":
+            assert "OpenVINO" in message and info.value.__cause__ is not None, message
+    (tmp_path / "folder.xml").mkdir()
+    with pytest.raises(aioaccel.ModelLoadError, match="is a directory"):
+        async with aioaccel.open(tmp_path / "folder.xml", backend="openvino-legacy"):
+            pass
+
+
+@pytest.mark.parametrize("api", ["sync", "callback", "wait"])
+async def test_open_close_cycles_and_failed_opens_leak_no_descriptors(tmp_path: Path,
+                                                                     chain: Chain,
+                                                                     api: str) -> None:
+    good = chain.write_openvino(tmp_path / "m.xml")
+    bad = tmp_path / "bad.xml"
+    bad.write_bytes(os.urandom(300))
+    bad.with_suffix(".bin").write_bytes(os.urandom(64))
+    x = chain.random_input()
+
+    async def cycle(path: Path) -> None:
+        try:
+            async with aioaccel.open(path, backend="openvino-legacy", api=api) as runner:
+                await runner.infer(x)
+        except aioaccel.ModelLoadError:
+            assert path == bad
+
+    for path in (good, bad):
+        for _ in range(3):
+            await cycle(path)
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(30):
+            await cycle(path)
+        assert len(os.listdir("/proc/self/fd")) - fds <= 1, path.name

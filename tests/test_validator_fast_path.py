@@ -13,7 +13,7 @@ from aioaccel import InputError, TensorSpec
 from aioaccel.tensors import InputValidator
 
 SPECS = [(1, 4), (None, 4), (None, None), (2, 3, None), None, ()]
-DTYPES = ["float32", "float64", "int64", "uint8"]
+DTYPES = ["float32", "float64", "int64", "uint8", "complex64", "datetime64[s]"]
 
 
 def full_check(validator: InputValidator, value: Any) -> Any:

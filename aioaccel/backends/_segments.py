@@ -20,18 +20,22 @@ How segment i+1 finds its inputs (:func:`plan`):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import AccelError, ModelLoadError, ModelNotFound
 from ..tensors import DEFAULT_MAX_INPUT_BYTES, InputValidator, TensorSpec
 
 if TYPE_CHECKING:
     from ..stages import StageSpec
     from . import Model
 
-__all__ = ["SegmentIO", "Wiring", "build_model", "model_paths", "plan", "validator"]
+__all__ = ["SegmentIO", "Wiring", "build_model", "check_file", "loading", "model_paths", "plan",
+           "validator"]
 
 
 def model_paths(target: Any, suffixes: Sequence[str]) -> list[Path]:
@@ -43,13 +47,42 @@ def model_paths(target: Any, suffixes: Sequence[str]) -> list[Path]:
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"expected a model file path, got {type(item).__name__}")
-        path = Path(item)
-        if not path.is_file():
-            raise FileNotFoundError(f"model file not found: {str(path)!r}")
+        path = check_file(Path(item))
         if suffixes and path.suffix.lower() not in suffixes:
             raise ValueError(f"{str(path)!r} is not a {'/'.join(suffixes)} file")
         paths.append(path)
     return paths
+
+
+def check_file(path: Path, what: str = "model file") -> Path:
+    """``path``, if it is a non-empty regular file; else ModelNotFound / ModelLoadError."""
+    if path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is a directory, not a {what}")
+    if not path.exists():
+        raise ModelNotFound(f"{what} not found: {str(path)!r}")
+    if not path.is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a regular file, so not a {what}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{what} {str(path)!r} is empty (0 bytes)")
+    return path
+
+
+#: lines of a native error message that say where in the runtime's sources it was raised
+_WHERE = re.compile(r"^(Exception from |Check '.*' failed at )")
+
+
+@contextmanager
+def loading(path: Any, runtime: str, doing: str = "open") -> Iterator[None]:
+    """Turn what a runtime raises while reading ``path`` into a ModelLoadError that names the
+    file and the runtime (the native exception is chained as ``__cause__``)."""
+    try:
+        yield
+    except AccelError:
+        raise
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        gist = " ".join(ln for ln in lines if not _WHERE.match(ln)) or type(exc).__name__
+        raise ModelLoadError(f"{runtime} cannot {doing} {str(path)!r}: {gist}") from exc
 
 
 @dataclass(frozen=True)

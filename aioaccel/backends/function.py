@@ -14,6 +14,7 @@ splits the last one's outputs back per item.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..stages import DeviceStage, StageSpec, made
@@ -35,6 +36,7 @@ def load(target: Any, *, replicas: int = 1, batch: int | None = None, **options:
             spec = stage
         else:
             name = getattr(stage, "__name__", None) or type(stage).__name__
+            _refuse_async(stage, name)
             device = isinstance(stage, DeviceStage)
             spec = StageSpec(name, made(stage), 1 if device else replicas, device, shared=True)
         if spec.name in seen:  # thread names and stats key on it
@@ -43,3 +45,15 @@ def load(target: Any, *, replicas: int = 1, batch: int | None = None, **options:
         seen.add(spec.name)
         specs.append(spec)
     return Model(stages=specs, batch=batch or 1)
+
+
+def _refuse_async(stage: Any, name: str) -> None:
+    """Stages run on worker threads: an ``async def`` there would return a coroutine that
+    nobody awaits, instead of outputs."""
+    call = getattr(stage, "__call__", None)  # noqa: B004 - a callable object's own method
+    if inspect.iscoroutinefunction(stage) or inspect.iscoroutinefunction(call) or (
+            inspect.isasyncgenfunction(stage)):
+        raise TypeError(
+            f"stage {name!r} is an async function; stages run on worker threads and must be "
+            f"blocking callables. Make it a plain def (the runtime call blocks its own thread), "
+            f"or await it yourself around runner.infer()")

@@ -36,6 +36,7 @@ from ..errors import BackendUnavailable, ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
+from ._exit import NativeCalls
 from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
 __all__ = ["LiteRTStage", "interpreter_module", "interpreter_name", "load", "probe",
@@ -101,6 +102,7 @@ class LiteRTStage(BlockingStage):
                  full_batch: tuple[int, Callable[[], Any]] | None = None):
         self.interpreter = interpreter
         self._wiring = wiring
+        self._calls = NativeCalls()  # finished before the interpreter exits
         self._inputs = self._slots(interpreter)
         self._outputs = [(d["name"], d["index"]) for d in interpreter.get_output_details()]
         #: batching: (rows of a full batch, how to make its interpreter); made on first use
@@ -145,9 +147,13 @@ class LiteRTStage(BlockingStage):
                 interp.allocate_tensors()
                 inputs[slot] = (key, index, value.shape)
             interp.set_tensor(index, value)  # copies: the caller may reuse its array
-        interp.invoke()  # releases the GIL
+        with self._calls:
+            interp.invoke()  # releases the GIL
         outputs = {name: interp.get_tensor(index) for name, index in self._outputs}
         return self._wiring.pass_on(tensors, outputs)
+
+    def close(self) -> None:
+        self._calls.forget()
 
 
 def _check_batchable(module: Any, path: Path, batch: int) -> None:

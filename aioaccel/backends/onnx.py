@@ -24,6 +24,7 @@ from ..errors import ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
+from ._exit import NativeCalls
 from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
 __all__ = ["SPINNING", "OnnxStage", "default_threads", "load"]
@@ -79,11 +80,16 @@ class OnnxStage(BlockingStage):
         self.session = session
         self._wiring = wiring
         self._outputs = list(wiring.outputs)
+        self._calls = NativeCalls()  # finished before the interpreter exits
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wiring = self._wiring
-        return wiring.pass_on_values(tensors, self.session.run(self._outputs,
-                                                               wiring.gather(tensors)))
+        with self._calls:
+            values = self.session.run(self._outputs, wiring.gather(tensors))
+        return wiring.pass_on_values(tensors, values)
+
+    def close(self) -> None:
+        self._calls.forget()
 
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,

@@ -1,23 +1,26 @@
-"""OpenVINO: ``AsyncInferQueue`` as a callback-device stage, or sync requests on worker threads.
+"""OpenVINO: infer requests started asynchronously as a device stage, or sync requests on
+worker threads.
 
 ``aioaccel.open("model.xml")``, ``aioaccel.open("model.onnx", backend="openvino")``, an
-``openvino.Model``, or a list of them (a pipeline, one queue per model). A feeder thread calls
-``start_async(inputs, userdata=token)``, which blocks while every infer request is busy; the
-runtime completes requests on its own threads, in any order, and the callback copies the
-outputs out of the request before it is reused and hands them to the bridge.
-
-The callback never raises: an exception escaping an ``AsyncInferQueue`` callback makes the
-next ``start_async`` raise and the one after abort the process. Inputs are copied into the
-request (``share_inputs=False``), so the caller may reuse its arrays while items are in flight.
+``openvino.Model``, or a list of them (a pipeline, one set of requests per model). With
+``api="async"`` a feeder thread starts each item on an idle infer request
+(``start_async``; it blocks while every request is busy), the runtime runs ``jobs`` requests at
+once, and each request's own thread waits for it, copies the outputs out of the request before
+it is reused, and hands them to the bridge. No Python callback runs on
+OpenVINO's threads (``AsyncInferQueue`` drops a failed job's callback and then fails every later
+``start_async`` with the first error; see :class:`OpenVINOStage`). A failed item fails alone
+with :class:`~aioaccel.InferenceError`, and its request is replaced before the next item.
+Inputs are copied into the request (``share_inputs=False``), so the caller may reuse its arrays
+while items are in flight.
 
 Two ways to drive the runtime (``api=``):
 
 * ``"async"`` -- the above: right for GPU/NPU/VPU devices that run many requests at once.
 * ``"sync"`` -- one ``InferRequest`` per worker thread (``replicas``), each calling the
-  GIL-releasing ``infer``. On the CPU this is faster: every ``AsyncInferQueue`` completion runs
-  a Python callback on an OpenVINO thread, which costs GIL hand-offs between three threads per
-  item (measured on a 0.1 ms model: the vendor's own AsyncInferQueue loop reaches 0.27x of its
-  sync loop; see docs/performance.md).
+  GIL-releasing ``infer``. On the CPU this is faster: an asynchronous completion costs GIL
+  hand-offs between three threads per item (measured on a 0.1 ms model: the vendor's own
+  AsyncInferQueue loop reaches 0.27x of its sync loop; see docs/performance.md). After a
+  failed item the worker's request is replaced too.
 * ``"auto"`` (default) -- ``"sync"`` on the CPU, ``"async"`` elsewhere.
 
 Options: ``device`` ("CPU", "GPU", "NPU", "AUTO", ...), ``jobs`` (async: infer requests; 0 = the
@@ -38,10 +41,14 @@ batches are not padded: measured here, a dynamic batch of 5 runs as fast as a st
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -52,11 +59,12 @@ from ..batching import (
     batched_model,
     require_batch_axis,
 )
-from ..errors import DeviceError, ModelLoadError
+from ..errors import ModelLoadError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import SegmentIO, Wiring, build_model, plan
+from ._exit import NativeCalls
+from ._segments import SegmentIO, Wiring, build_model, check_file, plan
 
 __all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
 
@@ -107,78 +115,169 @@ def declared_names(item: Any) -> tuple[list[str], list[str]]:
             [o.name for o in graph.output])
 
 
+class _Slot:
+    """One infer request and the thread that waits for whatever it runs."""
+
+    def __init__(self, request: Any):
+        self.request = request
+        self.jobs: SimpleQueue[Any] = SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+
 class OpenVINOStage(DeviceStage):
+    """``jobs`` infer requests running at once: the feeder starts each item with
+    ``start_async`` on an idle request; each request has a thread that waits for it, copies
+    the outputs out and completes the item, so requests finish in any order.
+
+    Not an ``AsyncInferQueue``: when one of its jobs fails, the queue never runs that job's
+    callback (the item would be in flight forever), and every later ``start_async`` raises the
+    first error. ``InferRequest.wait`` raises a failure instead, so the failed item fails alone;
+    its request is then replaced by a new one before it serves again (a request that failed is
+    not trusted; ``create_infer_request`` costs microseconds, recompiling the model thousands
+    of times more). No Python code runs on OpenVINO's threads.
+    """
+
     def __init__(self, compiled: Any, jobs: int, wiring: Wiring):
         self.compiled = compiled
         self.jobs = jobs
         self._wiring = wiring
         self._outputs = wiring.outputs
         self._complete: Complete | None = None
-        self.queue: Any = None
+        self._slots: list[_Slot] = []
+        self._idle: SimpleQueue[_Slot] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._exiting = False
+        #: requests replaced after a failure (for tests and stats)
+        self.recreated = 0
 
     def start(self, complete: Complete) -> None:
-        ov = runtime()
         self._complete = complete
-        self.queue = ov.AsyncInferQueue(self.compiled, self.jobs)
-        self.queue.set_callback(self._on_done)
+        jobs = self.jobs or int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        for n in range(max(1, jobs)):
+            slot = _Slot(self.compiled.create_infer_request())
+            slot.thread = threading.Thread(target=self._wait_for, args=(slot,), daemon=True,
+                                           name=f"aioaccel-openvino-{id(self):x}-request{n}")
+            slot.thread.start()
+            self._slots.append(slot)
+            self._idle.put(slot)
+        _running.add(self)
 
     def submit(self, token: object, tensors: dict[str, np.ndarray]) -> None:
-        # by port index: the runtime's own names for a port may differ from the file's
-        feed = dict(enumerate(self._wiring.gather_list(tensors)))
-        try:
-            self.queue.start_async(feed, userdata=(token, tensors), share_inputs=False)
-        except RuntimeError as exc:  # the runtime refused: treat the device as gone
-            raise DeviceError(f"OpenVINO start_async failed: {exc}") from exc
+        slot = self._idle.get()  # blocks while every request is busy: backpressure
+        with self._lock:  # against _finish_at_exit: nothing starts after it has begun
+            if self._exiting:
+                self._idle.put(slot)
+                raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
+            try:
+                # share_inputs=False: copied in, so the caller may reuse its arrays at once
+                # by port index: the runtime's own names for a port may differ from the file's
+                slot.request.start_async(dict(enumerate(self._wiring.gather_list(tensors))),
+                                         share_inputs=False)
+            except BaseException:
+                self._replace(slot)  # this item fails alone (the pipeline reports it)
+                raise
+            slot.jobs.put((token, tensors))
 
     def read_outputs(self, request: Any) -> dict[str, np.ndarray]:
         """Copy the outputs out of the request (it is reused as soon as we return)."""
         return {name: request.get_output_tensor(i).data.copy()
                 for i, name in enumerate(self._outputs)}
 
-    def _on_done(self, request: Any, userdata: Any) -> None:
-        try:
-            token, tensors = userdata
-        except BaseException:  # never raise into the runtime
-            return
+    def _wait_for(self, slot: _Slot) -> None:
         complete = self._complete
         assert complete is not None
+        while (job := slot.jobs.get()) is not _STOP:
+            token, tensors = job
+            try:
+                slot.request.wait()  # releases the GIL; raises what failed this item
+                outputs = self._wiring.pass_on(tensors, self.read_outputs(slot.request))
+            except BaseException as exc:
+                self._replace(slot)
+                complete(token, None, exc)
+                continue
+            self._idle.put(slot)
+            complete(token, outputs, None)
+
+    def _replace(self, slot: _Slot) -> None:
+        """A request that failed serves no more items: a new one takes its place."""
         try:
-            outputs = self._wiring.pass_on(tensors, self.read_outputs(request))
-        except BaseException as exc:
-            complete(token, None, exc)
-            return
-        complete(token, outputs, None)
+            slot.request = self.compiled.create_infer_request()
+            self.recreated += 1
+        except BaseException:
+            pass  # cannot make one: the old one is better than a lost slot
+        self._idle.put(slot)
 
     def close(self) -> None:
-        if self.queue is not None:
-            self.queue.wait_all()
+        """Let what was started finish, then stop the request threads."""
+        self._stop(None)
+        self._slots = []  # release the requests now, not at collection
+        while not self._idle.empty():
+            self._idle.get()
+
+    def _stop(self, timeout: float | None) -> None:
+        with self._lock:
+            stopping = [] if self._exiting else self._slots
+            self._exiting = True
+            for slot in stopping:
+                slot.jobs.put(_STOP)  # after whatever it runs: that is waited for first
+        _running.discard(self)
+        for slot in stopping:
+            if slot.thread is not None:
+                slot.thread.join(timeout)
+
+
+_STOP = object()
+#: async stages whose requests may be running: finished before the interpreter exits
+_running: weakref.WeakSet[OpenVINOStage] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_at_exit() -> None:
+    """A runner never closed may leave requests running at exit. Interpreter finalization then
+    stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` (which aborts the
+    process), or OpenVINO unloads under running requests: let them finish first, while every
+    thread still runs. (Sync stages use :class:`~aioaccel.backends._exit.NativeCalls`.)"""
+    for stage in list(_running):
+        stage._stop(timeout=10.0)
 
 
 class OpenVINOSyncStage(BlockingStage):
     """One infer request, driven synchronously by its own worker thread."""
 
     def __init__(self, compiled: Any, wiring: Wiring):
+        self.compiled = compiled
         self.request = compiled.create_infer_request()
         self._wiring = wiring
         self._outputs = wiring.outputs
+        self._calls = NativeCalls()  # finished before the interpreter exits
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.request
-        # share_inputs=False: the input is copied in, so the caller's array is never read
-        # by the runtime behind its back
-        request.infer(dict(enumerate(self._wiring.gather_list(tensors))), share_inputs=False)
+        with self._calls:
+            # share_inputs=False: the input is copied in, so the caller's array is never read
+            # by the runtime behind its back
+            try:
+                request.infer(dict(enumerate(self._wiring.gather_list(tensors))),
+                              share_inputs=False)
+            except BaseException:
+                # this item fails alone; a request that failed serves no more items
+                self.request = self.compiled.create_infer_request()
+                raise
         outputs = {name: request.get_output_tensor(i).data.copy()
                    for i, name in enumerate(self._outputs)}
         return self._wiring.pass_on(tensors, outputs)
+
+    def close(self) -> None:
+        self._calls.forget()
 
 
 def _read(core: Any, item: Any, ov: Any) -> Any:
     if isinstance(item, ov.Model):
         return item
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if not path.is_file():
-            raise FileNotFoundError(f"model file not found: {str(path)!r}")
+        path = check_file(Path(item))
+        if path.suffix.lower() == ".xml":  # an IR: its weights are beside it
+            check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
         try:
             return core.read_model(str(path))
         except RuntimeError as exc:  # the frontend cannot convert an op, or cannot parse

@@ -51,7 +51,7 @@ from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
+from ._segments import SegmentIO, Wiring, build_model, check_file, loading, model_paths, plan
 
 __all__ = ["LayerTimes", "LegacyIEStage", "LegacyRequestFailed", "LegacySyncStage", "ie_api",
            "load"]
@@ -156,6 +156,10 @@ class _Failures:
                               f"row): the device or network is gone")
 
 
+def _ignore_completion(*args: Any) -> None:
+    """The completion callback of a request whose stage has closed."""
+
+
 class LegacyIEStage(DeviceStage):
     """An ``ExecutableNetwork``'s infer requests as slots, completed by callback (or wait)."""
 
@@ -258,6 +262,13 @@ class LegacyIEStage(DeviceStage):
         if self._waiter is not None:
             self._started.put(_STOP)
             self._waiter.join()
+        # A request holding our callback and we holding the request is a cycle through C++
+        # that the garbage collector cannot see: the ExecutableNetwork (and its descriptors)
+        # would live for ever. Break it.
+        if self._api == "callback":
+            for request in self.requests:
+                request.set_completion_callback(_ignore_completion)
+        self.exec_net = None
 
 
 def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
@@ -269,10 +280,9 @@ def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
 
 
 def _read(core: Any, path: Path) -> Any:
-    weights = path.with_suffix(".bin")
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file not found beside {path.name}: {str(weights)!r}")
-    return core.read_network(model=str(path), weights=str(weights))
+    weights = check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
+    with loading(path, "OpenVINO (legacy Inference Engine API)"):
+        return core.read_network(model=str(path), weights=str(weights))
 
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",

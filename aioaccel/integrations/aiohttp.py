@@ -14,19 +14,21 @@ instead of queueing without bound.
 
 The same behaviour as :mod:`aioaccel.integrations.fastapi`: runners open with the app and
 close with it, draining admitted requests; 503 with ``Retry-After`` past ``admit_timeout``;
-413 over ``max_body``; 422 for bad input. A client that disconnects withdraws its item when
-the server cancels handlers of lost connections: run the app with
-``web.run_app(app, handler_cancellation=True)`` (or ``AppRunner(app,
-handler_cancellation=True)``), which aiohttp does not do by default.
+413 over ``max_body``; 408 for a body not received within ``body_timeout``; 422 for bad
+input. A client that disconnects while its item waits withdraws it (or its result is
+discarded): ``infer`` watches the connection. With ``web.run_app(app,
+handler_cancellation=True)`` (or ``AppRunner(app, handler_cancellation=True)``) aiohttp also
+cancels the handler at once; without it the watch notices within ``DISCONNECT_POLL`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import AccelBase, decode_inputs, encode_outputs, problem_for
+from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
 
@@ -35,11 +37,17 @@ from aiohttp import web  # noqa: E402
 if TYPE_CHECKING:
     from ..runner import Runner
 
-__all__ = ["ACCEL", "Accel"]
+__all__ = ["ACCEL", "CLIENT_CLOSED", "DISCONNECT_POLL", "Accel"]
+
+#: status logged for a request whose client went away (nginx's convention; never sent)
+CLIENT_CLOSED = 499
+#: seconds between looks at a waiting request's connection (aiohttp has no event for it)
+DISCONNECT_POLL = 0.05
 
 #: the statuses ``problem_for`` gives (413 is raised where the body is read)
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    422: web.HTTPUnprocessableEntity, 500: web.HTTPInternalServerError,
+    408: web.HTTPRequestTimeout, 422: web.HTTPUnprocessableEntity,
+    500: web.HTTPInternalServerError,
     503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
 }
 
@@ -64,19 +72,49 @@ class Accel(AccelBase):
         declared = request.content_length
         if declared is not None and declared > self.max_body:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body, actual_size=declared)
-        body = await request.read()  # aiohttp's client_max_size caps a body without a length
-        if len(body) > self.max_body:
-            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body, actual_size=len(body))
+        body = bytearray()
         try:
-            return decode_inputs(body, request.headers.get("Content-Type"), runner.inputs)
+            async with asyncio.timeout(self.body_timeout):
+                while chunk := await request.content.readany():
+                    if len(body) + len(chunk) > self.max_body:
+                        raise web.HTTPRequestEntityTooLarge(max_size=self.max_body,
+                                                            actual_size=len(body) + len(chunk))
+                    body += chunk
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"request body not received within {self.body_timeout} s") from None
+        except ConnectionError:  # the client left mid-body
+            log.info("client %s left after sending %d bytes of its body", request.remote,
+                     len(body))
+            raise web.HTTPBadRequest(text="client closed the connection") from None
+        except asyncio.CancelledError:  # handler_cancellation: the same, told by cancelling
+            if request.transport is None:
+                log.info("client %s left after sending %d bytes of its body", request.remote,
+                         len(body))
+            raise
+        try:
+            return await decode_inputs_off_loop(body, request.headers.get("Content-Type"),
+                                                runner.inputs)
         except Exception as exc:
             self._raise(exc)
 
     async def infer(self, request: web.Request, runner: Runner, inputs: Any) -> web.Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        work = asyncio.ensure_future(runner.infer(inputs, timeout=self.timeout,
+                                                  admit_timeout=self.admit_timeout))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            outputs = await runner.infer(inputs, timeout=self.timeout,
-                                         admit_timeout=self.admit_timeout)
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():  # the client left (or we were cancelled): withdraw the item
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+        if work.cancelled():
+            return web.Response(status=CLIENT_CLOSED)
+        try:
+            outputs = work.result()
             body, content_type = encode_outputs(outputs, request.headers.get("Accept"))
         except Exception as exc:
             self._raise(exc)
@@ -101,6 +139,15 @@ class Accel(AccelBase):
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
+
+
+async def _disconnected(request: web.Request) -> None:
+    """Returns when the client's connection is gone (aiohttp offers no event to await)."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(DISCONNECT_POLL)
 
 
 #: where ``Accel.setup`` puts itself on the app: ``request.app[ACCEL]``

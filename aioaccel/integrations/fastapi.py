@@ -18,7 +18,9 @@ and an ``infer`` that answers 503 instead of queueing without bound.
   then gets **503** with ``Retry-After``; memory and latency stay bounded under any load.
 * **Client gone.** While a request waits, the handler watches the connection; if the client
   disconnects, the item is withdrawn (or its result discarded) and nothing is sent.
-* **Body limit.** Bodies over ``max_body`` bytes get **413** before they are read in full.
+* **Body limit.** Bodies over ``max_body`` bytes get **413** before they are read in full;
+  a body not received within ``body_timeout`` seconds gets **408**; a client that leaves
+  mid-body is logged in one line (``aioaccel.http`` logger), not with tracebacks.
 * Errors: bad input 422, runner broken or closing 503, ``InferTimeout`` 504.
 """
 
@@ -30,12 +32,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import AccelBase, decode_inputs, encode_outputs, problem_for
+from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
 
 need("fastapi", "fastapi", "aioaccel.integrations.fastapi")
 
 from fastapi import HTTPException, Request, Response  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -73,15 +76,24 @@ class Accel(AccelBase):
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise HTTPException(413, f"body of {declared} bytes is over the limit of "
                                      f"{self.max_body} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise HTTPException(413, f"body is over the limit of {self.max_body} bytes")
-            chunks.append(chunk)
+        body = bytearray()
         try:
-            return decode_inputs(b"".join(chunks), request.headers.get("content-type"),
-                                 runner.inputs)
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    if len(body) + len(chunk) > self.max_body:
+                        raise HTTPException(413, f"body is over the limit of {self.max_body} "
+                                                 f"bytes")
+                    body += chunk
+        except TimeoutError:
+            raise HTTPException(408, f"request body not received within {self.body_timeout} s"
+                                ) from None
+        except ClientDisconnect:
+            log.info("client %s left after sending %d bytes of its body", _peer(request),
+                     len(body))
+            raise HTTPException(CLIENT_CLOSED, "client closed the connection") from None
+        try:
+            return await decode_inputs_off_loop(body, request.headers.get("content-type"),
+                                                runner.inputs)
         except Exception as exc:
             self._raise(exc)
 
@@ -126,6 +138,11 @@ class Accel(AccelBase):
         """The runners' Prometheus metrics (needs ``aioaccel[metrics]``)."""
         body, content_type = self._metrics()
         return Response(body, media_type=content_type)
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "?"
 
 
 async def _disconnected(request: Request) -> None:

@@ -9,19 +9,24 @@ Bodies:
   ``allow_pickle=False``; its dtype must be the model's (no silent casts).
 
 Responses are JSON (``{"outputs": {name: nested list}}``) unless the client asks for
-``application/x-npy`` (a single output) in ``Accept``.
+``application/x-npy`` (a single output) in ``Accept``. JSON out is strict (RFC 8259): NaN and
+infinities in outputs are written as ``null``.
+
+Hostile bodies get a 4xx, never a 500 (see :mod:`.bodies`): bodies are read within
+``body_timeout`` seconds (else 408), bodies over ``OFF_LOOP_BYTES`` are decoded on a thread so
+that the loop keeps answering, and a runtime failure answers a generic message with an error id
+that the server log repeats with the detail.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import asyncio
+import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from ..errors import (
     AccelError,
@@ -32,22 +37,32 @@ from ..errors import (
     RunnerClosed,
     WouldBlock,
 )
+from . import bodies
 
 if TYPE_CHECKING:
     from ..runner import Runner
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_MAX_BODY",
     "NPY",
+    "OFF_LOOP_BYTES",
     "HTTPProblem",
     "decode_inputs",
+    "decode_inputs_off_loop",
     "encode_outputs",
     "problem_for",
 ]
 
-NPY = "application/x-npy"
+NPY = bodies.NPY
 #: request body cap (bytes) unless the app sets its own
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+#: seconds a client has to send its whole body (else 408) unless the app sets its own
+DEFAULT_BODY_TIMEOUT = 30.0
+#: bodies larger than this are decoded on a thread, not on the event loop
+OFF_LOOP_BYTES = 64 * 1024
+
+log = logging.getLogger("aioaccel.http")
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class AccelBase:
 
     def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
                  max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
-                 **runners: Runner):
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT, **runners: Runner):
         if not runners:
             raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
                              "open(...))")
@@ -74,6 +89,8 @@ class AccelBase:
         self.retry_after = retry_after
         self.max_body = max_body
         self.timeout = timeout
+        #: seconds a client has to send its whole request body; then 408
+        self.body_timeout = body_timeout
         self._collector: Any = None
 
     @asynccontextmanager
@@ -109,7 +126,11 @@ class AccelBase:
 
 
 def problem_for(exc: BaseException, retry_after: float) -> HTTPProblem | None:
-    """The HTTP answer for an aioaccel error, or None for anything else (a bug: 500)."""
+    """The HTTP answer for an aioaccel error, or None for anything else (a bug: 500).
+
+    Runtime failures (``InferenceError``, ``DeviceError``, other aioaccel errors) answer a
+    generic message with an error id; the detail, which may name server paths, is logged with
+    that id instead of being sent."""
     retry = {"Retry-After": str(max(1, round(retry_after)))}
     if isinstance(exc, WouldBlock):
         return HTTPProblem(503, f"overloaded: {exc}", retry)
@@ -120,73 +141,42 @@ def problem_for(exc: BaseException, retry_after: float) -> HTTPProblem | None:
     if isinstance(exc, RunnerClosed):
         return HTTPProblem(503, f"shutting down: {exc}", retry)
     if isinstance(exc, DeviceError):
-        return HTTPProblem(503, f"accelerator unavailable: {exc}", retry)
+        return HTTPProblem(503, f"accelerator unavailable (error id {_logged(exc)})", retry)
     if isinstance(exc, InferenceError):
-        return HTTPProblem(500, f"inference failed: {exc}", {})
+        return HTTPProblem(500, f"inference failed (error id {_logged(exc)})", {})
     if isinstance(exc, AccelError):
-        return HTTPProblem(500, str(exc), {})
+        return HTTPProblem(500, f"internal error (error id {_logged(exc)})", {})
     return None
 
 
-def _dtype_of(specs: Any, name: str | None) -> Any:
-    if not specs:
-        return None
-    for spec in specs:
-        if name is None or spec.name == name:
-            return np.dtype(spec.dtype)
-    return None
+def _logged(exc: BaseException) -> str:
+    """Log ``exc`` with a new error id (the client gets the id, not the detail)."""
+    error_id = uuid.uuid4().hex[:12]
+    cause = exc.__cause__
+    log.error("error id %s: %s%s", error_id, exc,
+              f" (caused by {type(cause).__name__}: {cause})" if cause is not None else "")
+    return error_id
 
 
-def decode_inputs(body: bytes, content_type: str | None, specs: Any) -> Any:
+def decode_inputs(body: bytes | bytearray, content_type: str | None, specs: Any) -> Any:
     """One item's inputs from a request body (raises InputError with what was wrong)."""
     kind = (content_type or "application/json").split(";")[0].strip().lower()
     if kind in (NPY, "application/octet-stream"):
-        try:
-            return np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"body is not a .npy array ({exc}); send np.save() output "
-                             f"with Content-Type: {NPY}") from None
+        return bodies.decode_npy(body)
     if kind != "application/json":
         raise InputError(f"unsupported Content-Type {kind!r}: send application/json or {NPY}")
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"body is not JSON: {exc}") from None
-    if isinstance(value, dict) and "inputs" in value:
-        value = value["inputs"]
-    try:
-        if isinstance(value, dict):
-            return {str(k): np.asarray(v, dtype=_dtype_of(specs, str(k)))
-                    for k, v in value.items()}
-        if isinstance(value, list):
-            return np.asarray(value, dtype=_dtype_of(specs, None))
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"JSON inputs are not numeric arrays: {exc}") from None
-    raise InputError('JSON body must be a nested list, {"input name": nested list}, or '
-                     '{"inputs": ...}')
+    return bodies.decode_json(body, specs)
+
+
+async def decode_inputs_off_loop(body: bytes | bytearray, content_type: str | None,
+                                 specs: Any) -> Any:
+    """``decode_inputs``, on a thread for bodies over ``OFF_LOOP_BYTES`` (the loop keeps
+    answering other requests meanwhile)."""
+    if len(body) <= OFF_LOOP_BYTES:
+        return decode_inputs(body, content_type, specs)
+    return await asyncio.to_thread(decode_inputs, body, content_type, specs)
 
 
 def encode_outputs(outputs: Any, accept: str | None) -> tuple[bytes, str]:
-    """(body, content type) of one item's outputs."""
-    wants_npy = NPY in (accept or "")
-    if wants_npy:
-        array = outputs
-        if isinstance(outputs, Mapping):
-            if len(outputs) != 1:
-                raise InputError(f"Accept: {NPY} needs a one-output model; this one has "
-                                 f"{sorted(outputs)}: ask for application/json")
-            array = next(iter(outputs.values()))
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(array), allow_pickle=False)
-        return buffer.getvalue(), NPY
-    return json.dumps({"outputs": _jsonable(outputs)}).encode(), "application/json"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
+    """(body, content type) of one item's outputs (JSON with NaN/inf as null, or ``.npy``)."""
+    return bodies.encode_outputs(outputs, accept)
