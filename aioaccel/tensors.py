@@ -67,6 +67,12 @@ class InputValidator:
         self.cast = cast
         self.max_bytes = max_bytes
         self._dtypes = [np.dtype(s.dtype) for s in self.specs]
+        # per-item checks run on the event loop: work out once what each spec needs
+        self._dynamic = [s.dynamic for s in self.specs]
+        #: (rank, ((axis, size), ...) of the fixed dimensions), or None for an unknown shape
+        self._fixed = [None if s.shape is None or dtype.hasobject or dtype.kind in "OUSVMm" else
+                       (len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None))
+                       for s, dtype in zip(self.specs, self._dtypes, strict=True)]
 
     def __call__(self, inputs: Any) -> dict[str, np.ndarray]:
         specs = self.specs
@@ -92,8 +98,17 @@ class InputValidator:
         else:
             raise InputError(f"got one {type(inputs).__name__}, the model takes {len(specs)} "
                              f"inputs {self.names}: pass a dict by name or a list by position")
-        return {spec.name: self._check(spec, dtype, value)
-                for spec, dtype, value in zip(specs, self._dtypes, values, strict=True)}
+        checked = {}
+        for k, value in enumerate(values):
+            spec, dtype, fixed = specs[k], self._dtypes[k], self._fixed[k]
+            if (type(value) is np.ndarray and value.dtype == dtype and fixed is not None
+                    and value.ndim == fixed[0] and all(value.shape[i] == d for i, d in fixed[1])
+                    and (not self._dynamic[k] or value.nbytes <= self.max_bytes)):
+                # the common case, checked in full: right array, dtype, shape and size
+                checked[spec.name] = _contiguous(value)
+            else:
+                checked[spec.name] = self._check(spec, dtype, value)
+        return checked
 
     def _check(self, spec: TensorSpec, dtype: np.dtype[Any], value: Any) -> np.ndarray:
         where = f"input {spec.name!r}"

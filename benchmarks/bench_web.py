@@ -11,7 +11,9 @@ over loopback, to each server in turn (interleaved rounds), and reports requests
 latency p50/p99. Both servers get the same model, the same ONNX thread settings (1 intra-op
 thread per run) and the same number of model workers (``--workers``).
 
-Run: ``python benchmarks/bench_web.py [--requests 2000] [--concurrency 32] [--rounds 3]``
+Run: ``python benchmarks/bench_web.py [--requests 2000] [--concurrency 32] [--rounds 3]``;
+``--batch 16`` serves the aioaccel side with batching on (``batch=16, batch_wait=0.002``,
+a model with a dynamic batch dimension for both servers; needs the runner's batching).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="model worker threads")
     parser.add_argument("--width", type=int, default=512, help="dense layer width (cost)")
+    parser.add_argument("--batch", default=None,
+                        help="aioaccel batch= (an int or auto; default: no batching)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--urls", help=argparse.SUPPRESS)
     parser.add_argument("--body", help=argparse.SUPPRESS)
@@ -141,7 +145,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from aioaccel.testing.models import dense_chain
 
-    chain = dense_chain(args.width, 4, inputs=256)
+    chain = dense_chain(args.width, 4, inputs=256, dynamic_batch=args.batch is not None)
     directory = Path(tempfile.mkdtemp(prefix="aioaccel-bench-web-"))
     model = chain.write_onnx(directory / "model.onnx")
     body = directory / "body.json"
@@ -149,6 +153,8 @@ def main() -> None:
     env = {**os.environ, "AIOACCEL_MODEL": str(model), "AIOACCEL_REPLICAS": str(args.workers),
            "AIOACCEL_MAXSIZE": str(2 * args.concurrency), "AIOACCEL_ADMIT_TIMEOUT": "30",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if args.batch is not None:
+        env["AIOACCEL_BATCH"] = args.batch
     servers = {
         "aioaccel (Accel.infer)": ["examples.fastapi_app:app"],
         "run_in_threadpool": ["--factory", "benchmarks.bench_web:threadpool_app"],
@@ -174,7 +180,9 @@ def main() -> None:
             process.terminate()
         for process in processes:
             process.wait(30)
-    print(f"bench_web: FastAPI example vs run_in_threadpool, ONNX Runtime dense {args.width}x4 "
+    batching = f", aioaccel batch={args.batch}" if args.batch is not None else ""
+    print(f"bench_web: FastAPI example vs run_in_threadpool{batching}, ONNX Runtime dense "
+          f"{args.width}x4 "
           f"(~{chain.cost() / 1e6:.1f} M multiply-adds), {args.workers} model workers, "
           f"{args.requests} requests x {args.rounds} rounds, {args.concurrency} in flight, "
           f"separate client process over loopback (medians)")

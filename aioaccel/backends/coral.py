@@ -38,6 +38,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..batching import refuse_batch
 from ..errors import DeviceError
 from ..stages import Complete, DeviceStage, StageSpec, made
 from . import Model, require
@@ -224,7 +225,9 @@ def _listed(edgetpu: Any) -> str:
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: Any = None,
          queue_size: int | None = None, cast: bool = False,
-         max_input_bytes: int | None = None, runner_name: str = "runner") -> Model:
+         max_input_bytes: int | None = None, runner_name: str = "runner",
+         batch: int | None = None) -> Model:
+    refuse_batch(batch, "coral", "Edge TPU models are compiled for a fixed batch")
     paths = model_paths(target, (".tflite",))
     edgetpu, runner_class, takes_dicts = pycoral()
     segmented = isinstance(target, (list, tuple))

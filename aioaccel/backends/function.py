@@ -4,6 +4,12 @@
 pipeline (each stage's outputs are the next one's inputs), each stage on its own thread(s).
 A list may also hold :class:`~aioaccel.BlockingStage`, :class:`~aioaccel.DeviceStage` objects
 and :class:`~aioaccel.StageSpec` for per-stage replicas or per-thread construction.
+
+With ``batch=N`` the first callable receives the inputs of up to N items joined along axis 0
+(an array, a dict of arrays by name or a list of arrays by position: items of shape (1, 16)
+make a (k, 16) batch) and must return outputs with the same first-axis length, row i for
+input row i; later callables get the batch as the one before returned it, and the runner
+splits the last one's outputs back per item.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ def load(target: Any, *, replicas: int = 1, batch: int | None = None, **options:
                              spec.shared)
         seen.add(spec.name)
         specs.append(spec)
-    return Model(stages=specs)
+    return Model(stages=specs, batch=batch or 1)
 
 
 def _refuse_async(stage: Any, name: str) -> None:

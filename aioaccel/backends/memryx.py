@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import refuse_batch
 from ..errors import DeviceError, InputError
 from ..stages import Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
@@ -330,7 +331,10 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
          group_id: int = 0, model_idx: int | Sequence[int] = 0, streams: int | None = None,
          queue_size: int | None = None, input_shapes: Sequence[Sequence[int]] | None = None,
          dtype: str = "float32", cast: bool = False, max_input_bytes: int | None = None,
-         poll_ms: int = 50, runner_name: str = "runner", **accl_options: Any) -> Model:
+         poll_ms: int = 50, runner_name: str = "runner",
+         batch: int | None = None, **accl_options: Any) -> Model:
+    refuse_batch(batch, "memryx", "a DFP is compiled for fixed input shapes, and the "
+                 "accelerator streams frames one by one")
     if replicas != 1:
         raise ValueError("backend='memryx': the accelerator pipelines internally; use "
                          "maxsize (and streams=) instead of replicas")

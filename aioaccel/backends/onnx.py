@@ -2,10 +2,12 @@
 
 ``aioaccel.open("model.onnx")`` or a list of segment files. ``InferenceSession.run`` releases
 the GIL. Options: ``providers`` (default ``["CPUExecutionProvider"]``), ``num_threads`` (intra-op
-threads per session; with several segments or replicas the default shares the cores out, one
-session per core at least, instead of a spinning pool per session on every core),
+threads per session; the default leaves one core to the event loop and shares the others
+out between the sessions, at least one each, and turns the pool's spinning off:
+ONNX Runtime's own default, a spinning pool on every core per session, competes with the loop),
 ``session_options`` (a callable that edits the ``SessionOptions``), ``cast``,
-``max_input_bytes``.
+``max_input_bytes``, ``batch`` (N >= 2: stages receive up to N items joined along axis 0; every
+segment's inputs and outputs need a dynamic first dimension, or open fails naming the tensor).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import backend_batch, batched_model, require_batch_axis
 from ..errors import ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
@@ -24,7 +27,7 @@ from . import Model, require
 from ._exit import NativeCalls
 from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
-__all__ = ["OnnxStage", "load"]
+__all__ = ["SPINNING", "OnnxStage", "default_threads", "load"]
 
 _DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -46,6 +49,16 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, dtype, shape)
 
 
+#: a session-config key ONNX Runtime reads as "0"/"1"
+SPINNING = "session.intra_op.allow_spinning"
+
+
+def default_threads(sessions: int) -> int:
+    """Intra-op threads per session when ``num_threads`` is not given: one core is left to the
+    event loop (and the Python work around each call), the rest shared out, at least 1 each."""
+    return max(1, ((os.cpu_count() or 1) - 1) // sessions)
+
+
 def _session(path: Path, providers: Sequence[str], num_threads: int | None,
              session_options: Callable[[Any], None] | None) -> Any:
     ort = runtime()
@@ -55,6 +68,10 @@ def _session(path: Path, providers: Sequence[str], num_threads: int | None,
         options.inter_op_num_threads = 1
     if session_options is not None:
         session_options(options)
+    try:
+        options.get_session_config_entry(SPINNING)
+    except RuntimeError:  # not set by session_options: workers that spin idle steal the loop's
+        options.add_session_config_entry(SPINNING, "0")  # core while the loop feeds them
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
@@ -77,25 +94,31 @@ class OnnxStage(BlockingStage):
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,
          num_threads: int | None = None, session_options: Callable[[Any], None] | None = None,
-         cast: bool = False, max_input_bytes: int | None = None) -> Model:
+         cast: bool = False, max_input_bytes: int | None = None,
+         batch: int | None = None) -> Model:
+    batch = backend_batch(batch, "onnx")
     paths = model_paths(target, (".onnx",))
     providers = list(providers or ["CPUExecutionProvider"])
-    workers = len(paths) * replicas
-    if num_threads is None and workers > 1:
+    if num_threads is None:
         # Each session's default pool has a (spinning) thread per core: several sessions would
-        # oversubscribe the cores. Share them out instead.
-        num_threads = max(1, (os.cpu_count() or 1) // workers)
+        # oversubscribe the cores, and even one competes with the event loop. Share them out.
+        num_threads = default_threads(len(paths) * replicas)
     io = [_probe(path, providers, session_options) for path in paths]
     wirings = plan(io)
+    if batch is not None:
+        for segment in io:
+            require_batch_axis(segment.inputs, batch, "input", segment.label)
+            require_batch_axis(segment.outputs, batch, "output", segment.label)
     specs = []
     for i, path in enumerate(paths):
         def factory(path: Path = path, wiring: Wiring = wirings[i]) -> OnnxStage:
             return OnnxStage(_session(path, providers, num_threads, session_options), wiring)
 
         specs.append(StageSpec(path.stem, factory, replicas))
-    return build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
-                       info={"backend": "onnx", "segments": [str(p) for p in paths],
-                             "providers": providers})
+    model = build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                        info={"backend": "onnx", "segments": [str(p) for p in paths],
+                              "providers": providers, "num_threads": num_threads})
+    return batched_model(model, batch, cast=cast, max_input_bytes=max_input_bytes)
 
 
 def _probe(path: Path, providers: Sequence[str],

@@ -30,6 +30,13 @@ precision; on the CPU it defaults to "f32", because OpenVINO otherwise picks bf1
 that have it, and results drift), ``config`` (more properties for ``compile_model``),
 ``cast``, ``max_input_bytes``. With several models, CPU pinning is turned off: pinned one-stream
 models on different threads do not run in parallel.
+
+``batch=N`` (N >= 2): stages receive up to N items joined along axis 0. A model whose first
+dimension is static (a batch of 1) is reshaped to a dynamic first dimension before it is
+compiled (a copy: an ``openvino.Model`` passed in is left as it is); a model that cannot be
+reshaped, or whose outputs do not follow the batch, fails at open naming the tensor. Partial
+batches are not padded: measured here, a dynamic batch of 5 runs as fast as a static one of
+5 and 1.4x faster than 5 rows padded to 16 (width-512 MLP), so padding would only cost.
 """
 
 from __future__ import annotations
@@ -46,6 +53,12 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import (
+    BatchingUnsupported,
+    backend_batch,
+    batched_model,
+    require_batch_axis,
+)
 from ..errors import ModelLoadError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
@@ -287,10 +300,38 @@ def _segment(label: str, compiled: Any, item: Any) -> SegmentIO:
                      [_spec(p, port_name(p, declared_out)) for p in compiled.outputs])
 
 
+def _batchable(model: Any, batch: int, label: str, ov: Any) -> Any:
+    """A copy of ``model`` whose inputs take any number of rows on axis 0."""
+    model = model.clone()
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        spec = _spec(port, port.get_any_name()) if shape.rank.is_static else None
+        require_batch_axis([spec] if spec else [], batch, "input", label, fixed_ok=True)
+        if shape.rank.is_static and not shape[0].is_dynamic:
+            shape[0] = ov.Dimension(-1)
+            shapes[port] = shape
+    if shapes:
+        try:
+            model.reshape(shapes)
+        except Exception as exc:  # the graph pins its batch (a Reshape to constants, ...)
+            names = ", ".join(f"{port.get_any_name()!r} {port.get_partial_shape()}"
+                              for port in shapes)
+            raise BatchingUnsupported(
+                f"batch={batch}: batch= needs a dynamic batch dimension, and {label} has "
+                f"input {names} that OpenVINO cannot reshape to a dynamic first dimension "
+                f"({_reason(exc)}); open it without batch=") from exc
+    for port in model.outputs:
+        if port.get_partial_shape().rank.is_static:
+            require_batch_axis([_spec(port, port.get_any_name())], batch, "output", label)
+    return model
+
+
 def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "auto",
          jobs: int = 0, hint: str | None = None, precision: str | None = None,
          config: dict[str, Any] | None = None, cast: bool = False,
-         max_input_bytes: int | None = None, runner_name: str = "runner") -> Model:
+         max_input_bytes: int | None = None, runner_name: str = "runner",
+         batch: int | None = None) -> Model:
     if only_legacy_api() and not any(type(t).__module__.startswith("openvino")
                                      for t in (target if isinstance(target, (list, tuple))
                                                else [target])):
@@ -298,7 +339,8 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
 
         return openvino_legacy.load(target, replicas=replicas, device=device,
                                     config=config, cast=cast, max_input_bytes=max_input_bytes,
-                                    runner_name=runner_name)
+                                    runner_name=runner_name, batch=batch)
+    batch = backend_batch(batch, "openvino")
     ov = runtime()
     if api == "auto":
         api = "sync" if device.upper().startswith("CPU") else "async"
@@ -319,8 +361,12 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
     if len(items) > 1 and device.upper().startswith("CPU"):
         properties["ENABLE_CPU_PINNING"] = False
     properties.update(config or {})
-    compiled = [_compile(core, _read(core, item, ov), item, device, properties, ov)
-                for item in items]
+    models = [_read(core, item, ov) for item in items]
+    if batch is not None:
+        models = [_batchable(m, batch, _label(i, item), ov)
+                  for i, (m, item) in enumerate(zip(models, items, strict=True))]
+    compiled = [_compile(core, m, item, device, properties, ov)
+                for m, item in zip(models, items, strict=True)]
     io = [_segment(_label(i, item), c, item) for i, (c, item) in enumerate(zip(compiled, items,
                                                                               strict=True))]
     wirings = plan(io)
@@ -334,10 +380,11 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
 
         name = f"openvino{i}" if len(compiled) > 1 else "openvino"
         specs.append(StageSpec(name, factory, replicas, device=api == "async"))
-    return build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
-                       close=compiled.clear,
-                       info={"backend": "openvino", "device": device, "api": api,
-                             "openvino": ov.get_version(), "properties": properties})
+    built = build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                        close=compiled.clear,
+                        info={"backend": "openvino", "device": device, "api": api,
+                              "openvino": ov.get_version(), "properties": properties})
+    return batched_model(built, batch, cast=cast, max_input_bytes=max_input_bytes)
 
 
 def _label(index: int, item: Any) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import refuse_batch
 from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
@@ -287,7 +288,10 @@ def _read(core: Any, path: Path) -> Any:
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",
          num_requests: int = 0, config: dict[str, str] | None = None, api: str = "auto",
          profile: bool = False, fatal_after: int = 3, cast: bool = False,
-         max_input_bytes: int | None = None, runner_name: str = "runner") -> Model:
+         max_input_bytes: int | None = None, runner_name: str = "runner",
+         batch: int | None = None) -> Model:
+    refuse_batch(batch, "openvino-legacy", "aioaccel's legacy Inference Engine adapter loads "
+                 "networks with static shapes; batch with the current API, backend='openvino'")
     if replicas != 1:
         raise ValueError("backend='openvino-legacy': use num_requests for parallel requests")
     if api not in ("auto", "sync", "callback", "wait"):
