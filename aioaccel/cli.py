@@ -8,6 +8,9 @@
   loop on the same model; ``MODEL`` may be ``builtin`` (the demo's conv model).
 * ``aioaccel devices [--json]`` -- the devices this machine has, and what to install for the
   runtimes that are missing.
+* ``aioaccel serve MODEL... [--name --backend --device --maxsize --replicas --host --port
+  --admit-timeout --batch --restart --option]`` -- the models over HTTP and WebSocket, with a
+  live status page (:mod:`aioaccel.serve`).
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage error (bad arguments, missing file, unknown
 format), 3 a runtime is not installed.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -27,28 +31,48 @@ from typing import Any
 import numpy as np
 
 import aioaccel
+from aioaccel.backends import BACKENDS
+from aioaccel.serve.command import add_parser as add_serve_parser
+from aioaccel.serve.command import run as run_serve
 from aioaccel.tensors import format_shape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEMO_BACKENDS = ("litert", "onnx", "openvino")
+BACKEND_CHOICES = sorted(BACKENDS)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader went away (``aioaccel devices | head``): not a failure worth a
+        # traceback; point stdout at /dev/null so the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aioaccel", description="asyncio-native inference "
                                      "on edge accelerators")
+    parser.add_argument("--version", action="version",
+                        version=f"aioaccel {aioaccel.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a built-in model as a pipeline on the CPU")
-    demo.add_argument("--backend", choices=DEMO_BACKENDS, default="litert")
+    demo.add_argument("--backend", choices=DEMO_BACKENDS, default="litert",
+                      help="the CPU runtime to run the demo on (default litert)")
     demo.add_argument("--segments", type=int, default=2, help="pipeline segments (default 2)")
     demo.add_argument("--frames", type=int, default=300, help="frames to stream (default 300)")
     demo.add_argument("--depth", type=int, default=8, help="conv layers of the model (default 8)")
     info = sub.add_parser("info", help="show a model's inputs and outputs")
     info.add_argument("model", nargs="+", help="model file(s); several = segments")
-    info.add_argument("--backend", default=None)
+    info.add_argument("--backend", default=None, choices=BACKEND_CHOICES,
+                      help="the runtime to open the model with (default: from the file type)")
     bench = sub.add_parser("bench", help="measure a model: aioaccel vs the raw vendor loop")
     bench.add_argument("model", nargs="+",
                        help="model file(s) (several = pipeline segments), or 'builtin'")
-    bench.add_argument("--backend", default=None)
+    bench.add_argument("--backend", default=None, choices=BACKEND_CHOICES,
+                       help="the runtime (default: from the file type; litert for builtin)")
     bench.add_argument("--device", default=None, help="device= option for the backend")
     bench.add_argument("--segments", type=int, default=1,
                        help="split the builtin model into this many segments")
@@ -57,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true", help="print JSON for programs")
     devices = sub.add_parser("devices", help="list accelerators and runtimes on this machine")
     devices.add_argument("--json", action="store_true", help="print JSON for programs")
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "devices":
         return show_devices(args.json)
     try:
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "demo":
             if args.segments < 1 or args.frames < 1 or args.depth < args.segments:
                 parser.error("need frames >= 1 and 1 <= segments <= depth")

@@ -18,19 +18,24 @@ close with it, draining admitted requests; 503 with ``Retry-After`` past ``admit
 the server cancels handlers of lost connections: run the app with
 ``web.run_app(app, handler_cancellation=True)`` (or ``AppRunner(app,
 handler_cancellation=True)``), which aiohttp does not do by default.
+
+Streaming: ``return await accel.ws(request, runner)`` in a GET handler runs a WebSocket as one
+of the runner's streams (protocol: :mod:`.streaming`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import AccelBase, decode_inputs, encode_outputs, problem_for
+from .streaming import Socket, serve_stream
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
 
-from aiohttp import web  # noqa: E402
+from aiohttp import WSMsgType, web  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -89,6 +94,28 @@ class Accel(AccelBase):
             raise exc
         cls = _ERRORS.get(problem.status, web.HTTPInternalServerError)
         raise cls(text=problem.message, headers=dict(problem.headers)) from exc
+
+    async def ws(self, request: web.Request, runner: Runner, *, key: str | None = None,
+                 maxsize: int | None = None,
+                 stop: asyncio.Event | None = None) -> web.WebSocketResponse:
+        """A WebSocket handler body: serve the connection as ``runner.stream(key)`` until it
+        ends. ``key`` defaults to the ``?stream=`` query parameter, else a fresh one."""
+        websocket = web.WebSocketResponse(max_msg_size=self.max_body)
+        await websocket.prepare(request)
+
+        async def receive() -> bytes | str | None:
+            message = await websocket.receive()
+            if message.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                return message.data  # type: ignore[no-any-return]
+            return None  # close, closing, closed or error: the client is gone
+
+        async def close(code: int, reason: str) -> None:
+            await websocket.close(code=code, message=reason.encode())
+
+        await serve_stream(runner, Socket(receive, websocket.send_str, close),
+                           key=key or request.query.get("stream"), maxsize=maxsize,
+                           retry_after=self.retry_after, stop=stop)
+        return websocket
 
     def health(self) -> web.Response:
         """200 when every runner is open, else 503; JSON with their state."""

@@ -1,0 +1,105 @@
+"""A minimal client for ``aioaccel serve``'s WebSocket stream (``pip install
+'aioaccel[client]'``, which is the ``websockets`` package)::
+
+    from aioaccel.client import connect
+
+    async with connect("ws://127.0.0.1:8000/v1/models/model/stream") as stream:
+        for i, frame in enumerate(frames):
+            await stream.send(frame, tag=i)      # waits while the server is full
+        await stream.end()                       # no more frames
+        async for reply in stream:               # in the order sent, until the server's end
+            print(reply.tag, reply.outputs["output"].shape)
+
+Sending and receiving can run in two tasks (a camera loop and a consumer); results come in
+the order frames were sent. The protocol is described in :mod:`aioaccel.integrations.streaming`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._optional import need
+
+__all__ = ["Reply", "StreamClient", "connect"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The server's answer to one frame."""
+
+    tag: Any
+    seq: int | None
+    outputs: dict[str, np.ndarray] | None   #: None when the frame failed
+    status: int = 200                        #: 422 bad input, 500 the model failed
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class StreamClient:
+    """One open stream; made by :func:`connect`."""
+
+    def __init__(self, websocket: Any):
+        self._ws = websocket
+        self.frames = 0            #: frames sent
+        self.ended: dict[str, Any] | None = None  #: the server's end message, once received
+
+    async def send(self, frame: Any, *, tag: Any = None) -> None:
+        """Send one frame: an array goes as binary ``.npy``, a ``{name: array}`` dict as JSON.
+        Waits while the server is not reading (its stream is full)."""
+        if isinstance(frame, dict):
+            inputs = {name: np.asarray(v).tolist() for name, v in frame.items()}
+            message: dict[str, Any] = {"inputs": inputs}
+            if tag is not None:
+                message["tag"] = tag
+            await self._ws.send(json.dumps(message))
+        else:
+            if tag is not None:
+                await self._ws.send(json.dumps({"tag": tag}))
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(frame), allow_pickle=False)
+            await self._ws.send(buffer.getvalue())
+        self.frames += 1
+
+    async def end(self) -> None:
+        """No more frames: the server answers the pending ones, then sends its end."""
+        await self._ws.send(json.dumps({"end": True}))
+
+    async def receive(self) -> Reply:
+        """The next reply; raises ``StopAsyncIteration`` after the server's end message."""
+        if self.ended is not None:
+            raise StopAsyncIteration
+        message = json.loads(await self._ws.recv())
+        if message.get("end") is True:
+            self.ended = message
+            raise StopAsyncIteration
+        if "outputs" in message:
+            outputs = {name: np.asarray(v) for name, v in message["outputs"].items()}
+            return Reply(message.get("tag"), message.get("seq"), outputs)
+        return Reply(message.get("tag"), message.get("seq"), None, message.get("status", 500),
+                     message.get("error", "unknown error"))
+
+    def __aiter__(self) -> StreamClient:
+        return self
+
+    async def __anext__(self) -> Reply:
+        return await self.receive()
+
+
+@asynccontextmanager
+async def connect(url: str, **options: Any) -> AsyncIterator[StreamClient]:
+    """Open ``ws://host:port/v1/models/{name}/stream`` (``?stream=KEY`` names the stream);
+    other keyword options go to ``websockets.connect``."""
+    client = need("websockets.asyncio.client", "client", "aioaccel.client")
+    options.setdefault("max_size", 64 * 1024 * 1024)
+    async with client.connect(url, **options) as websocket:
+        yield StreamClient(websocket)
