@@ -36,7 +36,9 @@ class Reply:
 
     tag: Any
     seq: int | None
-    outputs: dict[str, np.ndarray] | None   #: None when the frame failed
+    #: ``{output name: array}`` (an array for a model whose outputs have no names); None when
+    #: the frame failed
+    outputs: dict[str, np.ndarray] | np.ndarray | None
     status: int = 200                        #: 422 bad input, 500 the model failed
     error: str | None = None
 
@@ -53,11 +55,13 @@ class StreamClient:
         self.frames = 0            #: frames sent
         self.ended: dict[str, Any] | None = None  #: the server's end message, once received
 
-    async def send(self, frame: Any, *, tag: Any = None) -> None:
-        """Send one frame: an array goes as binary ``.npy``, a ``{name: array}`` dict as JSON.
-        Waits while the server is not reading (its stream is full)."""
-        if isinstance(frame, dict):
-            inputs = {name: np.asarray(v).tolist() for name, v in frame.items()}
+    async def send(self, frame: Any, *, tag: Any = None, as_json: bool = False) -> None:
+        """Send one frame: an array goes as binary ``.npy`` (or JSON with ``as_json``), a
+        ``{name: array}`` dict as JSON. Waits while the server is not reading (its stream is
+        full)."""
+        if isinstance(frame, dict) or as_json:
+            inputs = ({name: np.asarray(v).tolist() for name, v in frame.items()}
+                      if isinstance(frame, dict) else np.asarray(frame).tolist())
             message: dict[str, Any] = {"inputs": inputs}
             if tag is not None:
                 message["tag"] = tag
@@ -69,6 +73,10 @@ class StreamClient:
             np.save(buffer, np.asarray(frame), allow_pickle=False)
             await self._ws.send(buffer.getvalue())
         self.frames += 1
+
+    async def send_raw(self, message: str | bytes) -> None:
+        """Send one message as it is (for protocol extensions and tests)."""
+        await self._ws.send(message)
 
     async def end(self) -> None:
         """No more frames: the server answers the pending ones, then sends its end."""
@@ -83,7 +91,9 @@ class StreamClient:
             self.ended = message
             raise StopAsyncIteration
         if "outputs" in message:
-            outputs = {name: np.asarray(v) for name, v in message["outputs"].items()}
+            found = message["outputs"]
+            outputs = ({name: np.asarray(v) for name, v in found.items()}
+                       if isinstance(found, dict) else np.asarray(found))
             return Reply(message.get("tag"), message.get("seq"), outputs)
         return Reply(message.get("tag"), message.get("seq"), None, message.get("status", 500),
                      message.get("error", "unknown error"))
