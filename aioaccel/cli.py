@@ -82,6 +82,9 @@ def _main(argv: list[str] | None = None) -> int:
     bench.add_argument("--concurrency", type=int, default=8, help="concurrent infer callers")
     bench.add_argument("--count", type=int, default=500, help="items to run (default 500)")
     bench.add_argument("--json", action="store_true", help="print JSON for programs")
+    bench.add_argument("--plot", default=None, metavar="OUT.png",
+                       help="also sweep the concurrency and draw throughput and the latency "
+                            "CDF beside the raw loop (needs aioaccel[plot])")
     devices = sub.add_parser("devices", help="list accelerators and runtimes on this machine")
     devices.add_argument("--json", action="store_true", help="print JSON for programs")
     add_serve_parser(sub)
@@ -202,6 +205,7 @@ async def run_bench(args: argparse.Namespace) -> int:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             console=console, transient=True)
         rows: dict[str, dict[str, float]] = {}
+        samples: dict[str, list[float]] = {}  # per mode, per-item latencies (for --plot)
         async with aioaccel.open(target, backend=backend, maxsize=maxsize, name="bench",
                                  **options) as runner:
             x = _example_input(runner, 0)
@@ -220,6 +224,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                         progress.advance(task)
                     elapsed = time.perf_counter() - started
                     p50, p99 = _percentiles(latencies)
+                    samples["raw vendor loop"] = latencies
                     rows["raw vendor loop"] = {"items_per_s": args.count / elapsed,
                                                "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
                 task = progress.add_task(f"aioaccel, {args.concurrency} callers",
@@ -239,12 +244,22 @@ async def run_bench(args: argparse.Namespace) -> int:
                 await asyncio.gather(*(caller(n) for n in share))
                 elapsed = time.perf_counter() - started
                 p50, p99 = _percentiles(latencies)
+                samples[f"aioaccel, {args.concurrency} callers"] = latencies
                 rows["aioaccel"] = {"items_per_s": args.count / elapsed, "p50_ms": p50 * 1e3,
                                     "p99_ms": p99 * 1e3}
             stages = [s.name for s in runner.stats().stages]
+            if args.plot:
+                sweep = await concurrency_sweep(runner, x, args.count, args.concurrency)
     base = rows.get("raw vendor loop", {}).get("items_per_s")
     for row in rows.values():
         row["vs_raw"] = row["items_per_s"] / base if base else float("nan")
+    if args.plot:
+        from .plots import bench_figure
+
+        bench_figure(args.plot, throughput={"aioaccel": sweep}, latencies=samples,
+                     baseline={"raw vendor loop (one thread)": base} if base else None,
+                     title=f"{', '.join(args.model)} on {backend}")
+        console.print(f"plot written to {args.plot}")
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend, "stages": stages,
                           "concurrency": args.concurrency, "count": args.count,
@@ -263,6 +278,27 @@ async def run_bench(args: argparse.Namespace) -> int:
     if base is None:
         console.print(f"no raw vendor loop for the {backend} backend: aioaccel only")
     return EXIT_OK
+
+
+async def concurrency_sweep(runner: aioaccel.Runner, x: Any, count: int,
+                            highest: int) -> list[tuple[int, float]]:
+    """(callers, items/s) through ``runner.infer`` for 1, 2, 4 ... callers up to ``highest``
+    (at least 16): the throughput curve of ``aioaccel bench --plot``."""
+    points = []
+    callers = 1
+    while True:
+        share = [count // callers + (i < count % callers) for i in range(callers)]
+
+        async def caller(n: int) -> None:
+            for _ in range(n):
+                await runner.infer(x)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(n) for n in share))
+        points.append((callers, count / (time.perf_counter() - started)))
+        if callers >= max(16, highest):
+            return points
+        callers *= 2
 
 
 async def run_info(models: list[str], backend: str | None) -> int:

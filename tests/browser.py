@@ -40,15 +40,7 @@ class Chromium:
         self._ws: Any = None
 
     async def __aenter__(self) -> Chromium:
-        binary = find_chromium()
-        assert binary is not None
-        self.profile.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-extensions", "--disable-dev-shm-usage", "--remote-debugging-port=0",
-             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
-             f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._launch()
         try:
             port = await self._port()
             async with httpx.AsyncClient(timeout=CALL_TIMEOUT) as client:
@@ -61,6 +53,17 @@ class Chromium:
             await self.__aexit__(None, None, None)
             raise
         return self
+
+    def _launch(self) -> None:
+        binary = find_chromium()
+        assert binary is not None
+        self.profile.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-extensions", "--disable-dev-shm-usage", "--remote-debugging-port=0",
+             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
+             f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     async def _port(self) -> int:
         """Chromium writes its DevTools port to DevToolsActivePort in the profile."""
@@ -118,5 +121,5 @@ class Chromium:
 
     async def screenshot(self, path: Path) -> Path:
         shot = await self.call("Page.captureScreenshot", format="png")
-        path.write_bytes(base64.b64decode(shot["data"]))
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
         return path

@@ -59,10 +59,14 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("function", "function", (), (), "nothing: it is built in"),
         Backend("litert", "litert", (".tflite",), ("ai_edge_litert.interpreter",),
-                "pip install ai-edge-litert flatbuffers (from an aioaccel checkout: pip install -e '.[litert]')"),
+                "pip install ai-edge-litert flatbuffers (from an aioaccel checkout: "
+                "pip install -e '.[litert]')"),
         Backend("openvino", "openvino", (".xml",), ("openvino",),
-                "pip install openvino (from an aioaccel checkout: pip install -e '.[openvino]')"),
-        Backend("onnx", "onnx", (".onnx",), ("onnxruntime",), "pip install onnxruntime onnx (from an aioaccel checkout: pip install -e '.[onnx]')"),
+                "pip install openvino (from an aioaccel checkout: "
+                "pip install -e '.[openvino]')"),
+        Backend("onnx", "onnx", (".onnx",), ("onnxruntime",),
+                "pip install onnxruntime onnx (from an aioaccel checkout: "
+                "pip install -e '.[onnx]')"),
         Backend("openvino-legacy", "openvino_legacy", (), ("openvino.inference_engine",),
                 "pip install 'openvino<2024' 'numpy<2' (OpenVINO 2024.0 removed the legacy "
                 "Inference Engine API)"),
