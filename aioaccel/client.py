@@ -98,6 +98,12 @@ class StreamClient:
         return Reply(message.get("tag"), message.get("seq"), None, message.get("status", 500),
                      message.get("error", "unknown error"))
 
+    async def wait_closed(self) -> int | None:
+        """Wait for the server to close the connection; its close code (1000 after every frame
+        was answered, 1001 when it shut down, 1008 a protocol error, 1011 the model broke)."""
+        await self._ws.wait_closed()
+        return self._ws.close_code  # type: ignore[no-any-return]
+
     def __aiter__(self) -> StreamClient:
         return self
 

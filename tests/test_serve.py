@@ -152,3 +152,33 @@ def test_batch_and_restart_pass_through_to_open(onnx_model: Path) -> None:
     restart = run_serve(str(onnx_model), "--restart", "--host", "256.0.0.1")
     if not hasattr(aioaccel, "Restart"):
         assert restart.returncode == 2 and "aioaccel.Restart" in restart.stderr
+
+
+async def test_sigterm_ends_streams_and_status_feeds_instead_of_waiting_for_them() -> None:
+    """Open WebSocket streams and status feeds would hold uvicorn's drain until its timeout:
+    on SIGTERM the streams answer their accepted frames and close with 1001, the feeds end,
+    and the server exits 0 well before the drain timeout."""
+    from aioaccel.client import connect
+
+    with serve("served_models:slow_double", "--maxsize", "4", "--drain-timeout", "20",
+               latency=0.2) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client, \
+                client.stream("GET", "/v1/status/events") as feed, \
+                connect(f"{server.ws}/v1/models/slow_double/stream") as stream:
+            lines = feed.aiter_lines()
+            assert (await anext(lines)).startswith("data: {")
+            for i in range(3):
+                await stream.send(np.array([[float(i)]]), tag=i)
+            while server.metric("aioaccel_items_pushed_total", runner="slow_double") < 3:
+                await asyncio.sleep(0.02)
+            started = asyncio.get_running_loop().time()
+            server.proc.send_signal(signal.SIGTERM)
+            replies = [r async for r in stream]
+            assert [r.tag for r in replies] == [0, 1, 2]  # accepted frames answered
+            assert [r.outputs.tolist() for r in replies] == [[[0.0]], [[2.0]], [[4.0]]]
+            assert stream.ended == {"end": True, "frames": 3}
+            assert await stream.wait_closed() == 1001  # going away: the server shuts down
+            async for _ in lines:  # the feed ends instead of holding the drain
+                pass
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0
+        assert asyncio.get_running_loop().time() - started < 10

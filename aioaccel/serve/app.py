@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..runner import Runner
     from ..tensors import TensorSpec
 
-__all__ = ["MODEL_NAME", "build_app"]
+__all__ = ["MODEL_NAME", "OpenStreams", "build_app", "describe"]
 
 #: what a model name may look like: it is a URL path segment
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -59,6 +59,7 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
     accel = Accel(admit_timeout=admit_timeout, retry_after=retry_after, max_body=max_body,
                   timeout=timeout, **runners)
     stopping = stop if stop is not None else asyncio.Event()
+    streams = OpenStreams()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +77,7 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
     app = FastAPI(title=title, version=__version__, lifespan=lifespan,
                   description="Models served by aioaccel: request/response over HTTP, "
                               "ordered streaming over WebSocket, a live status page at /.")
+    app.state.streams = streams  # the server waits on it before closing connections
 
     def named(name: str) -> Runner:
         runner = accel.runners.get(name)
@@ -104,7 +106,8 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
         if runner is None:
             await websocket.close(CLOSE_POLICY, f"no model named {name!r}")
             return
-        await accel.stream(websocket, runner, stop=stopping)
+        with streams.open():
+            await accel.stream(websocket, runner, stop=stopping)
 
     @app.get("/healthz", summary="200 while every model is ready, else 503")
     async def healthz() -> Response:
@@ -135,6 +138,31 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
                                  headers={"Cache-Control": "no-store"})
 
     return app
+
+
+class OpenStreams:
+    """How many WebSocket streams are being served, and a wait for there to be none: on
+    shutdown, the server lets streams answer their accepted frames and close with 1001 before
+    uvicorn closes whatever connection is left (with 1012, answering nothing more)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def open(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_closed(self) -> None:
+        await self._idle.wait()
 
 
 def describe(name: str, runner: Runner) -> dict[str, Any]:

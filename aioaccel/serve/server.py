@@ -15,10 +15,11 @@ __all__ = ["Server"]
 
 
 class Server(uvicorn.Server):
-    """Two changes: the URL is printed once the server listens (so ``--port 0`` is usable),
-    and SIGTERM/SIGINT set ``stop`` (streams and status feeds then end instead of holding the
-    drain) and lead to a graceful shutdown that exits 0, where uvicorn re-raises the signal
-    after its shutdown (killing the process with it)."""
+    """Three changes: the URL is printed once the server listens (so ``--port 0`` is
+    usable); SIGTERM/SIGINT set ``stop`` (streams and status feeds then end instead of
+    holding the drain) and lead to a graceful shutdown that exits 0, where uvicorn re-raises
+    the signal after its shutdown (killing the process with it); and the shutdown lets
+    WebSocket streams answer their accepted frames before uvicorn closes the connections."""
 
     def __init__(self, config: uvicorn.Config, stop: asyncio.Event, models: list[str]):
         super().__init__(config)
@@ -32,6 +33,19 @@ class Server(uvicorn.Server):
             shown = f"[{host}]" if ":" in host else host
             print(f"aioaccel serve: http://{shown}:{port} serving {', '.join(self.models)}; "
                   f"status page at /, API at /docs", flush=True)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        for server in self.servers:  # stop accepting first (uvicorn's close repeats it)
+            server.close()
+        self.stop.set()  # also when shutdown was not asked for by a signal
+        streams = getattr(self.config.app.state, "streams", None)
+        if streams is not None:
+            try:
+                await asyncio.wait_for(streams.wait_closed(),
+                                       self.config.timeout_graceful_shutdown)
+            except TimeoutError:
+                pass  # uvicorn closes what is left
+        await super().shutdown(sockets)
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
