@@ -209,3 +209,28 @@ async def test_aiohttp_ws_streams_in_order_and_a_disconnect_withdraws() -> None:
             stats = slow.stats()
             assert stats.in_flight == 0 and stats.withdrawn >= 5
             assert stats.withdrawn + stats.completed == 8
+
+
+async def test_a_frame_the_model_refuses_is_a_422_naming_the_input(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from aioaccel.testing.models import dense_chain
+
+    chain = dense_chain(8, 2, inputs=8)
+    path = chain.write_onnx(Path(str(tmp_path)) / "dense.onnx")
+    x = chain.random_input()
+    with serve(str(path), latency=0.0) as server:
+        async with connect(f"{server.ws}/v1/models/dense/stream") as stream:
+            await stream.send(x, tag="good")
+            await stream.send(np.zeros((1, 3), np.float32), tag="short")
+            await stream.send(x.astype(np.float64), tag="f64")
+            await stream.send(x, tag="good again")
+            await stream.end()
+            replies = [r async for r in stream]
+            assert await stream.wait_closed() == 1000
+    assert [r.tag for r in replies] == ["good", "short", "f64", "good again"]
+    assert np.allclose(replies[0].outputs["output"], chain.reference(x), atol=1e-4)
+    assert replies[1].status == 422 and "input" in (replies[1].error or "")
+    assert "(1, 8)" in (replies[1].error or "") or "8" in (replies[1].error or "")
+    assert replies[2].status == 422 and "float32" in (replies[2].error or "")
+    assert np.allclose(replies[3].outputs["output"], chain.reference(x), atol=1e-4)

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from ..runner import Runner
     from ..streams import Stream
 
-__all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "Socket", "serve_stream"]
+__all__ = ["CLOSE_ERROR", "CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "Socket",
+           "serve_stream"]
 
 log = logging.getLogger("aioaccel.streaming")
 
@@ -82,7 +83,7 @@ _RESULT = object()   # a reply slot: the stream's next result
 _END = object()      # no more frames
 
 
-def new_stream_key(requested: str | None = None) -> str:
+def _stream_key(requested: str | None = None) -> str:
     """The stream key of a new connection: the client's ``?stream=`` or a fresh one."""
     return requested if requested else f"ws-{next(_keys)}"
 
@@ -95,7 +96,7 @@ async def serve_stream(runner: Runner, socket: Socket, *, key: Any = None,
     ``stop`` (set when the server shuts down) ends the connection gracefully: no more frames
     are read, the accepted ones are answered, then it closes with 1001.
     """
-    key = new_stream_key(key)
+    key = _stream_key(key)
     if any(s.key == key for s in runner.streams()):
         await socket.close(CLOSE_POLICY, f"stream {key!r} is already in use")
         return 0
