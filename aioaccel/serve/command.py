@@ -201,7 +201,7 @@ async def _serve(runners: dict[str, aioaccel.Runner], args: argparse.Namespace) 
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 lifespan="on", ws="websockets-sansio",
                                 timeout_graceful_shutdown=args.drain_timeout)
-        server = Server(config, stop, list(runners))
+        server = Server(config, stop, list(runners), app.state.streams)
         await server.serve()
         if not server.started:
             return EXIT_FAILED

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from .app import OpenStreams
+
 __all__ = ["Server"]
 
 
@@ -21,10 +23,12 @@ class Server(uvicorn.Server):
     the signal after its shutdown (killing the process with it); and the shutdown lets
     WebSocket streams answer their accepted frames before uvicorn closes the connections."""
 
-    def __init__(self, config: uvicorn.Config, stop: asyncio.Event, models: list[str]):
+    def __init__(self, config: uvicorn.Config, stop: asyncio.Event, models: list[str],
+                 streams: OpenStreams | None = None):
         super().__init__(config)
         self.stop = stop
         self.models = models
+        self.streams = streams
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -38,10 +42,9 @@ class Server(uvicorn.Server):
         for server in self.servers:  # stop accepting first (uvicorn's close repeats it)
             server.close()
         self.stop.set()  # also when shutdown was not asked for by a signal
-        streams = getattr(self.config.app.state, "streams", None)
-        if streams is not None:
+        if self.streams is not None:
             try:
-                await asyncio.wait_for(streams.wait_closed(),
+                await asyncio.wait_for(self.streams.wait_closed(),
                                        self.config.timeout_graceful_shutdown)
             except TimeoutError:
                 pass  # uvicorn closes what is left
