@@ -32,6 +32,7 @@ def bench_figure(path: str | os.PathLike[str], *,
     """
     need("matplotlib", "plot", "aioaccel.plots")
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     rate, cdf = figure.subplots(1, 2)
@@ -46,10 +47,12 @@ def bench_figure(path: str | os.PathLike[str], *,
         rate.set_xticks(xs, [f"{x:g}" for x in xs])
     rate.set_xlabel(x_label)
     rate.set_ylabel("items/s")
-    rate.set_ylim(bottom=0)
+    tops = [y for points in throughput.values() for _, y in points]
+    tops += list((baseline or {}).values())
+    rate.set_ylim(0, max(tops, default=1.0) * 1.25)  # room for the legend above the lines
     rate.set_title("throughput")
     rate.grid(alpha=0.3)
-    rate.legend()
+    rate.legend(loc="upper left")
     for label, values in latencies.items():
         if not values:
             continue
@@ -58,6 +61,10 @@ def bench_figure(path: str | os.PathLike[str], *,
         cdf.step(ordered_ms, [(i + 1) / n for i in range(n)], where="post",
                  label=f"{label} (p50 {ordered_ms[n // 2]:.2f} ms)")
     cdf.set_xscale("log")
+    # 0.1, 0.2, 0.5, 1, 2, 5 ... in plain numbers: readable over a narrow range too
+    cdf.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    cdf.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    cdf.xaxis.set_minor_formatter(NullFormatter())
     cdf.set_xlabel("latency (ms, log scale)")
     cdf.set_ylabel("fraction of items")
     cdf.set_ylim(0, 1.01)
