@@ -22,4 +22,5 @@ def need(module: str, extra: str, feature: str) -> ModuleType:
         top = module.split(".")[0]
         raise BackendUnavailable(f"{feature} needs {top}: pip install "
                                  f"{_PACKAGES.get(top, top)} (from an aioaccel checkout: "
-                                 f"pip install -e '.[{extra}]')") from exc
+                                 f"pip install -e '.[{extra}]'; with aioaccel installed from "
+                                 f"an index: pip install 'aioaccel[{extra}]')") from exc

@@ -72,22 +72,20 @@ async def test_function_backend_rejects_options() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("module,suffix,extra,package", [
-    ("onnxruntime", ".onnx", "onnx", "onnxruntime"),
-    ("openvino", ".xml", "openvino", "openvino"),
-    ("ai_edge_litert.interpreter", ".tflite", "litert", "ai-edge-litert"),
+@pytest.mark.parametrize("module,suffix,extra", [
+    ("onnxruntime", ".onnx", "onnx"),
+    ("openvino", ".xml", "openvino"),
+    ("ai_edge_litert.interpreter", ".tflite", "litert"),
 ])
 async def test_a_missing_runtime_names_the_extra_to_install(
         monkeypatch: pytest.MonkeyPatch, tmp_path: object, module: str, suffix: str,
-        extra: str, package: str) -> None:
+        extra: str) -> None:
     from pathlib import Path
 
     monkeypatch.setitem(__import__("sys").modules, module, None)  # import now fails
     monkeypatch.setitem(__import__("sys").modules, "tflite_runtime.interpreter", None)
     path = Path(str(tmp_path)) / f"model{suffix}"
     path.write_bytes(b"not loaded")
-    # the runtime's own package (aioaccel is not on the index yet), and the extra from a checkout
-    with pytest.raises(aioaccel.BackendUnavailable,
-                       match=rf"pip install {package}.*pip install -e '\.\[{extra}\]'"):
+    with pytest.raises(aioaccel.BackendUnavailable, match=rf"pip install 'aioaccel\[{extra}\]'"):
         async with aioaccel.open(path):
             pass

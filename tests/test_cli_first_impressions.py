@@ -77,5 +77,5 @@ def test_install_hints_name_the_package_and_work_from_a_checkout() -> None:
         assert f"pip install -e '.[{backend}]'" in BACKENDS[backend].install
     with pytest.raises(aioaccel.BackendUnavailable,
                        match=r"needs prometheus_client: pip install prometheus-client "
-                             r"\(from an aioaccel checkout: pip install -e '\.\[metrics\]'\)"):
+                             r"\(from an aioaccel checkout: pip install -e '\.\[metrics\]'"):
         need("prometheus_client.no_such_module", "metrics", "aioaccel.metrics")
