@@ -104,7 +104,10 @@ class Chromium:
                     return message["result"]  # type: ignore[no-any-return]
 
     async def goto(self, url: str) -> None:
+        """Navigate and wait until the new document is parsed (its scripts have run)."""
         await self.call("Page.navigate", url=url)
+        await self.wait_until(f"location.href === {json.dumps(url)} && "
+                              f"document.readyState !== 'loading'")
 
     async def evaluate(self, expression: str) -> Any:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)

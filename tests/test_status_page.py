@@ -35,7 +35,7 @@ def field(name: str) -> str:
             f"?.textContent")
 
 
-UPDATES = "Number(document.body.dataset.updates || 0)"
+UPDATES = "Number(document.body?.dataset.updates || 0)"
 
 
 async def test_status_page_shows_live_numbers_that_match_metrics(tmp_path: Path) -> None:
