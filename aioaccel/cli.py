@@ -88,7 +88,11 @@ def _main(argv: list[str] | None = None) -> int:
     devices = sub.add_parser("devices", help="list accelerators and runtimes on this machine")
     devices.add_argument("--json", action="store_true", help="print JSON for programs")
     add_serve_parser(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `serve a.onnx --name a b.onnx --name b`: models after options are models too
+        if args.command != "serve" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.model += extra
     if args.command == "devices":
         return show_devices(args.json)
     try:

@@ -43,7 +43,7 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_serves_several_models_over_json_and_npy(onnx_model: Path) -> None:
     x = MODEL.random_input()
-    with serve(str(onnx_model), "served_models:slow_double", "--name", "dense") as server:
+    with serve(str(onnx_model), "--name", "dense", "served_models:slow_double") as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             reply = await client.post("/v1/models/dense/infer", json=x.tolist())
             assert reply.status_code == 200, reply.text
