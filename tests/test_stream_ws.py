@@ -164,6 +164,7 @@ async def aiohttp_stream_server(runner: aioaccel.Runner) -> AsyncIterator[str]:
         return await accel.ws(request, accel.runner())
 
     app.router.add_get("/stream", stream)
+    app.router.add_get("/ready-made", accel.ws_handler("default", maxsize=2))
     site_runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=10)
     await site_runner.setup()
     site = web.TCPSite(site_runner, "127.0.0.1", 0)
@@ -191,8 +192,18 @@ async def test_aiohttp_ws_streams_in_order_and_a_disconnect_withdraws() -> None:
                 await ws.send_str(json.dumps({"end": True}))
                 return [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
 
-        a, b = await asyncio.gather(one("a"), one("b"))
-        for name, replies in (("a", a), ("b", b)):
+        async def ready_made() -> list[dict[str, object]]:
+            async with session.ws_connect(url.replace("/stream", "/ready-made")) as ws:
+                for i in range(50):
+                    await ws.send_bytes(npy(np.array([[i]])))
+                await ws.send_str(json.dumps({"end": True}))
+                replies = [json.loads(m.data) async for m in ws
+                           if m.type == aiohttp.WSMsgType.TEXT]
+            assert [r.get("tag") for r in replies[:-1]] == list(range(50))
+            return [{**r, "tag": f"c{r['tag']}"} if "tag" in r else r for r in replies]
+
+        a, b, c = await asyncio.gather(one("a"), one("b"), ready_made())
+        for name, replies in (("a", a), ("b", b), ("c", c)):
             assert replies[-1] == {"end": True, "frames": 50}
             assert [r["tag"] for r in replies[:-1]] == [f"{name}{i}" for i in range(50)]
             assert [r["outputs"] for r in replies[:-1]] == [[[2 * i]] for i in range(50)]

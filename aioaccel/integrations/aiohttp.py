@@ -19,8 +19,9 @@ the server cancels handlers of lost connections: run the app with
 ``web.run_app(app, handler_cancellation=True)`` (or ``AppRunner(app,
 handler_cancellation=True)``), which aiohttp does not do by default.
 
-Streaming: ``return await accel.ws(request, runner)`` in a GET handler runs a WebSocket as one
-of the runner's streams (protocol: :mod:`.streaming`).
+Streaming: ``return await accel.ws(request, runner)`` in a GET handler (or
+``app.router.add_get("/stream", accel.ws_handler("default"))``) runs a WebSocket as one of the
+runner's streams (protocol: :mod:`.streaming`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,16 @@ class Accel(AccelBase):
                            key=key or request.query.get("stream"), maxsize=maxsize,
                            retry_after=self.retry_after, stop=stop)
         return websocket
+
+    def ws_handler(self, name: str = "default", *, maxsize: int | None = None) -> Any:
+        """A ready GET handler streaming over a WebSocket to runner ``name``:
+        ``app.router.add_get("/stream", accel.ws_handler())``."""
+        runner = self._named(name)
+
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            return await self.ws(request, runner, maxsize=maxsize)
+
+        return handler
 
     def health(self) -> web.Response:
         """200 when every runner is open, else 503; JSON with their state."""
