@@ -12,8 +12,11 @@ from .errors import DeviceTimeout as DeviceTimeout
 from .errors import InferenceError as InferenceError
 from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
+from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
+from .recovery import Health as Health
+from .recovery import Restart as Restart
 from .runner import Result as Result
 from .runner import Runner as Runner
 from .stages import BlockingStage as BlockingStage
@@ -35,10 +38,13 @@ __all__ = [
     "DeviceError",
     "DeviceStage",
     "DeviceTimeout",
+    "Health",
     "InferTimeout",
     "InferenceError",
     "InputError",
     "Model",
+    "OpenError",
+    "Restart",
     "Result",
     "Runner",
     "RunnerClosed",

@@ -1,33 +1,38 @@
 """Worker threads -> event loop, with one loop wake-up per burst of results.
 
-A wake-up (``call_soon_threadsafe``) costs a self-pipe write and a loop iteration; done per item
-it caps the default loop near 90k items/s. Here workers append finished items to a deque and
+A wake-up (``call_soon_threadsafe``) costs a self-pipe write and a loop iteration; done per job
+it caps the default loop near 90k items/s. Here workers append finished jobs to a deque and
 schedule a drain only when none is pending, so a burst of completions costs one wake-up.
 
 When the loop is quick, bursts are short: with ~30 us work items the loop drains every single
-result, and each wake-up holds the GIL the worker needs back (measured: 0.52x of the raw loop).
-So a worker that has just finished a *short* call and still has more than half the window
-of input queued (see ``Pipeline.defer_depth``) may ``defer`` the wake-up: its next completion
-comes within microseconds. Deferral is bounded by
-``COALESCE_WINDOW`` from the oldest undelivered item, and the last item a worker finishes
-before its queue runs dry is never deferred, so nothing is stranded and latency grows by at
-most the window plus one short call.
+result, and each wake-up holds the GIL the worker needs back. So a worker that has just
+finished a *short* call and still has more than half the window of input queued (see
+``Pipeline.defer_depth``) may ``defer`` the wake-up: its next completion comes within
+microseconds. Deferral is bounded by ``COALESCE_WINDOW`` from the oldest undelivered job, and
+a worker about to block on an empty queue calls :meth:`Bridge.flush` first, so a deferred
+result never waits for input that may not come.
 
-Race analysis: the drain clears ``_scheduled`` *before* it empties the deque, so an item
+Race analysis: the drain clears ``_scheduled`` *before* it empties the deque, so a job
 appended after the flag was cleared either is taken by this drain or schedules the next one;
-an extra drain is harmless. A deferred item is always followed by a non-deferred delivery from
-the worker that deferred it or from the one that took its remaining input.
+an extra drain is harmless. A deferred job is always followed, from the worker that deferred
+it, by another delivery or by a flush before that worker waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["COALESCE_WINDOW", "SHORT_CALL", "Bridge"]
+if TYPE_CHECKING:
+    from .pipeline import Job, Worker
+
+__all__ = ["COALESCE_WINDOW", "SHORT_CALL", "Bridge", "Receiver"]
+
+log = logging.getLogger("aioaccel")
 
 #: longest a deferred result waits for the next wake-up (seconds)
 COALESCE_WINDOW = 500e-6
@@ -35,28 +40,38 @@ COALESCE_WINDOW = 500e-6
 SHORT_CALL = 50e-6
 
 
-class Bridge:
-    """Carries finished items and rare signals (ready, exit, fatal) to an owner on the loop.
+class Receiver(Protocol):
+    """What the bridge calls on the loop (the runner)."""
 
-    The owner must have ``_on_items(list)``; signals call the owner's method of that name.
+    def on_jobs(self, jobs: list[Job]) -> None: ...
+    def on_ready(self, worker: Worker, error: BaseException | None) -> None: ...
+    def on_worker_exit(self, worker: Worker) -> None: ...
+    def on_fatal(self, error: BaseException, stage: str) -> None: ...
+
+
+class Bridge:
+    """Carries finished jobs and rare signals (ready, exit, fatal) to a receiver on the loop.
+
+    The receiver is held weakly, so that worker threads (which hold the bridge) do not keep an
+    abandoned runner alive: it must be collectable to warn and stop its threads.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, owner: Any):
+    def __init__(self, loop: asyncio.AbstractEventLoop, receiver: Receiver):
         self._loop = loop
-        self._items: deque[Any] = deque()
+        self._jobs: deque[Any] = deque()
         self._scheduled = False
-        self._oldest = 0.0  # completion time of the oldest deferred item, 0 if none
-        # Weak, so that worker threads (which hold the bridge) do not keep an abandoned runner
-        # alive: it must be collectable to warn and stop its threads.
-        self._owner = weakref.ref(owner)
+        self._oldest = 0.0  # completion time of the oldest deferred job, 0 if none
+        self._receiver: Callable[[], Receiver | None] = weakref.ref(receiver)
 
-    def deliver(self, item: Any, now: float = 0.0, defer: bool = False) -> None:
-        """Called from any thread: hand one finished item to the loop.
+    def detach(self) -> None:
+        """Drop whatever arrives from now on (the pipeline behind it was replaced)."""
+        self._receiver = _nobody
 
-        ``defer`` (with ``now``, the completion time) lets the wake-up wait for the next
-        delivery, within ``COALESCE_WINDOW``.
-        """
-        self._items.append(item)
+    # ---- called from any thread ---------------------------------------------------------
+    def deliver(self, job: Any, now: float = 0.0, defer: bool = False) -> None:
+        """Hand one finished job to the loop. ``defer`` (with ``now``, the completion time)
+        lets the wake-up wait for the next delivery, within ``COALESCE_WINDOW``."""
+        self._jobs.append(job)
         if self._scheduled:
             return
         if defer:
@@ -68,31 +83,58 @@ class Bridge:
         self._scheduled = True
         self.call_soon(self._drain)
 
-    def signal(self, method: str, *args: Any) -> None:
-        """Called from any thread: run ``owner.<method>(*args)`` on the loop."""
-        self.call_soon(self._signal, method, args)
+    def flush(self) -> None:
+        """Schedule the drain of deferred jobs now (a worker is about to wait)."""
+        if self._jobs and not self._scheduled:
+            self._oldest = 0.0
+            self._scheduled = True
+            self.call_soon(self._drain)
+
+    def ready(self, worker: Worker, error: BaseException | None) -> None:
+        self.call_soon(self._ready, worker, error)
+
+    def exited(self, worker: Worker) -> None:
+        self.call_soon(self._exited, worker)
+
+    def fatal(self, error: BaseException, stage: str) -> None:
+        self.call_soon(self._fatal, error, stage)
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Called from any thread: run ``callback`` on the loop; a closed loop is ignored."""
+        """Run ``callback`` on the loop; a closed loop is ignored (nobody is left to tell)."""
         try:
             self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # loop closed: nobody is left to tell
+        except RuntimeError:
             pass
 
-    def _signal(self, method: str, args: tuple[Any, ...]) -> None:
-        owner = self._owner()
-        if owner is not None:
-            getattr(owner, method)(*args)
+    # ---- on the loop --------------------------------------------------------------------
+    def _ready(self, worker: Worker, error: BaseException | None) -> None:
+        receiver = self._receiver()
+        if receiver is not None:
+            receiver.on_ready(worker, error)
+
+    def _exited(self, worker: Worker) -> None:
+        receiver = self._receiver()
+        if receiver is not None:
+            receiver.on_worker_exit(worker)
+
+    def _fatal(self, error: BaseException, stage: str) -> None:
+        receiver = self._receiver()
+        if receiver is not None:
+            receiver.on_fatal(error, stage)
 
     def _drain(self) -> None:
         self._scheduled = False
-        items = []
-        pop = self._items.popleft
+        jobs = []
+        pop = self._jobs.popleft
         while True:
             try:
-                items.append(pop())
+                jobs.append(pop())
             except IndexError:
                 break
-        owner = self._owner()
-        if owner is not None and items:
-            owner._on_items(items)
+        receiver = self._receiver()
+        if receiver is not None and jobs:
+            receiver.on_jobs(jobs)
+
+
+def _nobody() -> None:
+    return None

@@ -10,6 +10,7 @@
      ├── InferTimeout        ``infer(..., timeout=)`` ran out (also TimeoutError)
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
+     ├── OpenError           a backend load or stage factory failed (cause chained)
      └── BackendUnavailable  a runtime is not installed (the message says what to install)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
@@ -28,8 +29,13 @@ __all__ = [
     "InferTimeout",
     "InferenceError",
     "InputError",
+    "OpenError",
     "RunnerClosed",
     "WouldBlock",
+    "copy_for_waiter",
+    "device_error",
+    "inference_error",
+    "open_error",
 ]
 
 
@@ -77,3 +83,80 @@ class WouldBlock(AccelError):
 
 class BackendUnavailable(AccelError, ImportError):
     """The runtime a backend needs is not installed; the message says what to install."""
+
+
+class OpenError(AccelError):
+    """Opening a runner failed: a backend's load or a stage factory raised. The original
+    exception is ``__cause__``; for the common built-in types (``ValueError``, ``OSError``,
+    ``RuntimeError``, ...) the error is also an instance of that type."""
+
+
+# ---- translation at the boundary -------------------------------------------------------------
+# Every native or thread error that reaches a caller goes through one of these, so the rules
+# (what passes unchanged, what is wrapped, how the cause is chained) live in one place.
+
+_NOT_MIXED = (StopIteration, StopAsyncIteration, GeneratorExit)
+_open_error_types: dict[type[BaseException], type[OpenError]] = {}
+
+
+def _open_error_type(cause: BaseException) -> type[OpenError]:
+    """OpenError, mixed with the nearest built-in exception type of ``cause`` so that
+    ``except FileNotFoundError`` still catches a missing model file."""
+    for base in type(cause).__mro__:
+        if base.__module__ == "builtins" and issubclass(base, Exception):
+            break
+    else:
+        return OpenError
+    if base is Exception or issubclass(base, _NOT_MIXED):
+        return OpenError
+    mixed = _open_error_types.get(base)
+    if mixed is None:
+        try:
+            mixed = type(f"OpenError[{base.__name__}]", (OpenError, base), {"__module__": __name__})
+        except TypeError:  # an incompatible built-in layout: plain OpenError
+            mixed = OpenError
+        _open_error_types[base] = mixed
+    return mixed
+
+
+def open_error(cause: BaseException, what: str) -> AccelError:
+    """The error ``open()`` raises for ``cause`` (raised while ``what``): aioaccel errors pass
+    unchanged, anything else (of any type, even ``StopIteration``) becomes an OpenError."""
+    if isinstance(cause, AccelError):
+        return cause
+    err = _open_error_type(cause)(f"{what} failed: {cause!r}" if not str(cause)
+                                  else f"{what} failed: {cause}")
+    err.__cause__ = cause
+    return err
+
+
+def device_error(cause: BaseException, what: str) -> DeviceError:
+    """A fatal failure of ``what`` (a stage, a device) as the DeviceError every waiter gets."""
+    if isinstance(cause, DeviceError):
+        return cause
+    err = DeviceError(f"{what} failed fatally: {cause!r}")
+    err.__cause__ = cause
+    return err
+
+
+def inference_error(cause: BaseException, *, seq: int, tag: Any, stage: str) -> InferenceError:
+    """One item's failure in ``stage``, with the runtime's exception chained."""
+    err = InferenceError(f"item {seq} (tag={tag!r}) failed in stage {stage!r}: {cause!r}",
+                         seq=seq, tag=tag, stage=stage)
+    err.__cause__ = cause
+    return err
+
+
+def copy_for_waiter(base: AccelError) -> AccelError:
+    """A fresh instance of ``base`` for one waiter (one instance raised in many tasks tangles
+    their tracebacks). Built without calling ``__init__``, which a subclass may have changed,
+    so it cannot fail; the original is the copy's ``__cause__`` when it had none."""
+    cls = type(base)
+    try:
+        err = cls.__new__(cls, *base.args)
+        err.__dict__.update(vars(base))
+        err.args = base.args
+    except Exception:  # an exotic type: fall back to the tree's own classes
+        err = (DeviceError if isinstance(base, DeviceError) else AccelError)(str(base))
+    err.__cause__ = base.__cause__ or base
+    return err

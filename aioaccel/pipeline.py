@@ -1,14 +1,16 @@
 """Stages in order, each on its own worker threads, with hand-offs between them.
 
-Data path of one item::
+Data path of one job (the thread-side half of an admitted item)::
 
     Runner.push -> queue[0] -> stage 0 worker -> queue[1] -> ... -> last stage -> Bridge.deliver
 
 Hand-offs are ``queue.SimpleQueue`` (C, lock-free for the caller). They need no bound of their
-own: the runner admits at most ``maxsize`` items, so no queue can ever hold more than that.
-A failed item skips the remaining stages and goes straight to the bridge.
+own: the runner admits at most ``maxsize`` items and a withdrawn item keeps its slot until a
+stage-0 worker hands its empty shell back, so no queue ever holds more than ``maxsize``.
+A failed job skips the remaining stages and goes straight to the bridge.
 
-Worker threads never touch the event loop except through the :class:`~aioaccel.bridge.Bridge`.
+Worker threads never touch the event loop except through the :class:`~aioaccel.bridge.Bridge`,
+and never touch the loop-side ticket of a job: only the :class:`Job` crosses threads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from time import perf_counter
 from typing import Any, Protocol
 
@@ -24,69 +26,48 @@ from .bridge import SHORT_CALL, Bridge
 from .errors import DeviceError
 from .stages import BlockingStage, DeviceStage, StageSpec
 
-__all__ = ["Item", "Pipeline", "Worker"]
+__all__ = ["Job", "Pipeline", "Worker"]
 
 log = logging.getLogger("aioaccel")
 
-# Item states; a stage-0 worker *claims* a QUEUED item, a cancelled ``infer`` *withdraws* it.
+# Job states; a stage-0 worker *claims* a QUEUED job, a cancelled ``infer`` *withdraws* it.
 QUEUED, RUNNING, WITHDRAWN = 0, 1, 2
 _STOP = object()
 
 
 class _Forward(Protocol):
-    def __call__(self, item: Item, now: float, defer: bool = False) -> None: ...
+    def __call__(self, job: Job, now: float, defer: bool = False) -> None: ...
 
 
-class Item:
-    """One admitted input travelling through the pipeline (internal)."""
+class Job:
+    """What travels through the stages for one admitted item (owned by one thread at a time:
+    the worker or device holding it, then the loop once the bridge delivered it)."""
 
-    __slots__ = (
-        "call_stage",
-        "call_started",
-        "done",
-        "error",
-        "failed_stage",
-        "future",
-        "lane",
-        "seq",
-        "state",
-        "t_admit",
-        "t_done",
-        "tag",
-        "value",
-    )
+    __slots__ = ("at", "error", "failed_stage", "seq", "state", "stream", "t_done", "t_start",
+                 "value", "work")
 
-    def __init__(self, seq: int, tag: Any, value: Any, future: Any, t_admit: float):
+    def __init__(self, seq: int, value: Any, stream: int = 0):
         self.seq = seq
-        self.tag = tag
         self.value = value            # the inputs, then each stage's outputs
+        self.stream = stream          # the runner's stream index (MemryX stream_idx)
         self.error: BaseException | None = None
-        self.future = future          # asyncio.Future for infer(); None for the stream
-        self.state = QUEUED
-        self.done = False             # set on the loop when the bridge delivered it
-        self.lane: Any = None         # the runner's lane (stream) it was admitted on
-        self.t_admit = t_admit
-        self.t_done = 0.0
-        self.call_started = 0.0       # non-zero while a stage call (or device) holds it
-        self.call_stage = ""
         self.failed_stage = ""
+        self.state = QUEUED
+        self.at = 0                   # index of the stage holding it (device completions check)
+        self.t_start = 0.0            # when a stage-0 worker took it (end of queueing)
+        self.work = 0.0               # seconds spent in stage calls / on devices
+        self.t_done = 0.0
+
+    @property
+    def withdrawn(self) -> bool:
+        return self.state == WITHDRAWN
 
 
 class Worker:
     """Book-keeping of one worker thread (read by stats and the watchdog)."""
 
-    __slots__ = (
-        "_lock",
-        "busy",
-        "busy_since",
-        "calls",
-        "exited",
-        "in_device",
-        "index",
-        "replica",
-        "spec",
-        "thread",
-    )
+    __slots__ = ("_lock", "busy", "busy_since", "call_started", "calls", "duplicates", "exited",
+                 "in_device", "index", "progress_at", "replica", "spec", "thread")
 
     def __init__(self, index: int, spec: StageSpec, replica: int):
         self.index = index
@@ -95,24 +76,35 @@ class Worker:
         self.thread: threading.Thread | None = None
         self.busy = 0.0               # seconds spent in run() / with the device occupied
         self.calls = 0
-        self.in_device = 0            # device stages: items submitted and not yet completed
+        self.call_started = 0.0       # blocking stages: start of the call in progress, 0 if idle
+        self.in_device = 0            # device stages: jobs submitted and not yet completed
         self.busy_since = 0.0
+        self.progress_at = 0.0        # device stages: last completion (or first submit after idle)
+        self.duplicates = 0           # completions of a job the device had already completed
         self.exited = False
         self._lock = threading.Lock()
 
-    # Device occupancy: busy while at least one item is on the device.
-    def enter_device(self) -> None:
+    # Device occupancy: busy while at least one job is on the device.
+    def enter_device(self, job: Job) -> None:
         with self._lock:
             if self.in_device == 0:
-                self.busy_since = perf_counter()
+                self.busy_since = self.progress_at = perf_counter()
             self.in_device += 1
+            job.at = self.index
 
-    def leave_device(self, now: float) -> None:
+    def leave_device(self, job: Job, now: float) -> bool:
+        """Count a completion; False (and counted apart) if the job was already completed."""
         with self._lock:
+            if job.at != self.index:
+                self.duplicates += 1
+                return False
+            job.at = self.index + 1
             self.in_device -= 1
             self.calls += 1
+            self.progress_at = now
             if self.in_device == 0:
                 self.busy += now - self.busy_since
+            return True
 
 
 class Pipeline:
@@ -132,6 +124,7 @@ class Pipeline:
         ]
         self.stopping = False
         self._claim_lock = threading.Lock()
+        self._shared: dict[int, Any] = {}   # stage objects shared by replicas: closed once
         self.started_at = 0.0
 
     # ---- called on the loop -------------------------------------------------------------
@@ -142,142 +135,211 @@ class Pipeline:
             w.thread = threading.Thread(target=self._thread_main, args=(w,), name=name, daemon=True)
             w.thread.start()
 
-    def submit(self, item: Item) -> None:
-        self.queues[0].put(item)
+    def submit(self, job: Job) -> None:
+        self.queues[0].put(job)
 
-    def withdraw(self, item: Item) -> bool:
-        """Take back an item no stage-0 worker has claimed yet; False if one already has."""
+    def withdraw(self, job: Job) -> bool:
+        """Take back a job no stage-0 worker has claimed yet; False if one already has. Its
+        empty shell still comes back through the bridge when a worker reaches it."""
         with self._claim_lock:
-            if item.state == QUEUED:
-                item.state = WITHDRAWN
-                item.value = None  # free the input now, the shell may wait in a queue
+            if job.state == QUEUED:
+                job.state = WITHDRAWN
+                job.value = None  # free the input now
                 return True
             return False
 
     def stop(self) -> None:
-        """Ask every worker to exit; items still queued are skipped (the runner failed them)."""
+        """Ask every worker to exit; jobs still queued are skipped (the runner failed them)."""
         if self.stopping:
             return
         self.stopping = True
         for w in self.workers:
             self.queues[w.index].put(_STOP)
 
+    @property
+    def exited(self) -> bool:
+        return all(w.exited for w in self.workers)
+
+    def join(self, timeout: float | None = None) -> list[str]:
+        """Join the worker threads (bounded); the names of those still running."""
+        deadline = None if timeout is None else perf_counter() + timeout
+        for w in self.workers:
+            if w.thread is not None:
+                w.thread.join(None if deadline is None else max(0.0, deadline - perf_counter()))
+        return [w.thread.name for w in self.workers if w.thread is not None and w.thread.is_alive()]
+
+    def close_shared(self) -> None:
+        """Close the stage objects that several replicas shared, once, after they all exited."""
+        shared, self._shared = self._shared, {}
+        for name, stage in shared.values():
+            _close_stage(stage, name, self.runner_name)
+
     # ---- worker threads -----------------------------------------------------------------
-    def _claim(self, item: Item) -> bool:
+    def _claim(self, job: Job) -> bool:
         with self._claim_lock:
-            if item.state != QUEUED:
+            if job.state != QUEUED:
                 return False
-            item.state = RUNNING
+            job.state = RUNNING
             return True
 
     def _forward(self, index: int) -> _Forward:
-        """Where items leaving stage ``index`` go: the next queue, or the bridge.
+        """Where jobs leaving stage ``index`` go: the next queue, or the bridge.
 
         ``defer``: the caller has more input queued and this call was short, so the loop's
         wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
         """
         deliver = self.bridge.deliver
         if index == len(self.specs) - 1:
-            def forward(item: Item, now: float, defer: bool = False) -> None:
-                item.t_done = now
-                deliver(item, now, defer)
+            def forward(job: Job, now: float, defer: bool = False) -> None:
+                job.t_done = now
+                deliver(job, now, defer)
         else:
             put = self.queues[index + 1].put
 
-            def forward(item: Item, now: float, defer: bool = False) -> None:
-                if item.error is not None:
-                    item.t_done = now
-                    deliver(item, now, defer)
+            def forward(job: Job, now: float, defer: bool = False) -> None:
+                if job.error is not None:
+                    job.t_done = now
+                    deliver(job, now, defer)
                 else:
-                    put(item)
+                    put(job)
         return forward
 
     def _fatal(self, exc: BaseException, stage: str) -> None:
-        self.bridge.signal("_on_fatal", exc, stage)
+        self.bridge.fatal(exc, stage)
+
+    def _make_stage(self, w: Worker) -> Any:
+        spec = w.spec
+        if not spec.shared or spec.replicas == 1:
+            return spec.factory()
+        with self._claim_lock:  # one object for every replica: made once, closed once
+            if w.index not in self._shared:
+                self._shared[w.index] = (spec.name, spec.factory())
+            return self._shared[w.index][1]
 
     def _thread_main(self, w: Worker) -> None:
         stage: Any = None
         try:
             try:
-                stage = w.spec.factory()
+                stage = self._make_stage(w)
                 if isinstance(stage, DeviceStage):
                     stage.start(self._completion(w))
             except BaseException as exc:  # report, then leave: the runner fails its open
-                self.bridge.signal("_on_ready", w, exc)
+                self.bridge.ready(w, exc)
                 return
-            self.bridge.signal("_on_ready", w, None)
+            self.bridge.ready(w, None)
             if isinstance(stage, DeviceStage):
                 self._feed_device(w, stage)
             else:
                 self._run_blocking(w, stage.run if isinstance(stage, BlockingStage) else stage)
+        except BaseException as exc:  # a bug here must not strand the waiters
+            self._fatal(exc, w.spec.name)
         finally:
-            if stage is not None and hasattr(stage, "close"):
-                try:
-                    stage.close()
-                except Exception:
-                    log.exception("closing stage %r of runner %r failed", w.spec.name,
-                                  self.runner_name)
-            w.exited = True
-            self.bridge.signal("_on_worker_exit", w)
+            try:
+                if stage is not None and not (w.spec.shared and w.spec.replicas > 1):
+                    _close_stage(stage, w.spec.name, self.runner_name)
+            finally:
+                w.exited = True  # whatever close did: aclose must not wait for this thread
+                self.bridge.exited(w)
+
+    def _next(self, w: Worker, queue: SimpleQueue[Any]) -> Any:
+        """The next job for ``w``; before blocking on an empty queue, flush any deferred
+        wake-up so that no finished result waits for input that may never come."""
+        try:
+            return queue.get_nowait()
+        except Empty:
+            self.bridge.flush()
+            return queue.get()
+
+    def _take(self, w: Worker, job: Any, first: bool, forward: _Forward) -> bool:
+        """Whether ``w`` should run ``job``; a withdrawn shell goes back to free its slot."""
+        if job is _STOP:
+            raise _Stopped
+        if self.stopping:
+            return False
+        if first:
+            if not self._claim(job):
+                forward(job, perf_counter())  # a withdrawn shell: the loop frees its slot
+                return False
+            job.t_start = perf_counter()
+        return True
 
     def _run_blocking(self, w: Worker, run: Callable[[Any], Any]) -> None:
+        # The hot loop: everything it calls is bound to a local, nothing is a method call
+        # that could be inlined (this thread competes with the loop for the GIL).
         queue = self.queues[w.index]
-        get, pending, depth = queue.get, queue.qsize, self.defer_depth
+        get, get_nowait, pending, depth = queue.get, queue.get_nowait, queue.qsize, self.defer_depth
+        flush, claim = self.bridge.flush, self._claim
         forward = self._forward(w.index)
         first = w.index == 0
         name = w.spec.name
         while True:
-            item = get()
-            if item is _STOP:
-                return
-            if self.stopping or (first and not self._claim(item)):
-                continue
-            t0 = perf_counter()
-            item.call_stage = name
-            item.call_started = t0
             try:
-                item.value = run(item.value)
+                job = get_nowait()
+            except Empty:
+                flush()  # about to wait: no deferred result may wait with us
+                job = get()
+            if job is _STOP:
+                return
+            if self.stopping:
+                continue
+            if first and not claim(job):
+                forward(job, perf_counter())  # a withdrawn shell: the loop frees its slot
+                continue
+            t0 = w.call_started = perf_counter()
+            if first:
+                job.t_start = t0
+            try:
+                job.value = run(job.value)
             except DeviceError as exc:
                 self._fatal(exc, name)
                 return
             except Exception as exc:
-                item.error = exc
-                item.failed_stage = name
-            except BaseException as exc:  # SystemExit & co. from a stage: nothing sane remains
+                job.error = exc
+                job.failed_stage = name
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: nothing sane remains
                 self._fatal(exc, name)
                 return
             t1 = perf_counter()
-            item.call_started = 0.0
+            w.call_started = 0.0
             w.busy += t1 - t0
+            job.work += t1 - t0
             w.calls += 1
-            forward(item, t1, t1 - t0 < SHORT_CALL and pending() > depth)
+            job.at = w.index + 1
+            forward(job, t1, t1 - t0 < SHORT_CALL and pending() > depth)
 
     def _feed_device(self, w: Worker, device: DeviceStage) -> None:
-        get = self.queues[w.index].get
+        queue = self.queues[w.index]
         forward = self._forward(w.index)
         first = w.index == 0
         name = w.spec.name
-        while True:
-            item = get()
-            if item is _STOP:
-                return
-            if self.stopping or (first and not self._claim(item)):
-                continue
-            item.call_stage = name
-            item.call_started = perf_counter()
-            w.enter_device()
-            try:
-                device.submit(item, item.value)
-            except DeviceError as exc:
-                self._fatal(exc, name)
-                return
-            except Exception as exc:  # the device refused this item only
-                now = perf_counter()
-                w.leave_device(now)
-                item.call_started = 0.0
-                item.error = exc
-                item.failed_stage = name
-                forward(item, now)
+        by_stream = type(device).submit_stream is not DeviceStage.submit_stream
+        try:
+            while True:
+                job = self._next(w, queue)
+                if not self._take(w, job, first, forward):
+                    continue
+                w.enter_device(job)
+                job.work -= perf_counter()  # + the completion time: time on the device
+                try:
+                    if by_stream:
+                        device.submit_stream(job, job.value, job.stream)
+                    else:
+                        device.submit(job, job.value)
+                except DeviceError as exc:
+                    self._fatal(exc, name)
+                    return
+                except Exception as exc:  # the device refused this job only
+                    now = perf_counter()
+                    if w.leave_device(job, now):
+                        job.work += now
+                        job.error = exc
+                        job.failed_stage = name
+                        forward(job, now)
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt: fatal
+                    self._fatal(exc, name)
+                    return
+        except _Stopped:
+            return
 
     def _completion(self, w: Worker) -> Callable[[object, Any, BaseException | None], None]:
         forward = self._forward(w.index)
@@ -291,16 +353,19 @@ class Pipeline:
                     self._fatal(error, name)
                     return
                 now = perf_counter()
-                w.leave_device(now)
-                item: Item = token  # type: ignore[assignment]
-                item.call_started = 0.0
+                job: Job = token  # type: ignore[assignment]
+                if not w.leave_device(job, now):
+                    log.warning("runner %r: stage %r completed item %s twice; ignored",
+                                self.runner_name, name, job.seq)
+                    return
+                job.work += now
                 if error is not None:
-                    item.error = error
-                    item.failed_stage = name
+                    job.error = error
+                    job.failed_stage = name
                 else:
-                    item.value = outputs
+                    job.value = outputs
                 if not self.stopping:
-                    forward(item, now)
+                    forward(job, now)
             except BaseException as exc:
                 try:
                     self._fatal(exc, name)
@@ -308,3 +373,17 @@ class Pipeline:
                     pass
 
         return complete
+
+
+class _Stopped(Exception):
+    """A worker took the stop sentinel."""
+
+
+def _close_stage(stage: Any, name: str, runner_name: str) -> None:
+    close = getattr(stage, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except BaseException:  # even KeyboardInterrupt: the thread ends either way
+        log.exception("closing stage %r of runner %r failed", name, runner_name)

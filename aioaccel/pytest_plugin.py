@@ -73,8 +73,7 @@ class RunnerFactory:
 
 
 def _threads_alive(runner: aioaccel.Runner) -> bool:
-    pipeline = runner._pipeline
-    return pipeline is not None and any(not w.exited for w in pipeline.workers)
+    return runner._threads_alive()
 
 
 def hardware_missing(spec: str) -> str | None:

@@ -1,34 +1,37 @@
-"""The asyncio front: push / push_nowait / infer / async for / close / aclose / stats.
+"""The asyncio front: push / push_nowait / infer / async for / stream / close / aclose / stats.
 
-Everything here runs on the event loop and never blocks. Invariants:
+Everything here runs on the event loop and never blocks. The runner is a thin front over
+loop-side parts, each in its own module:
 
-* ``_admitted`` counts items admitted and not yet consumed (plus slots handed to a waiting
-  ``push`` that has not resumed yet); it never exceeds ``maxsize``. Each lane (the default
-  one, and one per :class:`~aioaccel.Stream`) counts its own share and has its own ``cap``.
-* Slots are handed over, never grabbed: a freed slot goes to the next lane with waiters in
-  round-robin order (``_ring``), FIFO within the lane, so a cancelled waiter leaves no trace,
-  a woken-but-cancelled waiter passes its slot on, and no stream starves another. Invariant:
-  while the runner has free capacity, every waiter left belongs to a lane at its ``cap``.
-* ``lane.items`` holds ``push``-ed items in push order; the consumer takes the head once the
-  bridge marked it done. That is the whole re-ordering: completions may arrive in any order.
-* ``_unfinished`` maps seq -> item for everything admitted whose result has not come back.
+* :mod:`aioaccel.admission`  -- maxsize, lanes, fair hand-over of slots, waiters;
+* :mod:`aioaccel.lanes`      -- a lane's share and its ordered outbox (re-ordering);
+* :mod:`aioaccel.completion` -- tickets, completion routing, failure fan-out, counters;
+* :mod:`aioaccel.watchdog`   -- ``call_timeout``;
+* :mod:`aioaccel.supervisor` -- loading the model, starting, stopping and releasing it.
+
+Lifecycle (:class:`State`): ``NEW -> STARTING -> READY -> CLOSING -> CLOSED``; a fatal failure
+goes to ``BROKEN`` (then ``CLOSED`` on ``aclose``). ``close()`` is separate: it ends the input
+(``async for`` ends after the last result) while results keep flowing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import enum
+import heapq
 import logging
+import sys
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from itertools import count
-from time import perf_counter
+from time import perf_counter, time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .bridge import Bridge
+from .admission import Admission
+from .completion import Completions, Ticket
 from .errors import (
     AccelError,
     DeviceError,
@@ -37,20 +40,47 @@ from .errors import (
     InferTimeout,
     RunnerClosed,
     WouldBlock,
+    copy_for_waiter,
+    device_error,
+    open_error,
 )
-from .pipeline import Item, Pipeline, Worker
-from .stats import LatencyHistogram, LatencyWindow, RunnerStats, StageStats
-from .streams import Lane, Stream
+from .lanes import Lane
+from .pipeline import Job
+from .recovery import Health, HealthState, Restart, RestartBudget
+from .stats import LatencyHistogram, RunnerStats, StageStats
+from .streams import Stream
+from .supervisor import Generation, load_model
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .backends import Model
+    from .pipeline import Worker
     from .tensors import TensorSpec
 
-__all__ = ["Result", "Runner"]
+__all__ = ["Result", "Runner", "State"]
 
 log = logging.getLogger("aioaccel")
 _names = count()
-_NEW, _OPENING, _OPEN, _CLOSING, _CLOSED = range(5)
+_live: weakref.WeakSet[Runner] = weakref.WeakSet()
+
+
+class State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    RECOVERING = "recovering"
+    BROKEN = "broken"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_HEALTH: dict[State, HealthState] = {
+    State.NEW: "starting", State.STARTING: "starting", State.READY: "ready",
+    State.RECOVERING: "recovering", State.BROKEN: "broken", State.CLOSING: "closed",
+    State.CLOSED: "closed",
+}
+#: upper bounds (seconds) of the recovery-time histogram
+RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Result:
@@ -85,12 +115,6 @@ class Result:
         return f"<Result seq={self.seq} tag={self.tag!r} {state} latency={self.latency:.6f}>"
 
 
-@dataclass
-class _Options:
-    call_timeout: float | None
-    close_timeout: float
-
-
 class Runner:
     """Runs a model (one or more stages) for asyncio code. Create it with :func:`aioaccel.open`.
 
@@ -98,46 +122,63 @@ class Runner:
     and later ``await runner.aclose()``).
     """
 
-    _state = _NEW  # class default: __del__ must work even if __init__ raised
+    _state = State.NEW  # class default: __del__ must work even if __init__ raised
+    _gen: Generation | None = None
 
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
-                 call_timeout: float | None = None, close_timeout: float = 10.0):
-        if not isinstance(maxsize, int) or maxsize < 1:
+                 call_timeout: float | None = None, close_timeout: float = 10.0,
+                 restart: Restart | None = None, retries: int = 0, warmup: int = 0,
+                 warmup_inputs: Any = None,
+                 reopen: Callable[..., Callable[[], Model]] | None = None):
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
             raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
         if call_timeout is not None and call_timeout <= 0:
             raise ValueError(f"call_timeout must be > 0 seconds or None, got {call_timeout!r}")
+        if restart is not None and not isinstance(restart, Restart):
+            raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.name = name or f"runner{next(_names)}"
         self._load = load
-        self._opt = _Options(call_timeout, close_timeout)
-        self._state = _NEW
-        self._model: Model | None = None
+        self._reopen = reopen                     # (target, options) -> load, for reload()
+        self._restart = RestartBudget(restart) if restart is not None else None
+        self._retries = retries
+        self._warmup = warmup
+        self._warmup_inputs = warmup_inputs
+        self._recovered = asyncio.Event()         # set while not recovering
+        self._recovered.set()
+        self._recovery: asyncio.Task[None] | None = None
+        self._restarts = self._retried = 0
+        self._last_error: BaseException | None = None
+        self._recovery_times = LatencyHistogram(RECOVERY_BUCKETS)
+        self._state_seconds: dict[str, float] = {}
+        self._warmup_seconds = 0.0
+        self._call_timeout = call_timeout
+        self._close_timeout = close_timeout
+        self._maxsize = maxsize
+        self._state = State.NEW
+        self._since = time()
+        self._input_closed = False                # close(): no more input
+        self._accepting = False                   # READY and input open: the fast path's test
+        self._failure: AccelError | None = None   # broken, or closed with items pending
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pipeline: Pipeline | None = None
+        self._gen: Generation | None = None
+        self._model: Model | None = None
         self._prepare: Callable[[Any], Any] | None = None
-        # admission
-        self._admitted = 0
-        self._peak = 0
+        self._submit: Callable[[Job], None] = _not_open
+        self._watchdog: Watchdog | None = None
+        self._closing: asyncio.Future[None] | None = None  # set once aclose() started
+        self._opened = asyncio.Event()            # _open() finished, either way
+        self._seq = count()
+        self._admission = Admission(maxsize)
         self._lane = Lane(None, 0, maxsize)       # plain push / infer / async for
         self._streams: dict[Any, Lane] = {}       # runner.stream(key)
-        self._ring: dict[Lane, None] = {}         # lanes with waiters, in round-robin order
-        # results
-        self._seq = count()
-        self._unfinished: dict[int, Item] = {}
-        self._idle: asyncio.Future[None] | None = None
-        self._closed = False                      # no more input
-        self._accepting = False                   # open, not closed, not broken: the fast path
-        self._maxsize = maxsize
-        self._submit: Callable[[Item], None] = _not_open  # pipeline.submit once open
-        self._failure: AccelError | None = None   # broken, or closed with items pending
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._workers_ready: asyncio.Future[None] | None = None
-        self._ready_count = 0
-        self._workers_exited: asyncio.Future[None] | None = None
-        self._close_done: asyncio.Future[None] | None = None
-        # counters
-        self._pushed = self._completed = self._failed = self._discarded = self._withdrawn = 0
-        self._latency = LatencyWindow()
-        self._histogram = LatencyHistogram()
+        self._free_indices: list[int] = []        # stream indices given back, smallest first
+        self._next_index = 0
+        self._done = Completions(self._admission, self._lane)
+        self._retry_queue: list[Ticket] = []      # held by a failed device, re-run next
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
@@ -146,220 +187,231 @@ class Runner:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self.aclose()
+        # Drain only on a normal exit: leaving on an error or a cancellation fails what is
+        # pending at once instead of waiting for it.
+        await self.aclose(timeout=None if exc_type is None else 0.0)
 
     def __await__(self) -> Generator[Any, None, Runner]:
         return self.__aenter__().__await__()
 
+    def _set_state(self, state: State) -> None:
+        now = time()
+        previous = self._state.value
+        self._state_seconds[previous] = self._state_seconds.get(previous, 0.0) + now - self._since
+        self._state = state
+        self._since = now
+        self._accepting = state is State.READY and not self._input_closed
+
     async def _open(self) -> None:
-        if self._state != _NEW:
+        if self._state is not State.NEW:
             raise RuntimeError(f"runner {self.name!r} was already opened")
-        self._state = _OPENING
+        self._set_state(State.STARTING)
         loop = self._loop = asyncio.get_running_loop()
+        _live.add(self)
+        gen: Generation | None = None
         try:
-            # Loading compiles models and imports runtimes: seconds of blocking work, so it
-            # runs on a thread of its own, never on the loop.
-            model = self._model = await _in_thread(self._load, f"aioaccel-{self.name}-load")
+            model = self._model = await load_model(self._load, self.name)
+            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize)
             self._prepare = model.prepare
-            bridge = Bridge(loop, self)
-            pipeline = self._pipeline = Pipeline(model.stages, bridge, self.name, self._maxsize)
-            self._workers_ready = loop.create_future()
-            self._workers_exited = loop.create_future()
-            self._submit = pipeline.submit
-            pipeline.start()
-            await self._workers_ready
+            self._submit = gen.pipeline.queues[0].put
+            await gen.start()
+            self._warmup_seconds = await gen.warm_up(self._warmup, self._warmup_inputs)
+        except BaseException as exc:
+            if gen is not None:
+                gen.stop_soon()
+            self._fail_pending(RunnerClosed(f"runner {self.name!r} failed to open"))
+            self._set_state(State.CLOSED)
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise open_error(exc, f"opening runner {self.name!r}")  # noqa: B904 - it chains
+        finally:
+            self._opened.set()
+        if self._closing is not None:  # aclose() was called while we were opening
+            gen.stop_soon()
+            self._set_state(State.CLOSED)
+            raise RunnerClosed(f"runner {self.name!r} was closed while it opened")
+        self._set_state(State.READY)
+        if self._call_timeout is not None:
+            self._watchdog = Watchdog(loop, self._call_timeout, self.name, self._on_hang)
+            self._watchdog.watch(gen.pipeline)
+
+    async def _start_generation(self, load: Callable[[], Model]) -> Generation:
+        """Load, start and warm up a new generation (for a restart or a reload)."""
+        model = await load_model(load, self.name)
+        gen = Generation(self.name, model, self._loop, self, self._maxsize)  # type: ignore[arg-type]
+        try:
+            await gen.start()
+            await gen.warm_up(self._warmup, self._warmup_inputs)
         except BaseException:
-            self._state = _CLOSING
-            await self._shutdown(grace=self._opt.close_timeout)
+            gen.stop_soon()
             raise
-        self._state = _OPEN
-        self._accepting = True
-        if self._opt.call_timeout is not None:
-            self._arm_watchdog()
+        return gen
+
+    def _switch_to(self, gen: Generation) -> None:
+        self._gen = gen
+        self._model = gen.model
+        self._prepare = gen.model.prepare
+        self._submit = gen.pipeline.queues[0].put  # (C) the job goes to stage 0's hand-off
+        if self._watchdog is not None:
+            self._watchdog.watch(gen.pipeline)
 
     def close(self) -> None:
         """No more input. ``async for`` ends after the last result; pending ``push`` calls fail
         with :class:`~aioaccel.RunnerClosed`. Items already admitted still complete."""
-        if self._closed:
+        if self._input_closed:
             return
-        self._closed = True
+        self._input_closed = True
         self._accepting = False
-        self._fail_push_waiters(lambda: RunnerClosed(f"runner {self.name!r} closed"))
+        self._admission.fail_waiters(self._lanes(),
+                                     lambda: RunnerClosed(f"runner {self.name!r} closed"))
         for lane in self._lanes():
             lane.closed = True
             lane.wake()
+        for lane in list(self._streams.values()):
+            self._release_closed(lane)
 
     async def aclose(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Close, let admitted items finish for up to ``timeout`` seconds (default: the
-        ``close_timeout`` given to open), fail what is left with :class:`RunnerClosed`, stop
-        and join every thread and release the devices. Idempotent; safe to call concurrently.
-        """
-        if self._close_done is not None:
-            await asyncio.shield(self._close_done)
+        ``close_timeout`` given to open; 0 fails them at once), fail what is left with
+        :class:`RunnerClosed`, stop and join every thread and release the devices.
+        Idempotent; safe to call concurrently. Cancelled, it still releases everything (the
+        joining finishes on a reaper thread) and fails what was pending."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
             return
         loop = asyncio.get_running_loop()
-        self._close_done = loop.create_future()
+        self._closing = loop.create_future()
+        budget = self._close_timeout if timeout is None else timeout
+        started = perf_counter()
         try:
             self.close()
-            if self._state == _OPEN:
-                self._state = _CLOSING
-                budget = self._opt.close_timeout if timeout is None else timeout
-                started = perf_counter()
-                if self._unfinished and self._failure is None:
-                    self._idle = loop.create_future()
+            if self._state is State.STARTING:  # _open() sees the request and cleans up
+                try:
+                    await asyncio.wait_for(self._opened.wait(), budget)
+                except TimeoutError:
+                    pass
+                return
+            if self._recovery is not None and not self._recovery.done():
+                self._recovery.cancel()  # closing beats recovering: fail what waits for it
+                try:
+                    await self._recovery
+                except asyncio.CancelledError:
+                    pass
+                if self._state is State.RECOVERING:
+                    self._set_state(State.BROKEN)
+            if self._state in (State.READY, State.BROKEN):
+                if self._state is State.READY:
+                    self._set_state(State.CLOSING)
+                if budget > 0 and self._done.unfinished and self._failure is None:
+                    self._done.idle = loop.create_future()
                     try:
-                        await asyncio.wait_for(asyncio.shield(self._idle), budget)
+                        await asyncio.wait_for(asyncio.shield(self._done.idle), budget)
                     except TimeoutError:
                         pass
-                grace = max(1.0, budget - (perf_counter() - started))
-                await self._shutdown(grace=grace)
-            self._state = _CLOSED
+                self._stop_watchdog()
+                self._fail_pending(RunnerClosed(
+                    f"runner {self.name!r} closed with {len(self._done.unfinished)} items "
+                    f"unfinished"))
+                if self._gen is not None:
+                    left = budget - (perf_counter() - started)
+                    hung = isinstance(self._failure, DeviceTimeout)
+                    await self._gen.stop(0.1 if hung else max(left, 0.25))
+            self._set_state(State.CLOSED)
+        except BaseException:
+            self._abort()
+            raise
         finally:
-            if self._state != _CLOSED:  # cancelled mid-way: still stop every thread
-                self._fail_pending(RunnerClosed(f"runner {self.name!r} closed"))
-                if self._pipeline is not None:
-                    self._pipeline.stop()
-                self._state = _CLOSED
-            self._close_done.set_result(None)
+            if not self._closing.done():
+                self._closing.set_result(None)
 
-    async def _shutdown(self, grace: float) -> None:
-        """Fail what is still pending, stop the workers, wait for them (bounded), join them."""
+    def _abort(self) -> None:
+        """Close now, without awaiting (cancelled aclose, garbage collection): fail what is
+        pending, stop the threads, and release on a reaper thread if they need time."""
+        self._input_closed = True
+        self._stop_watchdog()
+        self._fail_pending(RunnerClosed(f"runner {self.name!r} closed"))
+        if self._gen is not None:
+            self._gen.stop_soon()
+        self._set_state(State.CLOSED)
+
+    def _stop_watchdog(self) -> None:
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._failure is None and (self._unfinished or self._streams_unfinished()):
-            self._fail_pending(RunnerClosed(
-                f"runner {self.name!r} closed with {len(self._unfinished)} items unfinished"))
-        pipeline = self._pipeline
-        if pipeline is None:
-            return
-        pipeline.stop()
-        if isinstance(self._failure, DeviceTimeout):
-            grace = min(grace, 0.5)  # a hung call will not come back: do not wait for it
-        if not all(w.exited for w in pipeline.workers):
-            try:
-                await asyncio.wait_for(asyncio.shield(self._workers_exited), grace)  # type: ignore[arg-type]
-            except TimeoutError:
-                hung = [w.thread.name for w in pipeline.workers if not w.exited and w.thread]
-                log.warning("runner %r: threads %s did not stop; abandoned (daemon threads)",
-                            self.name, hung)
-        for w in pipeline.workers:
-            if w.exited and w.thread is not None:
-                w.thread.join()  # it has signalled its exit: returns at once
-        if self._model is not None and self._model.close is not None:
-            try:
-                self._model.close()
-            except Exception:
-                log.exception("runner %r: releasing the model failed", self.name)
+            self._watchdog.stop()
 
     def __del__(self) -> None:
-        if self._state in (_OPENING, _OPEN):
+        if self._state in (State.STARTING, State.READY, State.RECOVERING, State.BROKEN,
+                           State.CLOSING):
             warnings.warn(f"runner {self.name!r} was never closed: use 'async with "
                           f"aioaccel.open(...)' or 'await runner.aclose()'",
                           ResourceWarning, source=self, stacklevel=1)
-            if self._pipeline is not None:
-                self._pipeline.stop()
+            gen = self._gen
+            if gen is not None:
+                if sys.is_finalizing():
+                    gen.pipeline.stop()
+                else:
+                    gen.stop_soon(join=0.0)
 
     def _stop_threads(self, timeout: float = 5.0) -> None:
         """Without a loop (it is gone): stop and join the worker threads, release the model.
-        For test teardown; items still pending are dropped."""
-        self._closed = True
-        self._accepting = False
-        self._state = _CLOSED
-        pipeline = self._pipeline
-        if pipeline is not None:
-            pipeline.stop()
-            for w in pipeline.workers:
-                if w.thread is not None:
-                    w.thread.join(timeout)
-        if self._model is not None and self._model.close is not None:
-            self._model.close()
+        For test teardown and interpreter exit; items still pending are dropped."""
+        self._input_closed = True
+        self._set_state(State.CLOSED)
+        if self._gen is not None:
+            self._gen.stop_sync(timeout)
+
+    def _in(self, state: State) -> bool:
+        """``self._state is state``, re-read after an await (a plain test would be narrowed)."""
+        return self._state is state
+
+    def _threads_alive(self) -> bool:
+        return self._gen is not None and not self._gen.pipeline.exited
 
     # ---- admission ----------------------------------------------------------------------
     def _check_accepting(self, lane: Lane) -> None:
         if self._failure is not None:
-            raise self._failure_for_waiter()
-        if self._closed:
+            raise copy_for_waiter(self._failure)
+        if self._input_closed:
             raise RunnerClosed(f"runner {self.name!r} is closed")
         if lane.closed:
             raise RunnerClosed(f"stream {lane.key!r} of runner {self.name!r} is closed")
-        if self._state != _OPEN:
+        if self._state is not State.READY and self._state is not State.RECOVERING:
             raise RuntimeError(f"runner {self.name!r} is not open: use 'async with "
                                f"aioaccel.open(...) as runner' or 'await aioaccel.open(...)'")
 
-    def _take_slot(self, lane: Lane) -> None:
-        self._admitted += 1
-        lane.admitted += 1
-        if self._admitted > self._peak:
-            self._peak = self._admitted
-
-    def _try_admit(self, lane: Lane) -> bool:
-        if self._admitted < self._maxsize and lane.admitted < lane.cap and not lane.waiters:
-            self._take_slot(lane)
-            return True
-        return False
-
     async def _admit(self, lane: Lane) -> None:
         self._check_accepting(lane)
-        if self._try_admit(lane):
+        while self._in(State.RECOVERING):  # wait (bounded by the caller's timeouts)
+            await self._recovered.wait()
+            self._check_accepting(lane)
+        if self._admission.try_take(lane):
             return
-        fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
-        lane.waiters.append(fut)
-        self._ring.setdefault(lane)
+        await self._admission.wait(lane, self._loop)  # type: ignore[arg-type]
         try:
-            await fut  # resolves when a slot is handed to us (already counted for us)
+            while self._in(State.RECOVERING):
+                await self._recovered.wait()
         except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._release(lane)  # handed a slot but cancelled before resuming: pass it on
-            else:
-                try:
-                    lane.waiters.remove(fut)
-                except ValueError:
-                    pass
-                if not lane.waiters:
-                    self._ring.pop(lane, None)
+            self._admission.release(lane)
             raise
-        if self._closed or lane.closed or self._failure is not None:  # closed while woken
-            self._release(lane)
+        if not self._accepting or lane.closed:  # closed or broken while we were woken
+            self._admission.release(lane)
             self._check_accepting(lane)
 
-    def _release(self, lane: Lane) -> None:
-        """One admitted item of ``lane`` was consumed (or withdrawn): free its slot."""
-        self._admitted -= 1
-        lane.admitted -= 1
-        if self._ring:
-            self._dispatch()
-
-    def _dispatch(self) -> None:
-        """Hand free slots to waiters: lanes in round-robin order, FIFO within a lane."""
-        ring = self._ring
-        while self._admitted < self._maxsize and ring:
-            for lane in ring:
-                if lane.admitted < lane.cap:
-                    break
-            else:
-                return  # every waiting lane is at its own cap
-            fut = lane.waiters.popleft()
-            del ring[lane]
-            if lane.waiters:
-                ring[lane] = None  # to the back of the rotation
-            if fut.done():  # cancelled; its task has not run its clean-up yet
-                continue
-            self._take_slot(lane)
-            fut.set_result(None)
-
     def _enqueue(self, lane: Lane, inputs: Any, tag: Any,
-                 future: asyncio.Future[Any] | None) -> Item:
+                 future: asyncio.Future[Any] | None) -> Ticket:
         seq = next(self._seq)
-        item = Item(seq, tag, inputs, future, perf_counter())
-        item.lane = lane
-        self._pushed += 1
+        job = Job(seq, inputs, lane.index)
+        ticket = Ticket(seq, tag, lane, future, job, perf_counter())
+        ticket.gen = self._gen
+        if self._retries:
+            ticket.inputs = inputs  # kept to re-run it after a restart
+        done = self._done
+        done.pushed += 1
         lane.pushed += 1
-        self._unfinished[seq] = item
+        done.unfinished[seq] = ticket
         if future is None:
-            lane.items.append(item)
-        self._submit(item)
-        return item
+            lane.tickets.append(ticket)
+        self._submit(job)
+        return ticket
 
     # ---- input --------------------------------------------------------------------------
     async def push(self, inputs: Any, *, tag: Any = None) -> int:
@@ -369,18 +421,22 @@ class Runner:
         :class:`~aioaccel.InputError` at once and admits nothing. A cancelled ``push`` leaves
         the runner exactly as it was.
         """
-        if self._prepare is not None:
-            inputs = self._prepare(inputs)
         lane = self._lane
-        if self._accepting and self._admitted < self._maxsize and not lane.waiters:
-            # the uncontended fast path of _admit(), inlined: no coroutine, no call (the
-            # default lane's cap is maxsize, so the global bound is its bound too)
-            self._admitted += 1
-            lane.admitted += 1
-            if self._admitted > self._peak:
-                self._peak = self._admitted
+        adm = self._admission
+        if self._accepting:
+            if self._prepare is not None:
+                inputs = self._prepare(inputs)
+            if adm.admitted < adm.maxsize and not lane.waiters and not adm.reserved:
+                # the uncontended fast path of _admit(), inlined: no coroutine, no call (the
+                # default lane's cap is maxsize, so the global bound is its bound too)
+                lane.admitted += 1
+                adm.admitted += 1
+                if adm.admitted > adm.peak:
+                    adm.peak = adm.admitted
+            else:
+                await self._admit(lane)
         else:
-            await self._admit(lane)
+            self._check_accepting(lane)
         return self._enqueue(lane, inputs, tag, None).seq
 
     def push_nowait(self, inputs: Any, *, tag: Any = None) -> int:
@@ -388,6 +444,7 @@ class Runner:
         return self._push_lane_nowait(self._lane, inputs, tag)
 
     async def _push_lane(self, lane: Lane, inputs: Any, tag: Any) -> int:
+        self._check_accepting(lane)
         if self._prepare is not None:
             inputs = self._prepare(inputs)
         await self._admit(lane)
@@ -397,9 +454,10 @@ class Runner:
         self._check_accepting(lane)
         if self._prepare is not None:
             inputs = self._prepare(inputs)
-        if not self._try_admit(lane):
+        if not self._admission.try_take(lane):
+            adm = self._admission
             where = "" if lane is self._lane else f"stream {lane.key!r} of "
-            raise WouldBlock(f"{where}runner {self.name!r} is full: {self._admitted} of "
+            raise WouldBlock(f"{where}runner {self.name!r} is full: {adm.admitted} of "
                              f"maxsize={self._maxsize} admitted and not consumed"
                              + ("" if lane is self._lane else
                                 f", {lane.admitted} of this stream's maxsize={lane.cap}"))
@@ -427,9 +485,10 @@ class Runner:
             raise InferTimeout(f"no result within {timeout} s from runner {self.name!r}") from None
 
     async def _infer(self, inputs: Any, admit_timeout: float | None = None) -> Any:
+        lane = self._lane
+        self._check_accepting(lane)
         if self._prepare is not None:
             inputs = self._prepare(inputs)
-        lane = self._lane
         if admit_timeout is None:
             await self._admit(lane)
         else:
@@ -443,72 +502,127 @@ class Runner:
                                  f"(maxsize={self._maxsize}, {len(lane.waiters)} waiting)"
                                  ) from None
         future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
-        item = self._enqueue(lane, inputs, None, future)
+        ticket = self._enqueue(lane, inputs, None, future)
         try:
             return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: no "never retrieved" log
-                self._discarded += 1  # it arrived, but nobody is left to take it
-            elif self._unfinished.get(item.seq) is item and self._pipeline.withdraw(item):  # type: ignore[union-attr]
-                del self._unfinished[item.seq]
-                self._withdrawn += 1
-                self._release(lane)
-                self._check_idle()
+                self._done.discarded += 1  # it arrived, but nobody is left to take it
+            elif (self._done.unfinished.get(ticket.seq) is ticket and self._gen is not None
+                  and self._gen.pipeline.withdraw(ticket.job)):
+                # Its empty shell comes back when a worker reaches it and frees the slot then,
+                # so the hand-off never holds more than maxsize jobs.
+                ticket.withdrawn = True
+                self._done.withdrawn += 1
             raise
 
     # ---- streams ------------------------------------------------------------------------
-    def stream(self, key: Any, *, maxsize: int | None = None) -> Stream:
+    def stream(self, key: Any, *, maxsize: int | None = None, weight: float = 1,
+               priority: int = 0, reserve: int = 0) -> Stream:
         """The stream named ``key`` (made on first use): its own push and ordered ``async for``.
 
         ``maxsize`` caps what this stream may hold admitted (default: the runner's maxsize).
-        Streams share the runner's capacity fairly; see :mod:`aioaccel.streams`.
+        When the runner is full, freed slots go to the waiting stream of highest ``priority``;
+        within a priority, in proportion to ``weight``; ``reserve`` slots are kept free for
+        this stream alone. See :mod:`aioaccel.admission`. A stream nobody references any
+        more is reclaimed once it is idle.
         """
         lane = self._streams.get(key)
         if lane is not None:
             if maxsize is not None and maxsize != lane.cap:
                 raise ValueError(f"stream {key!r} already exists with maxsize={lane.cap}")
-            return Stream(self, lane)
-        if self._state != _OPEN:
+            handle = lane.handle() if lane.handle is not None else None
+            if handle is None:
+                handle = self._new_handle(lane)
+            return handle
+        if self._state is not State.READY:
             raise RuntimeError(f"runner {self.name!r} is not open")
         cap = self._maxsize if maxsize is None else maxsize
         if not isinstance(cap, int) or not 1 <= cap <= self._maxsize:
             raise ValueError(f"a stream's maxsize must be an int from 1 to the runner's "
                              f"maxsize ({self._maxsize}), got {maxsize!r}")
-        used = {lane.index for lane in self._streams.values()}
-        index = next(i for i in range(len(used) + 1) if i not in used)
-        lane = self._streams[key] = Lane(key, index, cap)
-        if self._closed:
-            lane.closed = True
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"a stream's weight must be a number > 0, got {weight!r}")
+        if not isinstance(priority, int):
+            raise ValueError(f"a stream's priority must be an int, got {priority!r}")
+        if not isinstance(reserve, int) or not 0 <= reserve <= cap:
+            raise ValueError(f"a stream's reserve must be an int from 0 to its maxsize ({cap}), "
+                             f"got {reserve!r}")
         limit = self._model.max_streams if self._model is not None else None
-        if limit is not None and len(self._streams) > limit:
-            del self._streams[key]
+        if limit is not None and len(self._streams) >= limit:
             raise ValueError(f"runner {self.name!r} serves at most {limit} streams "
                              f"(open streams: {sorted(map(repr, self._streams))})")
-        return Stream(self, lane)
+        index = heapq.heappop(self._free_indices) if self._free_indices else self._take_index()
+        lane = Lane(key, index, cap, weight=float(weight), priority=priority, reserve=reserve)
+        try:
+            self._admission.add_lane(lane)
+        except ValueError:
+            heapq.heappush(self._free_indices, index)
+            raise
+        self._streams[key] = lane
+        if self._input_closed:
+            lane.closed = True
+        return self._new_handle(lane)
+
+    def _take_index(self) -> int:
+        index = self._next_index
+        self._next_index += 1
+        return index
+
+    def _new_handle(self, lane: Lane) -> Stream:
+        stream = Stream(self, lane)
+        loop = self._loop
+        runner = weakref.ref(self)
+
+        def dropped(ref: weakref.ref[Stream]) -> None:
+            # Runs wherever the last reference went: hop to the loop before touching state.
+            r = runner()
+            if r is not None and loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(r._on_stream_dropped, lane, ref)
+                except RuntimeError:
+                    pass
+
+        lane.handle = weakref.ref(stream, dropped)
+        return stream
+
+    def _on_stream_dropped(self, lane: Lane, ref: weakref.ref[Stream]) -> None:
+        if lane.handle is not ref:
+            return  # a new handle was made since
+        self._release_closed(lane)
+        self._forget_if_done(lane)
 
     def streams(self) -> list[Stream]:
         """The streams made with :meth:`stream` that are still open or have results left."""
-        return [Stream(self, lane) for lane in self._streams.values()]
+        return [self.stream(key) for key in list(self._streams)]
 
     def _close_lane(self, lane: Lane) -> None:
         if lane.closed:
             return
         lane.closed = True
-        waiters, lane.waiters = lane.waiters, deque()
-        self._ring.pop(lane, None)
-        for fut in waiters:
-            if not fut.done():
-                fut.set_exception(RunnerClosed(
-                    f"stream {lane.key!r} of runner {self.name!r} closed"))
+        self._admission.fail_waiters(
+            [lane], lambda: RunnerClosed(f"stream {lane.key!r} of runner {self.name!r} closed"))
         lane.wake()
+        self._release_closed(lane)
         self._forget_if_done(lane)
 
+    def _release_closed(self, lane: Lane) -> None:
+        """A closed or dropped stream cannot grow: its finished results stop holding slots."""
+        if lane is self._lane:
+            return
+        for ticket in lane.tickets:
+            if ticket.done:
+                self._done.release_early(ticket)
+
     def _forget_if_done(self, lane: Lane) -> None:
-        """A closed stream with nothing left is dropped, so its key (and index) can be reused."""
-        if (lane.closed and not lane.items and not lane.admitted and lane is not self._lane
+        """A closed (or dropped) stream with nothing left is dropped, so its key and index can
+        be reused."""
+        if (lane is not self._lane and (lane.closed or lane.orphaned) and lane.idle()
                 and self._streams.get(lane.key) is lane):
             del self._streams[lane.key]
+            self._admission.remove_lane(lane)
+            heapq.heappush(self._free_indices, lane.index)
 
     def _lanes(self) -> list[Lane]:
         return [self._lane, *self._streams.values()]
@@ -522,20 +636,23 @@ class Runner:
 
     async def _next(self, lane: Lane) -> Result:
         while True:
-            items = lane.items
-            if items:
-                head = items[0]
+            tickets = lane.tickets
+            if tickets:
+                head = tickets[0]
                 if head.done:
-                    items.popleft()
-                    self._release(lane)
-                    return Result(head.value, head.tag, head.seq, head.t_done - head.t_admit,
-                                  head.error)  # type: ignore[arg-type]
+                    tickets.popleft()
+                    self._done.consumed(head)
+                    job = head.job
+                    if not tickets and lane is not self._lane:
+                        self._forget_if_done(lane)
+                    return Result(job.value, head.tag, head.seq, job.t_done - head.t_admit,
+                                  head.error)
             if self._failure is not None:
-                raise self._failure_for_waiter()
-            if not items and (self._closed or lane.closed):
+                raise copy_for_waiter(self._failure)
+            if not tickets and (self._input_closed or lane.closed):
                 self._forget_if_done(lane)
                 raise StopAsyncIteration
-            if self._state < _OPEN:
+            if self._state in (State.NEW, State.STARTING):
                 raise RuntimeError(f"runner {self.name!r} is not open")
             fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
             lane.consumers.append(fut)
@@ -545,166 +662,205 @@ class Runner:
                 if fut in lane.consumers:
                     lane.consumers.remove(fut)
 
-    # ---- completions (called by the bridge, on the loop) --------------------------------
-    def _on_items(self, items: list[Item]) -> None:
-        unfinished = self._unfinished
-        touched: set[Lane] | None = None
-        for item in items:
-            if unfinished.pop(item.seq, None) is None:
-                continue  # already failed by close / a fatal error
-            lane = item.lane
-            if item.error is None:
-                self._completed += 1
-                latency = item.t_done - item.t_admit
-                self._latency.add(latency)
-                self._histogram.add(latency)
-                if lane is not self._lane:
-                    lane.completed += 1
-                    lane.latency.add(latency)
-            else:
-                self._failed += 1
-                lane.failed += 1
-                item.error = _item_error(item)
-            fut = item.future
-            if fut is None:
-                item.done = True
-                if lane is not self._lane:
-                    if touched is None:
-                        touched = set()
-                    touched.add(lane)
-            else:
-                if fut.done():
-                    self._discarded += 1  # its infer() was cancelled after the device took it
-                elif item.error is not None:
-                    fut.set_exception(item.error)
-                else:
-                    fut.set_result(item.value)
-                self._release(lane)
-        default = self._lane.items
-        if default and default[0].done:
-            self._lane.wake()
-        if touched:
-            for lane in touched:
-                if lane.items and lane.items[0].done:
-                    lane.wake()
-        self._check_idle()
+    # ---- what the bridge calls (on the loop) --------------------------------------------
+    def on_jobs(self, jobs: list[Job]) -> None:
+        done = self._done
+        done.on_jobs(jobs)
+        default = self._lane
+        if default.tickets and default.tickets[0].done:
+            default.wake()
 
-    def _check_idle(self) -> None:
-        if not self._unfinished and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+    def on_ready(self, worker: Worker, error: BaseException | None) -> None:
+        if self._gen is not None:
+            self._gen.on_ready(worker, error)
 
-    def _on_ready(self, worker: Worker, error: BaseException | None) -> None:
-        fut = self._workers_ready
-        if fut is None or fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-            return
-        self._ready_count += 1
-        if self._ready_count == len(self._pipeline.workers):  # type: ignore[union-attr]
-            fut.set_result(None)
+    def on_worker_exit(self, worker: Worker) -> None:
+        if self._gen is not None:
+            self._gen.on_worker_exit(worker)
 
-    def _on_worker_exit(self, worker: Worker) -> None:
-        fut = self._workers_exited
-        if fut is not None and not fut.done() and all(w.exited for w in self._pipeline.workers):  # type: ignore[union-attr]
-            fut.set_result(None)
-
-    def _on_fatal(self, exc: BaseException, stage: str) -> None:
+    def on_fatal(self, error: BaseException, stage: str, gen: Generation | None = None) -> None:
         if self._failure is not None and not isinstance(self._failure, RunnerClosed):
             return
-        if isinstance(exc, DeviceError):
-            err = exc
+        err = device_error(error, f"stage {stage!r} of runner {self.name!r}")
+        if gen is not None and gen is not self._gen:  # a generation being replaced by reload
+            gen.bridge.detach()
+            gen.stop_soon()
+            self._retry_or_fail(err, gen)
+            return
+        self._fatal(err)
+
+    def _on_hang(self, err: DeviceTimeout) -> None:
+        if self._failure is None:
+            self._fatal(err)
+
+    def _fatal(self, err: DeviceError) -> None:
+        if (self._restart is None or (self._state is not State.READY
+                and self._state is not State.CLOSING) or not self._restart.allow()):
+            self._break(err)
+            return
+        self._recover(err)
+
+    # ---- self-healing -------------------------------------------------------------------
+    def _recover(self, err: DeviceError) -> None:
+        """Start recovering from a fatal failure: the failed generation stops at once, what
+        it held is kept for a retry or failed, and a task reopens the model."""
+        log.warning("runner %r: %s; recovering", self.name, err)
+        self._last_error = err
+        self._set_state(State.RECOVERING)
+        self._recovered.clear()
+        self._stop_watchdog()
+        old = self._gen
+        if old is not None:
+            old.bridge.detach()
+            old.pipeline.stop()
+        self._retry_or_fail(err, old)
+        self._recovery = asyncio.ensure_future(self._reopen_after(err, old))
+
+    def _retry_or_fail(self, err: DeviceError, gen: Generation | None) -> None:
+        """The items ``gen`` held: re-run (``retries``) on the next generation, or failed."""
+        done = self._done
+        retry: list[Ticket] = []
+        for seq, ticket in list(done.unfinished.items()):
+            if ticket.gen is not gen and gen is not None:
+                continue
+            if ticket.withdrawn:
+                del done.unfinished[seq]
+                self._admission.release(ticket.lane)
+            elif ticket.retries < self._retries:
+                ticket.retries += 1
+                retry.append(ticket)
+            else:
+                del done.unfinished[seq]
+                done.fail_one(ticket, err)
+        self._retry_queue.extend(retry)
+        if self._state is State.READY:
+            self._resubmit()
+        done.check_idle()
+
+    def _resubmit(self) -> None:
+        queue, self._retry_queue = self._retry_queue, []
+        gen = self._gen
+        for ticket in sorted(queue, key=lambda t: t.seq):
+            job = Job(ticket.seq, ticket.inputs, ticket.lane.index)
+            ticket.job = job
+            ticket.gen = gen
+            self._retried += 1
+            self._submit(job)
+
+    async def _reopen_after(self, err: DeviceError, old: Generation | None) -> None:
+        started = perf_counter()
+        budget = self._restart
+        assert budget is not None
+        if old is not None:
+            await old.stop(0.5)  # releases the device, abandoning a hung thread
+        while True:
+            await asyncio.sleep(budget.delay())
+            try:
+                gen = await self._start_generation(self._load)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("runner %r: reopening failed: %s", self.name, exc)
+                self._last_error = exc
+                if not budget.allow():
+                    failure = DeviceError(f"runner {self.name!r} could not recover from {err}: "
+                                          f"reopening failed: {exc}")
+                    failure.__cause__ = exc
+                    self._break(failure)
+                    self._recovered.set()
+                    return
+        self._switch_to(gen)
+        for ticket in self._retry_queue:
+            ticket.gen = gen
+        self._restarts += 1
+        budget.recovered()
+        self._recovery_times.add(perf_counter() - started)
+        self._set_state(State.READY if not self._closing else State.CLOSING)
+        self._resubmit()
+        self._recovered.set()
+        log.warning("runner %r recovered in %.3f s", self.name, perf_counter() - started)
+
+    async def reload(self, target: Any = None, **options: Any) -> None:
+        """Replace the model while serving: open the new one (``target`` and ``options`` as
+        for :func:`aioaccel.open`; by default the same target, re-read) beside the old one,
+        switch admission to it, let the old one finish what it holds, then close it. No item
+        fails or is lost; results keep push order. Both models are in memory for a while."""
+        if self._state is not State.READY:
+            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
+                               f"(it is {self._state.value})")
+        if target is None and not options:
+            load = self._load
+        elif self._reopen is None:
+            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
+                               f"reload only its own model")
         else:
-            err = DeviceError(f"stage {stage!r} of runner {self.name!r} failed fatally: {exc!r}")
-            err.__cause__ = exc
-        self._break(err)
+            load = self._reopen(target, options)
+        gen = await self._start_generation(load)
+        if not self._in(State.READY):  # closed or failed meanwhile
+            await gen.stop(1.0)
+            raise RunnerClosed(f"runner {self.name!r} closed during the reload")
+        old = self._gen
+        self._load = load
+        self._switch_to(gen)
+        if old is not None:
+            old.outstanding = sum(1 for t in self._done.unfinished.values() if t.gen is old)
+            if old.outstanding > 0:
+                old.drained = self._loop.create_future()  # type: ignore[union-attr]
+                try:
+                    await asyncio.wait_for(asyncio.shield(old.drained), self._close_timeout)
+                except TimeoutError:
+                    log.warning("runner %r: the old model still held %d items after %s s",
+                                self.name, old.outstanding, self._close_timeout)
+            await old.stop(1.0)
+
+    def health(self) -> Health:
+        """The runner's health: state, restarts, last fatal error, since when, last result."""
+        state = _HEALTH[self._state]
+        if state == "ready" and self._input_closed:
+            state = "closed"
+        seconds = dict(self._state_seconds)
+        seconds[self._state.value] = seconds.get(self._state.value, 0.0) + time() - self._since
+        return Health(state=state, restarts=self._restarts, last_error=self._last_error,
+                      since=self._since, last_completion=self._done.last_completion,
+                      state_seconds=seconds)
 
     def _break(self, err: DeviceError) -> None:
         """A fatal failure: every waiter gets ``err`` now; the threads are stopped."""
         log.error("runner %r is broken: %s", self.name, err)
         self._failure = err
-        self._closed = True
-        self._accepting = False
-        self._fail_push_waiters(self._failure_for_waiter)
+        self._last_error = err
+        self._input_closed = True
+        self._set_state(State.BROKEN)
+        self._admission.fail_waiters(self._lanes(), lambda: copy_for_waiter(err))
+        self._retry_queue.clear()
         self._fail_pending(err)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._pipeline is not None:
-            self._pipeline.stop()
-
-    def _fail_push_waiters(self, make_error: Callable[[], BaseException]) -> None:
-        self._ring.clear()
-        for lane in self._lanes():
-            waiters, lane.waiters = lane.waiters, deque()
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(make_error())
-
-    def _streams_unfinished(self) -> bool:
-        return any(not item.done for lane in self._lanes() for item in lane.items)
+        self._recovered.set()  # whoever waited for a recovery sees the failure
+        self._stop_watchdog()
+        if self._gen is not None:
+            self._gen.pipeline.stop()
 
     def _fail_pending(self, err: AccelError) -> None:
-        """Fail every unfinished item. The stream keeps its finished prefix (still delivered
-        in order); everything after the first unfinished item is dropped and the consumer
-        gets ``err`` when it reaches that point."""
+        done = self._done
+        if not done.unfinished and not any(lane.tickets for lane in self._lanes()):
+            return
         if self._failure is None or isinstance(err, DeviceError):
             self._failure = err
-        for item in self._unfinished.values():
-            if self._pipeline is not None:
-                self._pipeline.withdraw(item)
-            fut = item.future
-            if fut is not None:
-                if not fut.done():
-                    fut.set_exception(self._failure_for_waiter())
-                self._release(item.lane)
-            self._failed += 1
-            item.lane.failed += 1
-        self._unfinished.clear()
-        for lane in self._lanes():
-            items = lane.items
-            kept: deque[Item] = deque()
-            while items and items[0].done:
-                kept.append(items.popleft())
-            for _ in items:
-                self._release(lane)
-            lane.items = kept
-            lane.wake()
-        self._check_idle()
-
-    def _failure_for_waiter(self) -> AccelError:
-        """A fresh exception per waiter (one instance raised in many tasks tangles tracebacks)."""
-        base = self._failure
-        assert base is not None
-        err = type(base)(str(base))
-        err.__cause__ = base.__cause__ or base
-        return err
-
-    # ---- watchdog -----------------------------------------------------------------------
-    def _arm_watchdog(self) -> None:
-        timeout = self._opt.call_timeout
-        assert timeout is not None and self._loop is not None
-        ref = weakref.ref(self)  # the loop's timer must not keep an abandoned runner alive
-        period = min(max(timeout / 4, 0.005), 0.5)
-
-        def tick() -> None:
-            runner = ref()
-            if runner is None or runner._failure is not None or runner._state == _CLOSED:
-                return
-            now = perf_counter()
-            for item in runner._unfinished.values():
-                started = item.call_started
-                if started and now - started > timeout:
-                    runner._break(DeviceTimeout(
-                        f"stage {item.call_stage!r} of runner {runner.name!r} has been busy with "
-                        f"item {item.seq} for {now - started:.3f} s, "
-                        f"past call_timeout={timeout} s"))
-                    return
-            runner._watchdog = runner._loop.call_later(period, tick)  # type: ignore[union-attr]
-
-        self._watchdog = self._loop.call_later(period, tick)
+        withdraw = self._gen.pipeline.withdraw if self._gen is not None else None
+        done.fail_pending(self._failure, self._lanes(), withdraw)
 
     # ---- introspection ------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """The lifecycle state: ``new``, ``starting``, ``ready``, ``broken``, ``closing`` or
+        ``closed``."""
+        return self._state.value
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the backend reports about the model (runtime, device, files, ...)."""
+        return dict(self._model.info) if self._model is not None else {}
+
     @property
     def inputs(self) -> list[TensorSpec] | None:
         """The model's input spec (names, dtypes, shapes), or None when the backend has none."""
@@ -722,20 +878,24 @@ class Runner:
     @property
     def closed(self) -> bool:
         """True once no more input is accepted."""
-        return self._closed
+        return self._input_closed or self._state in (State.CLOSED, State.BROKEN)
 
     def stats(self) -> RunnerStats:
         """A snapshot of the counters, queue depths, busy fractions and latency."""
-        pipeline = self._pipeline
+        gen = self._gen
         stages: list[StageStats] = []
         elapsed = 0.0
-        if pipeline is not None:
-            elapsed = perf_counter() - pipeline.started_at if pipeline.started_at else 0.0
+        duplicates = 0
+        if gen is not None:
+            pipeline = gen.pipeline
+            now = perf_counter()
+            elapsed = now - pipeline.started_at if pipeline.started_at else 0.0
             for i, spec in enumerate(pipeline.specs):
                 ws = [w for w in pipeline.workers if w.index == i]
                 busy = sum(w.busy for w in ws)
                 if spec.device:  # include the current busy stretch
-                    busy += sum(perf_counter() - w.busy_since for w in ws if w.in_device)
+                    busy += sum(now - w.busy_since for w in ws if w.in_device)
+                duplicates += sum(w.duplicates for w in ws)
                 stages.append(StageStats(
                     name=spec.name,
                     kind="device" if spec.device else "blocking",
@@ -745,64 +905,41 @@ class Runner:
                     calls=sum(w.calls for w in ws),
                     in_device=sum(w.in_device for w in ws),
                 ))
-        p50, p99 = self._latency.percentiles()
+        done = self._done
+        p50, p99 = done.latency.percentiles()
+        q50, q99 = done.queued.percentiles()
+        w50, w99 = done.working.percentiles()
+        model = self._model
         return RunnerStats(
-            name=self.name, pushed=self._pushed, completed=self._completed, failed=self._failed,
-            discarded=self._discarded, withdrawn=self._withdrawn, in_flight=self._admitted,
-            peak_admitted=self._peak, maxsize=self._maxsize,
-            waiting=sum(len(lane.waiters) for lane in self._lanes()),
+            name=self.name, pushed=done.pushed, completed=done.completed, failed=done.failed,
+            discarded=done.discarded, withdrawn=done.withdrawn,
+            in_flight=self._admission.admitted, peak_admitted=self._admission.peak,
+            maxsize=self._maxsize, waiting=self._admission.waiting,
             latency_p50=p50, latency_p99=p99, elapsed=elapsed, stages=tuple(stages),
             streams=tuple(lane.snapshot() for lane in self._streams.values()),
-            profile=(self._model.profile() if self._model is not None
-                     and self._model.profile is not None else None),
-            latency_buckets=self._histogram.cumulative(), latency_sum=self._histogram.sum,
+            profile=(model.profile() if model is not None and model.profile is not None
+                     else None),
+            latency_buckets=done.histogram.cumulative(), latency_sum=done.histogram.sum,
+            duplicates=duplicates, queue_p50=q50, queue_p99=q99, device_p50=w50,
+            device_p99=w99, state=_HEALTH[self._state], restarts=self._restarts,
+            retried=self._retried, recovery_buckets=self._recovery_times.cumulative(),
+            recovery_sum=self._recovery_times.sum, warmup_seconds=self._warmup_seconds,
+            state_seconds=self.health().state_seconds,
         )
 
     def __repr__(self) -> str:
-        state = ("new", "opening", "open", "closing", "closed")[self._state]
-        return f"<Runner {self.name!r} {state} in_flight={self._admitted}/{self._maxsize}>"
+        return (f"<Runner {self.name!r} {self._state.value} "
+                f"in_flight={self._admission.admitted}/{self._maxsize}>")
 
 
-def _not_open(item: Item) -> None:
+def _not_open(job: Job) -> None:
     raise RuntimeError("the runner is not open")
 
 
-def _item_error(item: Item) -> InferenceError:
-    cause = item.error
-    err = InferenceError(
-        f"item {item.seq} (tag={item.tag!r}) failed in stage {item.failed_stage!r}: {cause!r}",
-        seq=item.seq, tag=item.tag, stage=item.failed_stage)
-    err.__cause__ = cause
-    return err
-
-
-async def _in_thread(fn: Callable[[], Any], name: str) -> Any:
-    """Run a one-off blocking call on a named daemon thread, without the default executor."""
-    import threading
-
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def main() -> None:
-        try:
-            outcome = (True, fn())
-        except BaseException as exc:
-            outcome = (False, exc)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is gone: nobody waits for this any more
-            pass
-
-    thread = threading.Thread(target=main, name=name, daemon=True)
-    thread.start()
-    try:
-        return await fut
-    finally:
-        if fut.done() and not fut.cancelled():
-            thread.join()  # it has delivered its outcome: returns at once
-        # cancelled: the call still runs to its end on its daemon thread; its outcome is
-        # dropped, and joining here would block the loop for as long as it takes
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Interpreter exit with runners never closed: stop their threads and release their
+    devices while the runtimes still exist (a native call cut off mid-way can abort)."""
+    for runner in list(_live):
+        if runner._state is not State.CLOSED:
+            runner._stop_threads(timeout=2.0)

@@ -51,6 +51,12 @@ class DeviceStage(ABC):
     def submit(self, token: object, inputs: Any) -> None:
         """Hand one item to the device. May block while the device is full (backpressure)."""
 
+    def submit_stream(self, token: object, inputs: Any, stream: int) -> None:
+        """Like :meth:`submit`, for devices that keep the runner's streams apart (MemryX
+        ``stream_idx``): ``stream`` is the index of the runner's stream the item came from
+        (0 for plain ``push``/``infer``). Override it instead of ``submit`` to receive it."""
+        self.submit(token, inputs)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Finish what was submitted, stop the runtime's threads and release the device."""
 
@@ -62,12 +68,15 @@ class StageSpec:
     ``factory`` is called once per worker thread, on that thread, and returns a
     :class:`BlockingStage`, a :class:`DeviceStage` or a plain callable (a blocking stage).
     A device stage always has one feeder thread: its parallelism is the device's own.
+    ``shared``: the factory hands out one object for every replica (a stage given already
+    made): it runs on every replica's thread and is closed once, after all of them stopped.
     """
 
     name: str
     factory: Callable[[], BlockingStage | DeviceStage | Callable[[Any], Any]]
     replicas: int = 1
     device: bool = False
+    shared: bool = False
 
 
 def made(stage: Any) -> Callable[[], Any]:

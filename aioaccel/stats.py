@@ -5,16 +5,31 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .streams import StreamStats
-
-__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "LatencyWindow", "RunnerStats", "StageStats"]
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "LatencyWindow", "RunnerStats", "StageStats",
+           "StreamStats"]
 
 #: upper bounds (seconds) of the cumulative latency histogram (Prometheus-style ``le``)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    key: Any
+    index: int
+    pushed: int
+    completed: int
+    failed: int
+    in_flight: int       #: slots held: admitted and not yet consumed
+    waiting: int         #: pushes of this stream waiting for space
+    maxsize: int
+    latency_p50: float
+    latency_p99: float
+    weight: float = 1.0
+    priority: int = 0
+    reserve: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,24 @@ class RunnerStats:
     #: last bound being +inf; and the sum of their latencies (what Prometheus exports)
     latency_buckets: tuple[tuple[float, int], ...] = ()
     latency_sum: float = 0.0
+    #: completions a device reported twice for one item (ignored)
+    duplicates: int = 0
+    #: seconds from admission until a worker took the item (time queued), recent items
+    queue_p50: float = 0.0
+    queue_p99: float = 0.0
+    #: seconds in stage calls / on the device, recent items
+    device_p50: float = 0.0
+    device_p99: float = 0.0
+    #: health state: starting, ready, recovering, broken or closed
+    state: str = "ready"
+    restarts: int = 0    #: successful recoveries from fatal failures
+    retried: int = 0     #: items re-run after a device failure
+    #: recovery times so far, as cumulative (upper bound, count) buckets, and their sum
+    recovery_buckets: tuple[tuple[float, int], ...] = ()
+    recovery_sum: float = 0.0
+    warmup_seconds: float = 0.0  #: time the warm-up inferences took at open
+    #: seconds spent in each lifecycle state since the runner was made
+    state_seconds: dict[str, float] | None = None
 
     @property
     def throughput(self) -> float:

@@ -4,89 +4,31 @@
 which yields that stream's results in that stream's push order. All streams share the
 runner's capacity (``maxsize``) and its stages.
 
-Fairness: when the runner is full, freed slots go round-robin to the streams that are waiting
-(FIFO within a stream), so a stream that floods cannot starve the others: each waiting stream
-gets a slot at least once per rotation. A slot stays taken until its result is consumed; so
-that one stream's slow consumer cannot hold the whole runner, give the stream a ``maxsize`` of
-its own (``runner.stream(key, maxsize=2)``).
+Fairness: when the runner is full, freed slots go to the streams that are waiting: the highest
+``priority`` first, and within a priority in proportion to ``weight`` (equal weights take turns,
+FIFO within a stream), so a stream that floods cannot starve the others; ``reserve`` keeps
+slots free for a critical stream (see :mod:`aioaccel.admission`). A slot stays taken until
+its result is consumed; so that one stream's slow consumer cannot hold the whole runner, give
+the stream a ``maxsize`` of its own (``runner.stream(key, maxsize=2)``).
 
 Internally every runner has a default lane (plain ``runner.push`` / ``infer`` / ``async for``);
-a stream is one more lane.
+a stream is one more lane (:mod:`aioaccel.lanes`). A closed stream's finished results stop
+holding the runner's slots (it cannot grow any more), so streams closed with results unread
+never wedge the runner; a stream nobody references is reclaimed once it is idle.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .stats import LatencyWindow
+from .stats import StreamStats
 
 if TYPE_CHECKING:
-    from .pipeline import Item
+    from .lanes import Lane
     from .runner import Result, Runner
 
 __all__ = ["Stream", "StreamStats"]
-
-
-class Lane:
-    """Admission and ordering state of one stream (internal; touched only on the loop)."""
-
-    __slots__ = (
-        "admitted",
-        "cap",
-        "closed",
-        "completed",
-        "consumers",
-        "failed",
-        "index",
-        "items",
-        "key",
-        "latency",
-        "pushed",
-        "waiters",
-    )
-
-    def __init__(self, key: Any, index: int, cap: int):
-        self.key = key
-        self.index = index            #: small int, unique among open lanes (device stream id)
-        self.cap = cap                #: most items this lane may hold admitted
-        self.items: deque[Item] = deque()          # pushed items in push order
-        self.consumers: list[asyncio.Future[None]] = []
-        self.waiters: deque[asyncio.Future[None]] = deque()
-        self.admitted = 0
-        self.closed = False
-        self.pushed = self.completed = self.failed = 0
-        self.latency = LatencyWindow(1024)
-
-    def wake(self) -> None:
-        consumers, self.consumers = self.consumers, []
-        for fut in consumers:
-            if not fut.done():
-                fut.set_result(None)
-
-    def snapshot(self) -> StreamStats:
-        p50, p99 = self.latency.percentiles()
-        return StreamStats(key=self.key, index=self.index, pushed=self.pushed,
-                           completed=self.completed, failed=self.failed,
-                           in_flight=self.admitted, waiting=len(self.waiters), maxsize=self.cap,
-                           latency_p50=p50, latency_p99=p99)
-
-
-@dataclass(frozen=True)
-class StreamStats:
-    key: Any
-    index: int
-    pushed: int
-    completed: int
-    failed: int
-    in_flight: int       #: admitted and not yet consumed
-    waiting: int         #: pushes of this stream waiting for space
-    maxsize: int
-    latency_p50: float
-    latency_p99: float
 
 
 class Stream:
@@ -97,7 +39,7 @@ class Stream:
     ``async with runner.stream(key) as s:`` closes it on exit.
     """
 
-    __slots__ = ("_lane", "_runner")
+    __slots__ = ("__weakref__", "_lane", "_runner")
 
     def __init__(self, runner: Runner, lane: Lane):
         self._runner = runner

@@ -30,11 +30,17 @@ class RecordingLoop:
 
 
 class Owner:
+    """A bridge receiver that records what reaches the loop."""
+
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
-    def _on_items(self, items: list[int]) -> None:
-        self.batches.append(items)
+    def on_jobs(self, jobs: list[int]) -> None:
+        self.batches.append(jobs)
+
+    def on_ready(self, worker: Any, error: BaseException | None) -> None: ...
+    def on_worker_exit(self, worker: Any) -> None: ...
+    def on_fatal(self, error: BaseException, stage: str) -> None: ...
 
 
 def test_a_burst_of_results_costs_one_wake_up() -> None:
@@ -59,7 +65,7 @@ def test_a_closed_loop_is_ignored_and_the_owner_is_not_kept_alive() -> None:
     bridge = Bridge(loop, owner)
     bridge.deliver(1)  # must not raise on the worker thread
     del owner
-    assert bridge._owner() is None
+    assert bridge._receiver() is None
 
 
 @pytest.mark.anyio

@@ -28,9 +28,10 @@ def load(target: Any, *, replicas: int = 1, **options: Any) -> Model:
         else:
             name = getattr(stage, "__name__", None) or type(stage).__name__
             device = isinstance(stage, DeviceStage)
-            spec = StageSpec(name, made(stage), 1 if device else replicas, device)
+            spec = StageSpec(name, made(stage), 1 if device else replicas, device, shared=True)
         if spec.name in seen:  # thread names and stats key on it
-            spec = StageSpec(f"{spec.name}{i}", spec.factory, spec.replicas, spec.device)
+            spec = StageSpec(f"{spec.name}{i}", spec.factory, spec.replicas, spec.device,
+                             spec.shared)
         seen.add(spec.name)
         specs.append(spec)
     return Model(stages=specs)

@@ -231,8 +231,10 @@ class MemryxMultiStreamStage(_PulledStage):
         self.accl.connect_streams(self._pull, self._output, self.streams, self.model)
 
     def submit(self, token: object, tensors: Any) -> None:
-        lane = getattr(token, "lane", None)  # the runner's stream this item came from
-        stream_idx = (lane.index if lane is not None else 0) % self.streams
+        self.submit_stream(token, tensors, 0)
+
+    def submit_stream(self, token: object, tensors: Any, stream: int) -> None:
+        stream_idx = stream % self.streams  # the runner's stream -> the vendor's stream
         self._count_in()
         self._offer(stream_idx, token, tensors, self._in[0])
 

@@ -1,0 +1,205 @@
+"""Completion routing and failure fan-out (loop side).
+
+Each admitted item has a :class:`Ticket` on the loop (seq, tag, lane, future) and a
+:class:`~aioaccel.pipeline.Job` on the threads (inputs, outputs, error, timing). When the bridge
+hands finished jobs over, :meth:`Completions.on_jobs` finds each job's ticket by seq and
+settles it: an ``infer`` future gets its value or error and frees its slot at once; a streamed
+item is marked done in its lane's outbox and keeps its slot until ``async for`` consumes it.
+
+A fatal failure or a close fails every unfinished ticket (:meth:`Completions.fail_pending`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from time import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import AccelError, InferenceError, copy_for_waiter, inference_error
+from .stats import LatencyHistogram, LatencyWindow
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .lanes import Lane
+    from .pipeline import Job
+
+__all__ = ["Completions", "Ticket"]
+
+log = logging.getLogger("aioaccel")
+
+
+class Ticket:
+    """The loop-side half of one admitted item (only ever touched on the loop)."""
+
+    __slots__ = (
+        "done",
+        "error",
+        "future",
+        "gen",
+        "inputs",
+        "job",
+        "lane",
+        "released",
+        "retries",
+        "seq",
+        "t_admit",
+        "tag",
+        "withdrawn",
+    )
+
+    def __init__(self, seq: int, tag: Any, lane: Lane, future: asyncio.Future[Any] | None,
+                 job: Job, t_admit: float):
+        self.seq = seq
+        self.tag = tag
+        self.lane = lane
+        self.future = future          # infer(): resolved with the outputs; None for streams
+        self.job = job                # the thread-side half (the loop reads it once delivered)
+        self.t_admit = t_admit
+        self.done = False             # streamed: its result is ready in the lane's outbox
+        self.error: InferenceError | None = None
+        self.withdrawn = False        # infer() gave up before a worker took it
+        self.released = False         # its slot was freed before it was consumed
+        self.retries = 0              # times re-run after a device failure
+        self.gen: Any = None          # the generation (model + pipeline) it was submitted to
+        self.inputs: Any = None       # kept only when it may be re-run (retries > 0)
+
+
+class Completions:
+    """Settles finished jobs, keeps the counters, fails what is pending on close or failure."""
+
+    def __init__(self, admission: Admission, default_lane: Lane):
+        self.admission = admission
+        self.default_lane = default_lane
+        self.unfinished: dict[int, Ticket] = {}   # seq -> ticket, admitted and not settled
+        self.pushed = self.completed = self.failed = self.discarded = self.withdrawn = 0
+        self.latency = LatencyWindow()            # admission -> completion
+        self.queued = LatencyWindow()             # admission -> a worker took it
+        self.working = LatencyWindow()            # time in stage calls / on the device
+        self.histogram = LatencyHistogram()
+        self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
+        self.last_completion: float | None = None      # wall-clock time of the last result
+
+    # ---- settling ---------------------------------------------------------------------------
+    def on_jobs(self, jobs: list[Job]) -> None:
+        self.last_completion = time()
+        unfinished = self.unfinished
+        woken: set[Lane] = set()
+        for job in jobs:
+            ticket = unfinished.pop(job.seq, None)
+            if ticket is None or ticket.job is not job:
+                continue  # already failed by close / a fatal error, or superseded by a retry
+            try:
+                self._settle(ticket, job, woken)
+            except Exception:  # never lose the rest of the burst
+                log.exception("aioaccel: settling item %s failed", job.seq)
+        for lane in woken:
+            if lane.tickets and lane.tickets[0].done:
+                lane.wake()
+        self.check_idle()
+
+    def _settle(self, ticket: Ticket, job: Job, woken: set[Lane]) -> None:
+        lane = ticket.lane
+        if ticket.withdrawn:  # the empty shell of a withdrawn infer: its slot is free now
+            self.admission.release(lane)
+            return
+        if job.error is None:
+            self.completed += 1
+            latency = job.t_done - ticket.t_admit
+            self.latency.add(latency)
+            self.histogram.add(latency)
+            if job.t_start:
+                self.queued.add(job.t_start - ticket.t_admit)
+            self.working.add(job.work)
+            if lane is not self.default_lane:
+                lane.completed += 1
+                lane.latency.add(latency)
+        else:
+            self.failed += 1
+            lane.failed += 1
+            ticket.error = inference_error(job.error, seq=ticket.seq, tag=ticket.tag,
+                                           stage=job.failed_stage)
+        fut = ticket.future
+        if fut is None:
+            ticket.done = True
+            woken.add(lane)
+            if (lane.closed and lane is not self.default_lane) or lane.orphaned:
+                self.release_early(ticket)
+        else:
+            if fut.done():
+                self.discarded += 1  # its infer() was cancelled after the device took it
+            elif ticket.error is not None:
+                fut.set_exception(ticket.error)
+            else:
+                fut.set_result(job.value)
+            self.admission.release(lane)
+
+    def release_early(self, ticket: Ticket) -> None:
+        """Free the slot of a finished result nobody can push behind (its stream is closed or
+        dropped): it cannot grow any more, so it must not hold the runner's capacity."""
+        if not ticket.released:
+            ticket.released = True
+            self.admission.release(ticket.lane)
+
+    def consumed(self, ticket: Ticket) -> None:
+        if not ticket.released:
+            ticket.released = True
+            self.admission.release(ticket.lane)
+
+    def check_idle(self) -> None:
+        if not self.unfinished and self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
+
+    def fail_one(self, ticket: Ticket, failure: AccelError) -> None:
+        """Fail one ticket that is no longer unfinished (a restart gave up on it): an infer
+        caller gets a copy of ``failure``; a streamed item is yielded in its place with an
+        InferenceError caused by it, and later items still flow."""
+        self.failed += 1
+        ticket.lane.failed += 1
+        fut = ticket.future
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(copy_for_waiter(failure))
+            self.admission.release(ticket.lane)
+            return
+        error = InferenceError(f"item {ticket.seq} (tag={ticket.tag!r}) was on the device when "
+                               f"it failed: {failure}", seq=ticket.seq, tag=ticket.tag)
+        error.__cause__ = failure
+        ticket.error = error
+        ticket.done = True
+        lane = ticket.lane
+        if lane.tickets and lane.tickets[0].done:
+            lane.wake()
+
+    # ---- failure fan-out --------------------------------------------------------------------
+    def fail_pending(self, failure: AccelError, lanes: list[Lane],
+                     withdraw: Any = None) -> None:
+        """Fail every unfinished ticket with (a copy of) ``failure``. A stream keeps its finished
+        prefix (still delivered in order); everything after its first unfinished item is dropped
+        and its consumer gets the failure when it reaches that point."""
+        pending, self.unfinished = self.unfinished, {}
+        for ticket in pending.values():
+            if withdraw is not None:
+                withdraw(ticket.job)
+            if ticket.withdrawn:
+                self.admission.release(ticket.lane)
+                continue
+            fut = ticket.future
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(copy_for_waiter(failure))
+                self.admission.release(ticket.lane)
+            self.failed += 1
+            ticket.lane.failed += 1
+        for lane in lanes:
+            tickets = lane.tickets
+            kept: deque[Ticket] = deque()
+            while tickets and tickets[0].done:
+                kept.append(tickets.popleft())
+            for ticket in tickets:
+                if not ticket.released:
+                    self.admission.release(lane)
+            lane.tickets = kept
+            lane.wake()
+        self.check_idle()

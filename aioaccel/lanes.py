@@ -1,0 +1,93 @@
+"""A lane: one producer's share of a runner (the default lane, or one per stream).
+
+A lane has two halves, both touched only on the event loop:
+
+* its admission share -- ``admitted`` (slots it holds), ``cap``, ``reserve``, ``weight``,
+  ``priority`` and the ``push`` calls waiting for a slot (see :mod:`aioaccel.admission`);
+* its ordered outbox -- ``tickets`` in push order; the consumer (``async for``) takes the head
+  once it is done, which is the whole re-ordering: completions may arrive in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .stats import LatencyWindow, StreamStats
+
+if TYPE_CHECKING:
+    from .completion import Ticket
+    from .streams import Stream
+
+__all__ = ["Lane"]
+
+
+class Lane:
+    """Admission share and ordered outbox of one stream (internal)."""
+
+    __slots__ = (
+        "admitted",
+        "cap",
+        "closed",
+        "completed",
+        "consumers",
+        "failed",
+        "handle",
+        "index",
+        "key",
+        "latency",
+        "priority",
+        "pushed",
+        "reserve",
+        "tickets",
+        "vtime",
+        "waiters",
+        "weight",
+    )
+
+    def __init__(self, key: Any, index: int, cap: int, *, weight: float = 1.0,
+                 priority: int = 0, reserve: int = 0):
+        self.key = key
+        self.index = index            #: small int, unique among open lanes (device stream id)
+        self.cap = cap                #: most slots this lane may hold
+        self.weight = weight          #: share of freed slots within its priority class
+        self.priority = priority      #: a higher class is always served first
+        self.reserve = reserve        #: slots kept free for this lane alone
+        self.vtime = 0.0              #: weighted-fair virtual time (admission's bookkeeping)
+        self.admitted = 0             #: slots held: admitted and not consumed (or released)
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.tickets: deque[Ticket] = deque()      # pushed items, in push order
+        self.consumers: list[asyncio.Future[None]] = []
+        self.closed = False
+        #: the Stream users hold (weakly): when it is collected an idle lane is reclaimed
+        self.handle: weakref.ref[Stream] | None = None
+        self.pushed = self.completed = self.failed = 0
+        self.latency = LatencyWindow(1024)
+
+    def unused_reserve(self) -> int:
+        return self.reserve - self.admitted if self.admitted < self.reserve else 0
+
+    @property
+    def orphaned(self) -> bool:
+        """A stream whose every handle was dropped: nobody can push to it any more."""
+        return self.handle is not None and self.handle() is None
+
+    def idle(self) -> bool:
+        return not self.tickets and not self.admitted and not self.waiters
+
+    def wake(self) -> None:
+        """Wake the consumers waiting on this outbox."""
+        consumers, self.consumers = self.consumers, []
+        for fut in consumers:
+            if not fut.done():
+                fut.set_result(None)
+
+    def snapshot(self) -> StreamStats:
+        p50, p99 = self.latency.percentiles()
+        return StreamStats(key=self.key, index=self.index, pushed=self.pushed,
+                           completed=self.completed, failed=self.failed,
+                           in_flight=self.admitted, waiting=len(self.waiters), maxsize=self.cap,
+                           latency_p50=p50, latency_p99=p99, weight=self.weight,
+                           priority=self.priority, reserve=self.reserve)

@@ -1,0 +1,257 @@
+"""The lifecycle of what a runner runs: load the model, start its pipeline, stop and release.
+
+One :class:`Generation` is one loaded model with its running pipeline (a restart or a reload
+makes a new one). Every way a generation ends goes through :meth:`Generation.stop` and
+:meth:`Generation.release`:
+
+* ``aclose`` / a failed open        -- on the loop: stop, wait (bounded) for the workers, join;
+* cancellation, garbage collection  -- stop now; a reaper thread joins (bounded) and releases;
+* no loop any more (pytest plugin, interpreter exit) -- :meth:`Generation.stop_sync`.
+
+``release`` closes the shared stage objects and the model exactly once, whichever path gets
+there first; threads that never stopped (a hung native call) are abandoned (daemon threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .bridge import Bridge, Receiver
+from .errors import open_error
+from .pipeline import Job, Pipeline
+
+if TYPE_CHECKING:
+    from .backends import Model
+    from .pipeline import Worker
+
+__all__ = ["Generation", "load_model", "synthetic_inputs"]
+
+log = logging.getLogger("aioaccel")
+
+
+class Generation:
+    """One loaded model and its pipeline. It receives its own bridge's signals (so that two
+    generations can run side by side during a reload) and passes finished jobs and fatal
+    failures on to the runner."""
+
+    def __init__(self, runner_name: str, model: Model, loop: asyncio.AbstractEventLoop,
+                 runner: Receiver, maxsize: int):
+        self.runner_name = runner_name
+        self.model = model
+        self.loop = loop
+        self._runner: Callable[[], Receiver | None] = weakref.ref(runner)
+        self.bridge = Bridge(loop, self)
+        self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize)
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        #: jobs not handed back yet; counted down here, set by the runner when it matters
+        #: (a reload waits for the old generation to drain), so submitting costs nothing
+        self.outstanding = 0
+        self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
+        self._warmups: dict[int, asyncio.Future[None]] = {}
+        self._ready_count = 0
+        self._release_lock = threading.Lock()
+        self._released = False
+
+    # ---- the runner's side ------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.pipeline.submit(job)
+
+    def on_jobs(self, jobs: list[Job]) -> None:
+        self.outstanding -= len(jobs)
+        if self._warmups:
+            jobs = [job for job in jobs if not self._warmed(job)]
+        runner = self._runner()
+        if runner is not None and jobs:
+            runner.on_jobs(jobs)
+        if self.outstanding <= 0 and self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def on_fatal(self, error: BaseException, stage: str) -> None:
+        runner = self._runner()
+        if runner is not None:
+            runner.on_fatal(error, stage, self)  # type: ignore[call-arg]
+
+    async def warm_up(self, count: int, inputs: Any = None) -> float:
+        """Run ``count`` inferences on ``inputs`` (default: zeros of the model's input spec)
+        before any user item; returns the seconds it took. Failures are logged, not raised."""
+        if count <= 0:
+            return 0.0
+        sample = synthetic_inputs(self.model) if inputs is None else inputs
+        if self.model.prepare is not None and sample is not None:
+            sample = self.model.prepare(sample)
+        started = perf_counter()
+        futures = []
+        for n in range(count):
+            seq = -1 - n  # never a user item's seq
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self._warmups[seq] = fut
+            futures.append(fut)
+            self.outstanding += 1
+            self.submit(Job(seq, sample))
+        await asyncio.gather(*futures)
+        return perf_counter() - started
+
+    def _warmed(self, job: Job) -> bool:
+        fut = self._warmups.pop(job.seq, None)
+        if fut is None:
+            return False
+        if job.error is not None:
+            log.warning("runner %r: warm-up inference failed: %r", self.runner_name, job.error)
+        if not fut.done():
+            fut.set_result(None)
+        return True
+
+    # ---- starting ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the workers and wait until every stage object is made (or one failed)."""
+        self.pipeline.start()
+        await asyncio.shield(self.ready)
+
+    def on_ready(self, worker: Worker, error: BaseException | None) -> None:
+        if self.ready.done():
+            return
+        if error is not None:
+            self.ready.set_exception(open_error(
+                error, f"making stage {worker.spec.name!r} of runner {self.runner_name!r}"))
+            return
+        self._ready_count += 1
+        if self._ready_count == len(self.pipeline.workers):
+            self.ready.set_result(None)
+
+    def on_worker_exit(self, worker: Worker) -> None:
+        if not self.exited.done() and self.pipeline.exited:
+            self.exited.set_result(None)
+
+    # ---- stopping ---------------------------------------------------------------------------
+    async def stop(self, wait: float) -> None:
+        """Stop the workers, wait up to ``wait`` seconds for them, join, release. Cancelled, it
+        still releases (a reaper thread finishes the job)."""
+        self.pipeline.stop()
+        try:
+            if not self.pipeline.exited:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.exited), max(wait, 0.0))
+                except TimeoutError:
+                    pass
+        except BaseException:
+            self.stop_soon()
+            raise
+        self._finish()
+
+    def stop_soon(self, join: float = 0.1) -> None:
+        """Stop without awaiting: join briefly here, and if threads are still running let a
+        reaper thread wait for them and release."""
+        self.pipeline.stop()
+        if not self.pipeline.join(join):
+            self._finish()
+            return
+        threading.Thread(target=self.stop_sync, name=f"aioaccel-{self.runner_name}-reaper",
+                         daemon=True).start()
+
+    def stop_sync(self, timeout: float = 5.0) -> None:
+        """Without the loop: stop, join (bounded), release."""
+        self.pipeline.stop()
+        self.pipeline.join(timeout)
+        self._finish()
+
+    def _finish(self) -> None:
+        # Workers that signalled their exit are past every stage call: joining them returns
+        # at once. The others are stuck in a call and are abandoned.
+        for w in self.pipeline.workers:
+            if w.exited and w.thread is not None:
+                w.thread.join(1.0)
+        hung = [w.thread.name for w in self.pipeline.workers
+                if not w.exited and w.thread is not None]
+        if hung:
+            log.warning("runner %r: threads %s did not stop; abandoned (daemon threads)",
+                        self.runner_name, hung)
+        self.release(stages=not hung)
+
+    def release(self, stages: bool = True) -> None:
+        """Close the shared stage objects (only when no worker can still be inside them) and
+        the model, once."""
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+        if stages:
+            self.pipeline.close_shared()
+        close = self.model.close
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("runner %r: releasing the model failed", self.runner_name)
+
+
+def synthetic_inputs(model: Model) -> Any:
+    """Zeros shaped by the model's input spec (dynamic dimensions as 1); None without a spec."""
+    specs = model.inputs
+    if not specs or any(spec.shape is None for spec in specs):
+        return None
+    return {spec.name: np.zeros([1 if d is None else d for d in spec.shape or ()], spec.dtype)
+            for spec in specs}
+
+
+async def load_model(load: Callable[[], Model], runner_name: str) -> Model:
+    """Run a backend's ``load`` on a named thread (it imports runtimes and compiles models:
+    seconds of blocking work). If the caller is cancelled meanwhile, the model is closed as soon
+    as the load finishes, on that thread: an abandoned load leaks nothing."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+    lock = threading.Lock()
+    abandoned = False
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def main() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, load())
+        except BaseException as exc:  # any type: StopIteration cannot be set on a Future
+            outcome = (False, open_error(exc, f"loading the model of runner {runner_name!r}"))
+        with lock:
+            if abandoned:
+                if outcome[0] and outcome[1].close is not None:
+                    try:
+                        outcome[1].close()
+                    except Exception:
+                        log.exception("runner %r: releasing an abandoned model failed",
+                                      runner_name)
+                return
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone
+            if outcome[0] and outcome[1].close is not None:
+                outcome[1].close()
+
+    thread = threading.Thread(target=main, name=f"aioaccel-{runner_name}-load", daemon=True)
+    started = perf_counter()
+    thread.start()
+    try:
+        model: Model = await fut
+    except BaseException:
+        with lock:
+            abandoned = True
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            model = fut.result()  # it arrived as we were cancelled: release it here
+            if model.close is not None:
+                model.close()
+        raise
+    thread.join()  # it has delivered its outcome: returns at once
+    model.info.setdefault("load_seconds", perf_counter() - started)
+    return model
