@@ -26,3 +26,5 @@ def _fail_negative(x: np.ndarray) -> np.ndarray:
 slow_double = SimulatedStage(_double, latency=LATENCY, name="slow_double")
 #: the same, but a frame whose sum is negative fails (a per-item error)
 picky_double = SimulatedStage(_fail_negative, latency=LATENCY, name="picky_double")
+#: the same, but its third call is a fatal device failure (the runner breaks, or restarts)
+flaky_double = SimulatedStage(_double, latency=LATENCY, fatal_at=2, name="flaky_double")

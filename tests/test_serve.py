@@ -143,15 +143,43 @@ def test_usage_errors_name_what_was_wrong(tmp_path: Path, onnx_model: Path) -> N
     assert "Traceback" not in unknown.stderr
 
 
-def test_batch_and_restart_pass_through_to_open(onnx_model: Path) -> None:
-    """Before batching and self-healing land, the command says so clearly (exit 2); after,
-    the same flags reach ``aioaccel.open`` (then this part is covered by their tests)."""
+def test_batch_passes_through_to_open(onnx_model: Path) -> None:
+    """Before batching lands, the command says so clearly (exit 2, no traceback); after, the
+    flag reaches ``aioaccel.open(batch=...)`` (then its own tests cover it)."""
     batch = run_serve(str(onnx_model), "--batch", "auto", "--host", "256.0.0.1")
     if batch.returncode == 2:
         assert "--batch is not supported" in batch.stderr and "Traceback" not in batch.stderr
-    restart = run_serve(str(onnx_model), "--restart", "--host", "256.0.0.1")
+
+
+async def test_restart_passes_a_restart_policy_to_open(onnx_model: Path) -> None:
     if not hasattr(aioaccel, "Restart"):
-        assert restart.returncode == 2 and "aioaccel.Restart" in restart.stderr
+        refused = run_serve(str(onnx_model), "--restart")
+        assert refused.returncode == 2 and "aioaccel.Restart" in refused.stderr
+        return
+    bad = run_serve(str(onnx_model), "--restart", "limit=0")
+    assert bad.returncode == 2 and "--restart: Restart.limit" in bad.stderr
+    unknown = run_serve(str(onnx_model), "--restart", "tries=3")
+    assert unknown.returncode == 2 and "tries" in unknown.stderr
+    for flags, healed in ((("--restart", "limit=2,backoff=0.05"), True), ((), False)):
+        with serve("served_models:flaky_double", *flags) as server:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                replies = []
+                for i in range(5):  # the third call is a fatal device failure
+                    replies.append(await client.post("/v1/models/flaky_double/infer",
+                                                     json=[[float(i)]]))
+                    if i == 2:  # let a restart finish before the next request
+                        while healed and (await client.get("/healthz")).status_code != 200:
+                            await asyncio.sleep(0.02)
+                health = await client.get("/healthz")
+        statuses = [r.status_code for r in replies]
+        if healed:  # only the item on the failed device is lost
+            assert statuses == [200, 200, 503, 200, 200], statuses
+            assert health.status_code == 200
+            assert health.json()["models"]["flaky_double"]["restarts"] == 1
+        else:  # broken for good
+            assert statuses == [200, 200, 503, 503, 503], statuses
+            assert health.status_code == 503
+            assert health.json()["models"]["flaky_double"]["state"] == "broken"
 
 
 async def test_sigterm_ends_streams_and_status_feeds_instead_of_waiting_for_them() -> None:

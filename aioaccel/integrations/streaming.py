@@ -237,20 +237,21 @@ async def _abandon(runner: Runner, stream: Stream) -> None:
 
 
 def _withdraw_queued(runner: Runner, stream: Stream) -> None:
-    """Stopgap until ``Stream.withdraw()`` exists in the core: what a cancelled ``infer`` does
-    to its item, for each of this stream's items that no worker has claimed yet."""
+    """Stopgap until ``Stream.withdraw()`` exists in the core: what a cancelled ``infer``
+    does to its item (runner.py, ``_infer``), for each of this stream's items that no worker
+    has claimed yet; the ticket also leaves the stream's outbox, since nobody will consume
+    it. Its empty shell frees the slot when a worker reaches it, as for ``infer``."""
     lane = getattr(stream, "_lane", None)
-    pipeline = getattr(runner, "_pipeline", None)
-    unfinished = getattr(runner, "_unfinished", None)
-    if lane is None or pipeline is None or unfinished is None:
+    done = getattr(runner, "_done", None)
+    if lane is None or done is None:
         return
     try:
-        for item in list(lane.items):
-            if unfinished.get(item.seq) is item and pipeline.withdraw(item):
-                del unfinished[item.seq]
-                lane.items.remove(item)
-                runner._withdrawn += 1
-                runner._release(lane)
-        runner._check_idle()
+        for ticket in list(lane.tickets):
+            gen = ticket.gen
+            if (not ticket.done and done.unfinished.get(ticket.seq) is ticket
+                    and gen is not None and gen.pipeline.withdraw(ticket.job)):
+                ticket.withdrawn = True
+                done.withdrawn += 1
+                lane.tickets.remove(ticket)
     except AttributeError:  # the core changed shape: fall back to draining the results
         log.debug("stream withdrawal unavailable; draining instead", exc_info=True)

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # n
 
 from ..integrations.fastapi import Accel  # noqa: E402
 from ..integrations.streaming import CLOSE_POLICY  # noqa: E402
-from .status import HEALTHY, StatusFeed, model_state  # noqa: E402
+from .status import HEALTHY, StatusFeed, model_restarts, model_state  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -114,6 +114,7 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
         states = {name: model_state(runner) for name, runner in accel.runners.items()}
         ok = all(state in HEALTHY for state in states.values())
         body = {"ok": ok, "models": {name: {"state": state,
+                                            "restarts": model_restarts(accel.runners[name]),
                                             "in_flight": accel.runners[name].stats().in_flight,
                                             "maxsize": accel.runners[name].maxsize}
                                      for name, state in states.items()}}

@@ -146,7 +146,7 @@ def open_runners(args: argparse.Namespace) -> dict[str, aioaccel.Runner]:
         pairs = [p for p in args.restart.split(",") if p]
         try:
             options["restart"] = restart(**_key_values(pairs, "--restart"))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise UsageError(f"--restart: {exc}") from None
     runners: dict[str, aioaccel.Runner] = {}
     for index, spec in enumerate(args.model):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..runner import Runner
 
-__all__ = ["HEALTHY", "StatusFeed", "model_state"]
+__all__ = ["HEALTHY", "StatusFeed", "model_restarts", "model_state"]
 
 #: states in which a model answers requests
 HEALTHY = frozenset({"ready"})
@@ -31,6 +31,15 @@ def model_state(runner: Runner) -> str:
     if runner.closed:
         return "closed"
     return "ready"
+
+
+def model_restarts(runner: Runner) -> int | None:
+    """Recoveries since open, where the core reports them (self-healing), else None."""
+    health = getattr(runner, "health", None)
+    if callable(health):
+        restarts = getattr(health(), "restarts", None)
+        return restarts if isinstance(restarts, int) else None
+    return None
 
 
 def _latencies(stats: Any) -> dict[str, float]:
@@ -65,6 +74,7 @@ class StatusFeed:
             self._last[name] = (now, stats.completed)
             models[name] = {
                 "state": model_state(runner),
+                "restarts": model_restarts(runner),
                 "items_per_s": round(rate, 1),
                 "pushed": stats.pushed, "completed": stats.completed, "failed": stats.failed,
                 "withdrawn": stats.withdrawn, "discarded": stats.discarded,
