@@ -11,6 +11,7 @@ distribution, the raw vendor loop beside aioaccel. ``pip install 'aioaccel[plot]
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,11 +37,24 @@ def bench_figure(path: str | os.PathLike[str], *,
 
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     rate, cdf = figure.subplots(1, 2)
+    series = [*throughput, *(baseline or {})]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+    def color(label: str) -> str:
+        """One colour per series in both panels: a CDF label starting with a series' name
+        (before any " (...)") is that series."""
+        for n, name in enumerate(series):
+            if label.startswith(name.split(" (")[0]):
+                return palette[n % len(palette)]
+        series.append(label)  # a series of its own, with the next colour
+        return palette[(len(series) - 1) % len(palette)]
+
     for label, points in throughput.items():
         ordered = sorted(points)
-        rate.plot([x for x, _ in ordered], [y for _, y in ordered], marker="o", label=label)
+        rate.plot([x for x, _ in ordered], [y for _, y in ordered], marker="o", label=label,
+                  color=color(label))
     for label, value in (baseline or {}).items():
-        rate.axhline(value, linestyle="--", color="grey", label=label)
+        rate.axhline(value, linestyle="--", color=color(label), label=label)
     xs = sorted({x for points in throughput.values() for x, _ in points})
     if xs and xs[-1] / max(xs[0], 1e-9) >= 8:
         rate.set_xscale("log", base=2)
@@ -58,8 +72,8 @@ def bench_figure(path: str | os.PathLike[str], *,
             continue
         ordered_ms = sorted(v * 1e3 for v in values)
         n = len(ordered_ms)
-        cdf.step(ordered_ms, [(i + 1) / n for i in range(n)], where="post",
-                 label=f"{label} (p50 {ordered_ms[n // 2]:.2f} ms)")
+        cdf.step(ordered_ms, [(i + 1) / n for i in range(n)], where="post", color=color(label),
+                 label=f"{label} (p50 {statistics.median(ordered_ms):.2f} ms)")
     cdf.set_xscale("log")
     # 0.1, 0.2, 0.5, 1, 2, 5 ... in plain numbers: readable over a narrow range too
     cdf.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
