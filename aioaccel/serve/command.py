@@ -23,7 +23,7 @@ import aioaccel
 from .._optional import need
 from ..backends import BACKENDS
 
-__all__ = ["add_parser", "open_runners", "run"]
+__all__ = ["UsageError", "add_parser", "open_runners", "run"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
