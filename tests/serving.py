@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,10 @@ class Served:
     url: str
     port: int
     proc: subprocess.Popen[str]
+    log: Path  #: the server's stderr (a file: a pipe nobody reads could fill and stall it)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
 
     @property
     def ws(self) -> str:
@@ -50,9 +55,11 @@ def serve(*args: str, latency: float = 0.005, timeout: float = 60.0) -> Iterator
     it (if still running) and wait for it."""
     env = {**os.environ, "AIOACCEL_TEST_LATENCY": str(latency),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    proc = subprocess.Popen([sys.executable, "-W", "error", "-m", "aioaccel", "serve", *args,
-                             "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = Path(tempfile.mkstemp(prefix="aioaccel-serve-", suffix=".log")[1])
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-W", "error", "-m", "aioaccel", "serve",
+                                 *args, "--port", "0"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
@@ -60,10 +67,10 @@ def serve(*args: str, latency: float = 0.005, timeout: float = 60.0) -> Iterator
         match = _URL.search(line)
         if match is None:
             proc.kill()
-            _, err = proc.communicate(timeout=10)
-            raise AssertionError(f"aioaccel serve did not start: {line!r} {err}")
+            proc.wait(timeout=10)
+            raise AssertionError(f"aioaccel serve did not start: {line!r} {log.read_text()}")
         assert time.monotonic() < deadline
-        yield Served(match.group(1), int(match.group(2)), proc)
+        yield Served(match.group(1), int(match.group(2)), proc, log)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -72,6 +79,6 @@ def serve(*args: str, latency: float = 0.005, timeout: float = 60.0) -> Iterator
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        log.unlink(missing_ok=True)
