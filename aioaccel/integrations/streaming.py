@@ -80,6 +80,14 @@ class _Failed:
 
 
 _RESULT = object()   # a reply slot: the stream's next result
+#: JSON bigger than this (bytes) is parsed or written on a thread, not on the event loop
+_OFF_LOOP = 256 * 1024
+
+
+def _nbytes(outputs: Any) -> int:
+    if isinstance(outputs, dict):
+        return sum(getattr(v, "nbytes", 0) for v in outputs.values())
+    return int(getattr(outputs, "nbytes", 0))
 _END = object()      # no more frames
 
 
@@ -162,7 +170,8 @@ async def _read(runner: Runner, stream: Stream, socket: Socket, replies: asyncio
                 inputs = decode_inputs(message, NPY, runner.inputs)
             else:
                 try:
-                    frame = json.loads(message)
+                    frame = (json.loads(message) if len(message) <= _OFF_LOOP
+                             else await asyncio.to_thread(json.loads, message))
                 except ValueError as exc:
                     raise InputError(f"text frame is not JSON ({exc}); send "
                                      f'{{"tag": ..., "inputs": ...}} or a binary .npy') from None
@@ -181,8 +190,12 @@ async def _read(runner: Runner, stream: Stream, socket: Socket, replies: asyncio
                     next_tag, tagged = frame["tag"], True
                     continue
                 tag = frame.get("tag", index)
-                inputs = decode_inputs(json.dumps(frame["inputs"]).encode(),
-                                       "application/json", runner.inputs)
+                body = json.dumps(frame["inputs"]).encode()
+                if len(body) > _OFF_LOOP:
+                    inputs = await asyncio.to_thread(decode_inputs, body, "application/json",
+                                                     runner.inputs)
+                else:
+                    inputs = decode_inputs(body, "application/json", runner.inputs)
         except InputError as exc:
             index += 1
             await replies.put(_Failed(tag, 422, str(exc)))
@@ -209,7 +222,10 @@ async def _write(stream: Stream, socket: Socket, replies: asyncio.Queue[Any]) ->
             result = await anext(stream)
             head = json.dumps({"tag": result.tag, "seq": result.seq})
             if result.ok:
-                body, _ = encode_outputs(result.outputs, None)  # b'{"outputs": ...}'
+                if _nbytes(result.outputs) > _OFF_LOOP:  # JSON of big arrays takes long
+                    body, _ = await asyncio.to_thread(encode_outputs, result.outputs, None)
+                else:
+                    body, _ = encode_outputs(result.outputs, None)  # b'{"outputs": ...}'
                 text = head[:-1] + ", " + body.decode()[1:]
             else:
                 text = head[:-1] + ", " + json.dumps(
