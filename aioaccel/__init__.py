@@ -12,6 +12,7 @@ from .errors import DeviceTimeout as DeviceTimeout
 from .errors import InferenceError as InferenceError
 from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
+from .errors import ModelLoadError as ModelLoadError
 from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
@@ -22,6 +23,7 @@ from .runner import Runner as Runner
 from .stages import BlockingStage as BlockingStage
 from .stages import DeviceStage as DeviceStage
 from .stages import StageSpec as StageSpec
+from .stats import BatchStats as BatchStats
 from .stats import RunnerStats as RunnerStats
 from .stats import StageStats as StageStats
 from .streams import Stream as Stream
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelError",
     "BackendUnavailable",
+    "BatchStats",
     "BlockingStage",
     "Device",
     "DeviceError",
@@ -43,6 +46,7 @@ __all__ = [
     "InferenceError",
     "InputError",
     "Model",
+    "ModelLoadError",
     "OpenError",
     "Restart",
     "Result",

@@ -33,6 +33,8 @@ def open(
     retries: int = 0,
     warmup: int = 0,
     warmup_inputs: Any = None,
+    batch: int | str | None = None,
+    batch_wait: float = 0.002,
     **options: Any,
 ) -> Runner:
     """Make a runner for ``target``; open it with ``async with`` or ``await``.
@@ -48,8 +50,16 @@ def open(
     the failed device held (up to that many times each); ``warmup`` runs that many inferences
     on synthetic inputs of the model's spec (or ``warmup_inputs``) before admitting work.
 
+    Dynamic batching (see :mod:`aioaccel.batcher`): ``batch=N`` groups up to N admitted items
+    into one call of the first stage (inputs joined along axis 0, outputs split back per
+    item); ``batch="auto"`` measures the model at open and picks a size; ``batch_wait`` is the
+    longest a partial batch waits for more items while the device is busy.
+
     Other keyword options go to the backend. Nothing is loaded until the runner is opened.
     """
+    if batch is not None and batch != "auto" and (
+            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise ValueError(f"batch must be None, an int >= 1 or 'auto', got {batch!r}")
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     name = name or f"runner{next(_names)}"
@@ -58,23 +68,40 @@ def open(
         new_target = target if new_target is None else new_target
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
-        return functools.partial(_load, chosen, new_target, replicas, maxsize, name, merged)
+        return functools.partial(_load, chosen, new_target, replicas, maxsize, name, batch,
+                                 batch_wait, merged)
 
     if backend is None:
         resolve_backend(target)  # a bad target is refused here, not at open
     load = make_load(target, {})
     return Runner(load, maxsize=maxsize, name=name, call_timeout=call_timeout,
                   close_timeout=close_timeout, restart=restart, retries=retries,
-                  warmup=warmup, warmup_inputs=warmup_inputs, reopen=make_load)
+                  warmup=warmup, warmup_inputs=warmup_inputs, batch_wait=batch_wait,
+                  reopen=make_load)
 
 
 def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, runner_name: str,
-          options: dict[str, Any]) -> Any:
+          batch: int | str | None, batch_wait: float, options: dict[str, Any]) -> Model:
     """Runs on the runner's load thread: deciding the backend may import a runtime."""
-    load = get_backend(backend_name or resolve_backend(target)).load
+    name = backend_name or resolve_backend(target)
+    load = get_backend(name).load
     accepted = inspect.signature(load).parameters
     if "maxsize" in accepted:  # it bounds the vendor's own queues
         options = {**options, "maxsize": maxsize}
     if "runner_name" in accepted:  # it names its helper threads after the runner
         options = {**options, "runner_name": runner_name}
-    return load(target, replicas=replicas, **options)
+
+    def load_backend(size: int | None) -> Model:
+        extra = {} if size is None or size == 1 else {"batch": size}
+        if extra and "batch" not in accepted:
+            raise ValueError(f"the {name} backend cannot batch (batch={size} given): its "
+                             f"runtime takes one item per call")
+        model: Model = load(target, replicas=replicas, **options, **extra)
+        model.batch = size or 1
+        return model
+
+    if batch is None or batch == 1:
+        return load_backend(None)
+    from .batching import load_model
+
+    return load_model(load_backend, batch, batch_wait)

@@ -62,10 +62,12 @@ class Bridge:
         self._scheduled = False
         self._oldest = 0.0  # completion time of the oldest deferred job, 0 if none
         self._receiver: Callable[[], Receiver | None] = weakref.ref(receiver)
+        self._detached = False
 
     def detach(self) -> None:
-        """Drop whatever arrives from now on (the pipeline behind it was replaced)."""
-        self._receiver = _nobody
+        """Drop the jobs and fatal errors that arrive from now on (the pipeline behind it was
+        replaced); its workers' exits still arrive, so stopping it can wait for them."""
+        self._detached = True
 
     # ---- called from any thread ---------------------------------------------------------
     def deliver(self, job: Any, now: float = 0.0, defer: bool = False) -> None:
@@ -119,7 +121,7 @@ class Bridge:
 
     def _fatal(self, error: BaseException, stage: str) -> None:
         receiver = self._receiver()
-        if receiver is not None:
+        if receiver is not None and not self._detached:
             receiver.on_fatal(error, stage)
 
     def _drain(self) -> None:
@@ -132,9 +134,5 @@ class Bridge:
             except IndexError:
                 break
         receiver = self._receiver()
-        if receiver is not None and jobs:
+        if receiver is not None and jobs and not self._detached:
             receiver.on_jobs(jobs)
-
-
-def _nobody() -> None:
-    return None

@@ -3,9 +3,10 @@
 * ``aioaccel demo`` -- builds an embedded model, runs it on the CPU as a multi-segment pipeline
   over a stream of frames, and compares it with running the whole model sequentially.
 * ``aioaccel info MODEL`` -- a model's inputs and outputs.
-* ``aioaccel bench MODEL... [--backend --device --segments --concurrency --count --json]`` --
-  items/s and latency through aioaccel (concurrent ``infer`` callers) against the raw vendor
-  loop on the same model; ``MODEL`` may be ``builtin`` (the demo's conv model).
+* ``aioaccel bench MODEL... [--backend --device --segments --concurrency --count --rounds
+  --shape NAME=D1,D2,... --input FILE.npz --json]`` -- items/s and latency through aioaccel
+  (concurrent ``infer`` callers) against the raw vendor loop on the same model, in interleaved
+  rounds; prints the input shapes used; ``MODEL`` may be ``builtin`` (the demo's conv model).
 * ``aioaccel devices [--json]`` -- the devices this machine has, and what to install for the
   runtimes that are missing.
 * ``aioaccel serve MODEL... [--name --backend --device --maxsize --replicas --host --port
@@ -35,6 +36,8 @@ from aioaccel.backends import BACKENDS
 from aioaccel.serve.command import add_parser as add_serve_parser
 from aioaccel.serve.command import run as run_serve
 from aioaccel.tensors import format_shape
+
+__all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 DEMO_BACKENDS = ("litert", "onnx", "openvino")
@@ -82,6 +85,13 @@ def _main(argv: list[str] | None = None) -> int:
     bench.add_argument("--concurrency", type=int, default=8, help="concurrent infer callers")
     bench.add_argument("--count", type=int, default=500, help="items to run (default 500)")
     bench.add_argument("--json", action="store_true", help="print JSON for programs")
+    bench.add_argument("--shape", action="append", metavar="NAME=D1,D2,...",
+                       help="shape of an input with dynamic dimensions (repeatable), "
+                            "e.g. --shape images=1,3,640,640")
+    bench.add_argument("--input", metavar="FILE.npz",
+                       help="input arrays by name (np.savez), instead of random data")
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="raw and aioaccel rounds, interleaved (default 5)")
     bench.add_argument("--plot", default=None, metavar="OUT.png",
                        help="also sweep the concurrency and draw throughput and the latency "
                             "CDF beside the raw loop (needs aioaccel[plot])")
@@ -105,8 +115,8 @@ def _main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_demo(args.backend, args.segments, args.frames, args.depth,
                                         args.rounds))
         if args.command == "bench":
-            if args.count < 1 or args.concurrency < 1 or args.segments < 1:
-                parser.error("need --count, --concurrency and --segments >= 1")
+            if min(args.count, args.concurrency, args.segments, args.rounds) < 1:
+                parser.error("need --count, --concurrency, --segments and --rounds >= 1")
             if args.segments > 1 and args.model != ["builtin"]:
                 parser.error("--segments splits the builtin model; give segment files instead")
             return asyncio.run(run_bench(args))
@@ -144,36 +154,21 @@ def show_devices(as_json: bool) -> int:
     return EXIT_OK
 
 
-def _example_input(runner: aioaccel.Runner, seed: int) -> Any:
-    specs = runner.inputs
-    if not specs or any(s.shape is None for s in specs):
-        raise ValueError("this backend does not describe its input shapes: aioaccel bench "
-                         "needs a model whose input spec is known")
-    rng = np.random.default_rng(seed)
-    arrays = {s.name: rng.standard_normal([d or 1 for d in s.shape or ()]).astype(s.dtype)
-              for s in specs}
-    return arrays if len(arrays) > 1 else next(iter(arrays.values()))
-
-
-def _raw_loop(backend: str, files: list[Path]) -> Any:
-    """The vendor API called in a plain loop (segments one after another), or None."""
-    from aioaccel.testing.vendor import raw_model
-
-    if backend not in ("litert", "onnx", "openvino"):
-        return None
-    steps = [raw_model(backend, f, threads=None) for f in files]
-
-    def run(x: Any) -> Any:
-        for step in steps:
-            x = step(x)
-        return x
-    return run
+def _interleaved(count: int, rounds: int) -> list[int]:
+    """Items per round: ``count`` split over ``rounds`` (raw and aioaccel alternate)."""
+    rounds = max(1, min(rounds, count))
+    return [count // rounds + (i < count % rounds) for i in range(rounds)]
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     last = len(ordered) - 1
     return ordered[round(0.5 * last)], ordered[round(0.99 * last)]
+
+
+def _row(count: int, elapsed: float, latencies: list[float]) -> dict[str, float]:
+    p50, p99 = _percentiles(latencies)
+    return {"items_per_s": count / elapsed, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
 
 
 async def run_bench(args: argparse.Namespace) -> int:
@@ -183,7 +178,11 @@ async def run_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
+    from .bench import bench_inputs, describe_inputs, parse_shapes, raw_chain
+
     console = Console(stderr=args.json)
+    shapes = parse_shapes(args.shape or [])
+    npz = Path(args.input) if args.input else None
     with tempfile.TemporaryDirectory(prefix="aioaccel-bench-") as tmp:
         if args.model == ["builtin"]:
             from aioaccel.testing.models import conv_chain
@@ -208,69 +207,75 @@ async def run_bench(args: argparse.Namespace) -> int:
         maxsize = max(8, 2 * args.concurrency)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             console=console, transient=True)
-        rows: dict[str, dict[str, float]] = {}
-        samples: dict[str, list[float]] = {}  # per mode, per-item latencies (for --plot)
+        raw_latencies: list[float] = []
+        ours_latencies: list[float] = []
+        raw_elapsed = ours_elapsed = 0.0
         async with aioaccel.open(target, backend=backend, maxsize=maxsize, name="bench",
                                  **options) as runner:
-            x = _example_input(runner, 0)
+            x = bench_inputs(runner.inputs, shapes, npz)
+            used = describe_inputs(x)
+            console.print(f"inputs: {used}", soft_wrap=True)
             await runner.infer(x)  # warm-up
-            raw = _raw_loop(backend, whole) if not isinstance(x, dict) else None
+            raw = await asyncio.to_thread(raw_chain, backend, whole)
+            if raw is not None:
+                raw(x)
+            share_rounds = _interleaved(args.count, args.rounds)
             with progress:
-                if raw is not None:
-                    raw(x)
-                    task = progress.add_task("raw vendor loop", total=args.count)
-                    latencies = []
-                    started = time.perf_counter()
-                    for _ in range(args.count):
-                        t0 = time.perf_counter()
-                        raw(x)
-                        latencies.append(time.perf_counter() - t0)
-                        progress.advance(task)
-                    elapsed = time.perf_counter() - started
-                    p50, p99 = _percentiles(latencies)
-                    samples["raw vendor loop"] = latencies
-                    rows["raw vendor loop"] = {"items_per_s": args.count / elapsed,
-                                               "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
+                raw_task = (progress.add_task("raw vendor loop", total=args.count)
+                            if raw is not None else None)
                 task = progress.add_task(f"aioaccel, {args.concurrency} callers",
                                          total=args.count)
-                latencies = []
-                share = [args.count // args.concurrency + (i < args.count % args.concurrency)
-                         for i in range(args.concurrency)]
+                for items in share_rounds:  # raw and aioaccel rounds alternate
+                    if raw is not None and raw_task is not None:
+                        started = time.perf_counter()
+                        for _ in range(items):
+                            t0 = time.perf_counter()
+                            raw(x)  # on the loop on purpose: nothing else runs meanwhile
+                            raw_latencies.append(time.perf_counter() - t0)
+                            progress.advance(raw_task)
+                        raw_elapsed += time.perf_counter() - started
+                    share = [items // args.concurrency + (i < items % args.concurrency)
+                             for i in range(args.concurrency)]
 
-                async def caller(n: int) -> None:
-                    for _ in range(n):
-                        t0 = time.perf_counter()
-                        await runner.infer(x)
-                        latencies.append(time.perf_counter() - t0)
-                        progress.advance(task)
+                    async def caller(n: int) -> None:
+                        for _ in range(n):
+                            t0 = time.perf_counter()
+                            await runner.infer(x)
+                            ours_latencies.append(time.perf_counter() - t0)
+                            progress.advance(task)
 
-                started = time.perf_counter()
-                await asyncio.gather(*(caller(n) for n in share))
-                elapsed = time.perf_counter() - started
-                p50, p99 = _percentiles(latencies)
-                samples[f"aioaccel, {args.concurrency} callers"] = latencies
-                rows["aioaccel"] = {"items_per_s": args.count / elapsed, "p50_ms": p50 * 1e3,
-                                    "p99_ms": p99 * 1e3}
+                    started = time.perf_counter()
+                    await asyncio.gather(*(caller(n) for n in share))
+                    ours_elapsed += time.perf_counter() - started
             stages = [s.name for s in runner.stats().stages]
             if args.plot:
                 sweep = await concurrency_sweep(runner, x, args.count, args.concurrency)
+    rows: dict[str, dict[str, float]] = {}
+    if raw is not None:
+        rows["raw vendor loop"] = _row(args.count, raw_elapsed, raw_latencies)
+    rows["aioaccel"] = _row(args.count, ours_elapsed, ours_latencies)
     base = rows.get("raw vendor loop", {}).get("items_per_s")
     for row in rows.values():
         row["vs_raw"] = row["items_per_s"] / base if base else float("nan")
     if args.plot:
         from .plots import bench_figure
 
+        samples = {"raw vendor loop": raw_latencies,
+                   f"aioaccel, {args.concurrency} callers": ours_latencies}
         bench_figure(args.plot, throughput={"aioaccel": sweep}, latencies=samples,
                      baseline={"raw vendor loop (one thread)": base} if base else None,
                      title=f"{', '.join(args.model)} on {backend}")
         console.print(f"plot written to {args.plot}")
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend, "stages": stages,
+                          "inputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
+                                     for k, v in x.items()},
                           "concurrency": args.concurrency, "count": args.count,
-                          "results": rows}, indent=2))
+                          "rounds": len(share_rounds), "results": rows}, indent=2))
         return EXIT_OK
     table = Table(title=f"aioaccel bench: {', '.join(args.model)} on {backend} "
-                        f"({len(stages)} stage(s), {args.count} items)")
+                        f"({len(stages)} stage(s), {args.count} items in "
+                        f"{len(share_rounds)} interleaved rounds)")
     for column in ("mode", "items/s", "vs raw loop", "p50 ms", "p99 ms"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for name, row in rows.items():
@@ -319,6 +324,10 @@ async def run_info(models: list[str], backend: str | None) -> int:
                 table.add_row(kind, spec.name, spec.dtype, format_shape(spec.shape))
         Console().print(table)
         print(f"stages: {[s.name for s in runner.stats().stages]}")
+        info = getattr(runner, "info", None) or getattr(runner._model, "info", {})
+        runtime = info.get("interpreter") or info.get("openvino") or info.get("providers")
+        print(f"backend: {info.get('backend', backend)}"
+              + (f" (runtime: {runtime})" if runtime else ""))
     return EXIT_OK
 
 

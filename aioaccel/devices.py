@@ -48,8 +48,11 @@ def _missing(backend: str, what: str) -> Device:
 
 
 def _litert() -> list[Device]:
-    importlib.import_module("ai_edge_litert.interpreter")
-    return [Device("litert", "cpu", f"LiteRT {_version('ai_edge_litert')} on the CPU "
+    from .backends.litert import interpreter_module, interpreter_name
+
+    # ai_edge_litert, else tflite_runtime (what pycoral builds its interpreters with)
+    name = interpreter_name(interpreter_module())
+    return [Device("litert", "cpu", f"LiteRT ({name} interpreter) on the CPU "
                    f"({os.cpu_count()} cores)", options={"backend": "litert"})]
 
 

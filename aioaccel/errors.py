@@ -11,6 +11,7 @@
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
      ├── OpenError           a backend load or stage factory failed (cause chained)
+     │    └── ModelLoadError a runtime cannot read or convert a model file (also ValueError)
      └── BackendUnavailable  a runtime is not installed (the message says what to install)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
@@ -29,6 +30,7 @@ __all__ = [
     "InferTimeout",
     "InferenceError",
     "InputError",
+    "ModelLoadError",
     "OpenError",
     "RunnerClosed",
     "WouldBlock",
@@ -89,6 +91,12 @@ class OpenError(AccelError):
     """Opening a runner failed: a backend's load or a stage factory raised. The original
     exception is ``__cause__``; for the common built-in types (``ValueError``, ``OSError``,
     ``RuntimeError``, ...) the error is also an instance of that type."""
+
+
+class ModelLoadError(OpenError, ValueError):
+    """A runtime cannot read or convert a model file: the message names the file, the runtime
+    and its reason; the runtime's exception is ``__cause__``."""
+
 
 
 # ---- translation at the boundary -------------------------------------------------------------

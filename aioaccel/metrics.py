@@ -15,7 +15,15 @@ metrics add ``stream``):
 * counters ``items_pushed_total``, ``items_completed_total``, ``items_failed_total``,
   ``items_discarded_total``, ``items_withdrawn_total``, ``stage_calls_total``,
   ``stream_items_completed_total``, ``stream_items_failed_total``
-* histogram ``latency_seconds`` (admission to completion, successful items)
+* histograms ``latency_seconds`` (admission to completion, successful items),
+  ``recovery_seconds`` (fatal failure to serving again)
+* counters ``restarts_total``, ``items_retried_total``, ``duplicate_completions_total``,
+  ``state_seconds_total`` (labelled ``state``), ``batches_total``, ``batch_size_calls_total``
+  (labelled ``size``)
+* gauges ``ready``, latency split three ways as Triton reports it: ``queue_seconds_p50/p99``
+  (admitted until a worker took it), ``device_seconds_p50/p99`` (in stage calls / on the
+  device), ``latency_seconds_p50/p99`` (end to end); ``warmup_seconds``, ``batch_fill``,
+  ``batch_wait_seconds_mean``
 * gauges ``in_flight``, ``maxsize``, ``waiting``, ``peak_admitted``, ``throughput``
   (items/s since open), ``stage_queue_depth``, ``stage_busy_ratio``, ``stage_in_device``,
   ``stage_workers``, ``stream_in_flight``
@@ -83,6 +91,25 @@ class RunnerCollector:
         latency = core.HistogramMetricFamily(
             "aioaccel_latency_seconds", "seconds from admission to completion",
             labels=["runner"])
+        recovery = core.HistogramMetricFamily(
+            "aioaccel_recovery_seconds", "seconds from a fatal failure to serving again",
+            labels=["runner"])
+        state_time = core.CounterMetricFamily(
+            "aioaccel_state_seconds", "seconds spent in each health state",
+            labels=["runner", "state"])
+        up = core.GaugeMetricFamily("aioaccel_ready", "1 while the runner is ready",
+                                    labels=["runner"])
+        batches = core.CounterMetricFamily("aioaccel_batches", "batched calls of the first stage",
+                                           labels=["runner"])
+        batch_fill = core.GaugeMetricFamily("aioaccel_batch_fill",
+                                            "mean items per batch as a fraction of its size",
+                                            labels=["runner"])
+        batch_sizes = core.CounterMetricFamily("aioaccel_batch_size_calls",
+                                               "batched calls per batch size",
+                                               labels=["runner", "size"])
+        batch_wait = core.GaugeMetricFamily("aioaccel_batch_wait_seconds_mean",
+                                            "mean wait of an item for its batch",
+                                            labels=["runner"])
         for runner in list(self._runners):
             stats = runner.stats()
             for family, field in per_runner:
@@ -90,6 +117,19 @@ class RunnerCollector:
             latency.add_metric([stats.name],
                                [(_le(bound), count) for bound, count in stats.latency_buckets],
                                stats.latency_sum)
+            if stats.recovery_buckets:
+                recovery.add_metric([stats.name], [(_le(b), c) for b, c in stats.recovery_buckets],
+                                    stats.recovery_sum)
+            for state, seconds in (stats.state_seconds or {}).items():
+                state_time.add_metric([stats.name, state], seconds)
+            up.add_metric([stats.name], 1.0 if stats.state == "ready" else 0.0)
+            if stats.batching is not None:
+                b = stats.batching
+                batches.add_metric([stats.name], b.batches)
+                batch_fill.add_metric([stats.name], b.fill)
+                batch_wait.add_metric([stats.name], b.wait_mean)
+                for size, calls in b.sizes:
+                    batch_sizes.add_metric([stats.name, str(size)], calls)
             for stage in stats.stages:
                 for family, field in per_stage:
                     family.add_metric([stats.name, stage.name], getattr(stage, field))
@@ -98,7 +138,8 @@ class RunnerCollector:
                     family.add_metric([stats.name, str(stream.key)], getattr(stream, field))
         for family, _ in (*per_runner, *per_stage, *per_stream):
             yield family
-        yield latency
+        yield from (latency, recovery, state_time, up, batches, batch_fill, batch_sizes,
+                    batch_wait)
 
 
 # (name after "aioaccel_", kind, stats field, help); counters get "_total" from the client
@@ -115,6 +156,17 @@ _RUNNER = (
     ("waiting", "gauge", "waiting", "push/infer calls waiting for space"),
     ("peak_admitted", "gauge", "peak_admitted", "high-water mark of in_flight"),
     ("throughput", "gauge", "throughput", "completed items per second since open"),
+    ("duplicate_completions", "counter", "duplicates",
+     "completions a device reported twice for one item (ignored)"),
+    ("restarts", "counter", "restarts", "recoveries from fatal failures"),
+    ("items_retried", "counter", "retried", "items re-run after a device failure"),
+    ("queue_seconds_p50", "gauge", "queue_p50", "time queued before a worker took an item"),
+    ("queue_seconds_p99", "gauge", "queue_p99", "time queued before a worker took an item"),
+    ("device_seconds_p50", "gauge", "device_p50", "time in stage calls or on the device"),
+    ("device_seconds_p99", "gauge", "device_p99", "time in stage calls or on the device"),
+    ("latency_seconds_p50", "gauge", "latency_p50", "admission to completion, recent items"),
+    ("latency_seconds_p99", "gauge", "latency_p99", "admission to completion, recent items"),
+    ("warmup_seconds", "gauge", "warmup_seconds", "time the warm-up took at open"),
 )
 _STAGE = (
     ("stage_queue_depth", "gauge", "queue_depth", "items waiting in front of the stage"),

@@ -22,6 +22,7 @@ from queue import Empty, SimpleQueue
 from time import perf_counter
 from typing import Any, Protocol
 
+from .batcher import Batch, BatchCounters, gather, run_batch
 from .bridge import SHORT_CALL, Bridge
 from .errors import DeviceError
 from .stages import BlockingStage, DeviceStage, StageSpec
@@ -43,11 +44,16 @@ class Job:
     """What travels through the stages for one admitted item (owned by one thread at a time:
     the worker or device holding it, then the loop once the bridge delivered it)."""
 
-    __slots__ = ("at", "error", "failed_stage", "seq", "state", "stream", "t_done", "t_start",
-                 "value", "work")
+    __slots__ = ("abandoned", "at", "error", "failed_stage", "seq", "solo", "state", "stream",
+                 "t_admit", "t_done", "t_start", "value", "work")
 
-    def __init__(self, seq: int, value: Any, stream: int = 0):
+    def __init__(self, seq: int, value: Any, stream: int = 0, t_admit: float = 0.0):
         self.seq = seq
+        self.t_admit = t_admit        # when the runner admitted it (read-only here)
+        self.solo = False             # run on its own, never in a batch (a failed batch's)
+        #: set by the runner when the infer() waiting for it is gone (cancelled or timed out)
+        #: after a worker took it: a device stage may drop it (its result would be discarded)
+        self.abandoned = False
         self.value = value            # the inputs, then each stage's outputs
         self.stream = stream          # the runner's stream index (MemryX stream_idx)
         self.error: BaseException | None = None
@@ -108,8 +114,13 @@ class Worker:
 
 
 class Pipeline:
-    def __init__(self, specs: list[StageSpec], bridge: Bridge, runner_name: str, maxsize: int):
+    def __init__(self, specs: list[StageSpec], bridge: Bridge, runner_name: str, maxsize: int,
+                 batch: int = 1, batch_wait: float = 0.0):
         self.specs = specs
+        #: stage 0 groups up to ``batch`` rows per call (1: no batching); see aioaccel.batcher
+        self.batch = batch
+        self.batch_wait = batch_wait
+        self.batching = BatchCounters(batch) if batch > 1 else None
         # A worker may defer the loop's wake-up only while it has more than this much input
         # queued: the other half keeps it busy while the loop consumes and refills (a batch of
         # the whole window would leave it idle during the loop's turn).
@@ -189,19 +200,26 @@ class Pipeline:
         wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
         """
         deliver = self.bridge.deliver
-        if index == len(self.specs) - 1:
-            def forward(job: Job, now: float, defer: bool = False) -> None:
+
+        def leave(job: Any, now: float, defer: bool = False) -> None:
+            if type(job) is Batch:  # the split happens once, as the batch leaves
+                members = job.unbatch(now)
+                for member in members[:-1]:
+                    deliver(member, now, True)
+                deliver(members[-1], now, defer)
+            else:
                 job.t_done = now
                 deliver(job, now, defer)
-        else:
-            put = self.queues[index + 1].put
 
-            def forward(job: Job, now: float, defer: bool = False) -> None:
-                if job.error is not None:
-                    job.t_done = now
-                    deliver(job, now, defer)
-                else:
-                    put(job)
+        if index == len(self.specs) - 1:
+            return leave
+        put = self.queues[index + 1].put
+
+        def forward(job: Job, now: float, defer: bool = False) -> None:
+            if job.error is not None:
+                leave(job, now, defer)
+            else:
+                put(job)
         return forward
 
     def _fatal(self, exc: BaseException, stage: str) -> None:
@@ -227,10 +245,13 @@ class Pipeline:
                 self.bridge.ready(w, exc)
                 return
             self.bridge.ready(w, None)
+            run = stage.run if isinstance(stage, BlockingStage) else stage
             if isinstance(stage, DeviceStage):
                 self._feed_device(w, stage)
+            elif w.index == 0 and self.batching is not None:
+                self._run_batched(w, run)
             else:
-                self._run_blocking(w, stage.run if isinstance(stage, BlockingStage) else stage)
+                self._run_blocking(w, run)
         except BaseException as exc:  # a bug here must not strand the waiters
             self._fatal(exc, w.spec.name)
         finally:
@@ -306,6 +327,60 @@ class Pipeline:
             w.calls += 1
             job.at = w.index + 1
             forward(job, t1, t1 - t0 < SHORT_CALL and pending() > depth)
+
+    def _run_batched(self, w: Worker, run: Callable[[Any], Any]) -> None:
+        """Stage 0 with batching: each call takes what is queued, up to ``batch`` rows."""
+        queue = self.queues[0]
+        get, get_nowait, flush, claim = queue.get, queue.get_nowait, self.bridge.flush, self._claim
+        forward = self._forward(0)
+        counters = self.batching
+        assert counters is not None
+        siblings = [o for o in self.workers if o.index == 0 and o is not w]
+
+        def shell(job: Job) -> None:
+            forward(job, perf_counter())
+
+        def device_busy() -> bool:
+            return any(o.call_started for o in siblings)
+
+        name = w.spec.name
+        following: Any = None
+        while True:
+            if following is not None:
+                job, following = following, None
+            else:
+                try:
+                    job = get_nowait()
+                except Empty:
+                    flush()
+                    job = get()
+            if job is _STOP:
+                return
+            if self.stopping:
+                continue
+            if not claim(job):
+                shell(job)
+                continue
+            jobs, following = gather(job, get_nowait, get, self.batch,
+                                     job.t_admit + self.batch_wait, device_busy, claim, shell,
+                                     _STOP)
+            t0 = w.call_started = perf_counter()
+            for j in jobs:
+                j.t_start = t0
+            try:
+                out = run_batch(run, jobs, name, counters, t0)
+            except DeviceError as exc:
+                self._fatal(exc, name)
+                return
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: nothing sane remains
+                self._fatal(exc, name)
+                return
+            t1 = perf_counter()
+            w.call_started = 0.0
+            w.busy += t1 - t0
+            w.calls += len(jobs)
+            for k, item in enumerate(out):
+                forward(item, t1, k < len(out) - 1)
 
     def _feed_device(self, w: Worker, device: DeviceStage) -> None:
         queue = self.queues[w.index]

@@ -47,7 +47,7 @@ from .errors import (
 from .lanes import Lane
 from .pipeline import Job
 from .recovery import Health, HealthState, Restart, RestartBudget
-from .stats import LatencyHistogram, RunnerStats, StageStats
+from .stats import BatchStats, LatencyHistogram, RunnerStats, StageStats
 from .streams import Stream
 from .supervisor import Generation, load_model
 from .watchdog import Watchdog
@@ -128,7 +128,7 @@ class Runner:
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
                  call_timeout: float | None = None, close_timeout: float = 10.0,
                  restart: Restart | None = None, retries: int = 0, warmup: int = 0,
-                 warmup_inputs: Any = None,
+                 warmup_inputs: Any = None, batch_wait: float = 0.002,
                  reopen: Callable[..., Callable[[], Model]] | None = None):
         if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
             raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
@@ -147,6 +147,9 @@ class Runner:
         self._retries = retries
         self._warmup = warmup
         self._warmup_inputs = warmup_inputs
+        if not isinstance(batch_wait, (int, float)) or batch_wait < 0:
+            raise ValueError(f"batch_wait must be a number of seconds >= 0, got {batch_wait!r}")
+        self._batch_wait = float(batch_wait)
         self._recovered = asyncio.Event()         # set while not recovering
         self._recovered.set()
         self._recovery: asyncio.Task[None] | None = None
@@ -211,7 +214,8 @@ class Runner:
         gen: Generation | None = None
         try:
             model = self._model = await load_model(self._load, self.name)
-            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize)
+            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize,
+                                         self._batch_wait)
             self._prepare = model.prepare
             self._submit = gen.pipeline.queues[0].put
             await gen.start()
@@ -238,7 +242,8 @@ class Runner:
     async def _start_generation(self, load: Callable[[], Model]) -> Generation:
         """Load, start and warm up a new generation (for a restart or a reload)."""
         model = await load_model(load, self.name)
-        gen = Generation(self.name, model, self._loop, self, self._maxsize)  # type: ignore[arg-type]
+        gen = Generation(self.name, model, self._loop, self,  # type: ignore[arg-type]
+                         self._maxsize, self._batch_wait)
         try:
             await gen.start()
             await gen.warm_up(self._warmup, self._warmup_inputs)
@@ -399,8 +404,9 @@ class Runner:
     def _enqueue(self, lane: Lane, inputs: Any, tag: Any,
                  future: asyncio.Future[Any] | None) -> Ticket:
         seq = next(self._seq)
-        job = Job(seq, inputs, lane.index)
-        ticket = Ticket(seq, tag, lane, future, job, perf_counter())
+        now = perf_counter()
+        job = Job(seq, inputs, lane.index, now)
+        ticket = Ticket(seq, tag, lane, future, job, now)
         ticket.gen = self._gen
         if self._retries:
             ticket.inputs = inputs  # kept to re-run it after a restart
@@ -515,6 +521,8 @@ class Runner:
                 # so the hand-off never holds more than maxsize jobs.
                 ticket.withdrawn = True
                 self._done.withdrawn += 1
+            else:
+                ticket.job.abandoned = True  # a device stage may cancel its remote work
             raise
 
     # ---- streams ------------------------------------------------------------------------
@@ -741,7 +749,7 @@ class Runner:
         queue, self._retry_queue = self._retry_queue, []
         gen = self._gen
         for ticket in sorted(queue, key=lambda t: t.seq):
-            job = Job(ticket.seq, ticket.inputs, ticket.lane.index)
+            job = Job(ticket.seq, ticket.inputs, ticket.lane.index, ticket.t_admit)
             ticket.job = job
             ticket.gen = gen
             self._retried += 1
@@ -751,8 +759,8 @@ class Runner:
         started = perf_counter()
         budget = self._restart
         assert budget is not None
-        if old is not None:
-            await old.stop(0.5)  # releases the device, abandoning a hung thread
+        if old is not None:  # release the device; a hung thread is abandoned, not awaited
+            await old.stop(0.05 if isinstance(err, DeviceTimeout) else 0.5)
         while True:
             await asyncio.sleep(budget.delay())
             try:
@@ -925,7 +933,17 @@ class Runner:
             retried=self._retried, recovery_buckets=self._recovery_times.cumulative(),
             recovery_sum=self._recovery_times.sum, warmup_seconds=self._warmup_seconds,
             state_seconds=self.health().state_seconds,
+            batching=self._batch_stats(),
         )
+
+    def _batch_stats(self) -> BatchStats | None:
+        counters = self._gen.pipeline.batching if self._gen is not None else None
+        if counters is None:
+            return None
+        return BatchStats(size=counters.limit, batches=counters.batches, items=counters.items,
+                          sizes=tuple(sorted(counters.sizes.items())),
+                          fallbacks=counters.fallbacks,
+                          wait_mean=counters.waited / counters.items if counters.items else 0.0)
 
     def __repr__(self) -> str:
         return (f"<Runner {self.name!r} {self._state.value} "

@@ -49,7 +49,9 @@ class DeviceStage(ABC):
 
     @abstractmethod
     def submit(self, token: object, inputs: Any) -> None:
-        """Hand one item to the device. May block while the device is full (backpressure)."""
+        """Hand one item to the device. May block while the device is full (backpressure).
+        ``token.abandoned`` turns True (set on the loop, read it as a hint) when the ``infer``
+        waiting for the item is gone: a remote device may cancel or skip its work."""
 
     def submit_stream(self, token: object, inputs: Any, stream: int) -> None:
         """Like :meth:`submit`, for devices that keep the runner's streams apart (MemryX

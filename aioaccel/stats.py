@@ -7,8 +7,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "LatencyWindow", "RunnerStats", "StageStats",
-           "StreamStats"]
+__all__ = ["LATENCY_BUCKETS", "BatchStats", "LatencyHistogram", "LatencyWindow", "RunnerStats",
+           "StageStats", "StreamStats"]
 
 #: upper bounds (seconds) of the cumulative latency histogram (Prometheus-style ``le``)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -30,6 +30,24 @@ class StreamStats:
     weight: float = 1.0
     priority: int = 0
     reserve: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What dynamic batching did (``open(batch=...)``)."""
+
+    size: int            #: most rows per call
+    batches: int         #: calls of the first stage
+    items: int           #: items they carried
+    #: calls per batch size, as (size, calls), smallest first
+    sizes: tuple[tuple[int, int], ...]
+    fallbacks: int       #: batched calls that failed and were re-run item by item
+    wait_mean: float     #: mean seconds an item waited, from admission, for its call
+
+    @property
+    def fill(self) -> float:
+        """Mean items per call as a fraction of ``size``."""
+        return self.items / (self.batches * self.size) if self.batches else 0.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,8 @@ class RunnerStats:
     warmup_seconds: float = 0.0  #: time the warm-up inferences took at open
     #: seconds spent in each lifecycle state since the runner was made
     state_seconds: dict[str, float] | None = None
+    #: dynamic batching, when the runner was opened with ``batch=``
+    batching: BatchStats | None = None
 
     @property
     def throughput(self) -> float:

@@ -43,13 +43,14 @@ class Generation:
     failures on to the runner."""
 
     def __init__(self, runner_name: str, model: Model, loop: asyncio.AbstractEventLoop,
-                 runner: Receiver, maxsize: int):
+                 runner: Receiver, maxsize: int, batch_wait: float = 0.0):
         self.runner_name = runner_name
         self.model = model
         self.loop = loop
         self._runner: Callable[[], Receiver | None] = weakref.ref(runner)
         self.bridge = Bridge(loop, self)
-        self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize)
+        self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize,
+                                 batch=model.batch, batch_wait=batch_wait)
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
         #: jobs not handed back yet; counted down here, set by the runner when it matters

@@ -109,4 +109,5 @@ class InputValidator:
         if spec.dynamic and value.nbytes > self.max_bytes:
             raise InputError(f"{where}: {value.nbytes} bytes is over the cap of {self.max_bytes} "
                              f"bytes for dynamic shapes (max_input_bytes=)")
-        return np.ascontiguousarray(value)
+        # (np.ascontiguousarray would turn a 0-d scalar input into shape (1,))
+        return value if value.flags.c_contiguous else np.ascontiguousarray(value)

@@ -119,7 +119,8 @@ async def test_cast_opt_in_and_byte_cap_for_dynamic_shapes(backend: str, tmp_pat
 
 @pytest.mark.parametrize("backend", ["litert", "onnx"])
 async def test_segments_must_be_fed_by_earlier_segments(backend: str, tmp_path: Path) -> None:
-    chain = dense_chain(8, 4)
+    # inputs=5: reversed, the segments chain neither by name nor by position ((1, 8) -> (1, 5))
+    chain = dense_chain(8, 4, inputs=5)
     paths = model_target(backend, chain, tmp_path, 2)
     with pytest.raises(ValueError, match="segment 1 .* needs tensor 'input'"):
         async with aioaccel.open(paths[::-1], backend=backend):
@@ -127,7 +128,7 @@ async def test_segments_must_be_fed_by_earlier_segments(backend: str, tmp_path: 
 
 
 async def test_openvino_pipeline_checks_its_models_too(tmp_path: Path) -> None:
-    parts = [part.openvino_model() for part in dense_chain(8, 4).split(2)]
+    parts = [part.openvino_model() for part in dense_chain(8, 4, inputs=5).split(2)]
     with pytest.raises(ValueError, match="needs tensor 'input'"):
         async with aioaccel.open(parts[::-1]):
             pass

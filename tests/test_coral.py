@@ -176,20 +176,128 @@ def test_constructor_checks_that_segments_get_their_inputs(tmp_path: Path, chain
             make_pipeline(sim, [])
 
 
-def test_a_failed_segment_makes_pop_raise(tmp_path: Path, chain: Chain) -> None:
-    with simulate_coral(tpus=1, fail_at=[1]) as sim:
+def test_a_failed_segment_stops_the_pipeline_like_libcoral(tmp_path: Path,
+                                                          chain: Chain) -> None:
+    # libcoral: the failed SegmentRunner records its status and stops; Pop checks the status
+    # after taking a result (raises), later Pops find the stopped, empty queue (None); Push
+    # checks it first (raises).
+    with simulate_coral(tpus=1, fail_at=[0]) as sim:
         runner = make_pipeline(sim, [chain.write_tflite(tmp_path / "m.tflite")])
-        for i in range(3):
-            runner.push({chain.input_name: chain.random_input(seed=i)})
-        assert runner.pop() is not None
-        for _ in range(2):
-            with pytest.raises(RuntimeError, match="simulated Edge TPU failure on request 1"):
-                runner.pop()
-        runner.push({})
+        runner.push({chain.input_name: chain.random_input()})
+        engine = runner.engine
+        with engine.cond:
+            assert engine.cond.wait_for(lambda: engine.status[0] is not None, timeout=5)
+        with pytest.raises(RuntimeError, match="Segment 0 runner error: simulated Edge TPU "
+                                               "failure on request 0"):
+            runner.pop()
+        assert runner.pop() is None
+        with pytest.raises(RuntimeError, match="Segment 0 runner error"):
+            runner.push({chain.input_name: chain.random_input()})
         runner._runner = None
         for t in runner.engine.threads:
             t.join(5)
             assert not t.is_alive()
+
+
+def test_a_failure_downstream_of_queued_results_loses_them_as_libcoral_does(
+        tmp_path: Path, chain: Chain) -> None:
+    with simulate_coral(tpus=2, hang_at=[2], fail_at=[2]) as sim:
+        runner = make_pipeline(sim, chain.write_tflite_segments(tmp_path, 2))
+        for i in range(3):
+            runner.push({chain.input_name: chain.random_input(seed=i)})
+        assert runner.pop() is not None  # popped before the failure: delivered
+        assert sim.hanging.wait(5)
+        engine = runner.engine
+        with engine.cond:  # result 1 reached the output queue; request 2 hangs in segment 0
+            assert engine.cond.wait_for(lambda: len(engine.outputs) == 1, timeout=5)
+        sim.release()
+        for t in engine.threads:
+            t.join(5)
+        # the output queue holds result 1 and the empty map the failed segments passed on:
+        # Pop takes each and then checks the status, so both raise; then the stopped, empty
+        # queue gives None
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="Segment 0 runner error"):
+                runner.pop()
+        assert runner.pop() is None
+        runner._runner = None
+
+
+@pytest.mark.parametrize("segments,input_size,output_size", [(1, 1, 1), (2, 2, 1), (3, 2, 3)])
+def test_push_blocks_once_input_queue_segments_links_and_output_queue_are_full(
+        tmp_path: Path, segments: int, input_size: int, output_size: int) -> None:
+    chain = dense_chain(16, 4, inputs=8)
+    # libcoral: queues between segments hold kInternalQueueSize = 1; each segment holds the
+    # request it is handing on; nobody pops.
+    capacity = input_size + segments + (segments - 1) + output_size
+    x = {chain.input_name: chain.random_input()}
+    with simulate_coral(tpus=3) as sim:
+        runner = make_pipeline(sim, chain.write_tflite_segments(tmp_path, segments))
+        runner.set_input_queue_size(input_size)
+        runner.set_output_queue_size(output_size)
+        engine = runner.engine
+        for _ in range(capacity):
+            runner.push(x)  # each returns: there is room somewhere downstream
+        with engine.cond:
+            assert engine.cond.wait_for(lambda: sum(len(q.items) for q in engine.queues)
+                                        + sum(engine.busy) == capacity, timeout=5)
+        blocked = threading.Thread(target=runner.push, args=(x,), name="aioaccel-test-push")
+        blocked.start()
+        with engine.cond:
+            assert engine.cond.wait_for(lambda: engine.waiting_pushes == 1, timeout=5)
+        blocked.join(0.1)
+        assert blocked.is_alive(), f"push {capacity + 1} did not block"
+        assert [len(q.items) for q in engine.links] == [1] * (segments - 1)
+        assert len(engine.outputs) == output_size and len(engine.inputs) == input_size
+        assert runner.pop() is not None  # one result out: every queue moves up, push returns
+        blocked.join(5)
+        assert not blocked.is_alive()
+        for _ in range(capacity):
+            assert runner.pop() is not None
+        shut(runner)
+
+
+def test_links_between_segments_never_hold_more_than_one(tmp_path: Path, chain: Chain) -> None:
+    with simulate_coral(tpus=3, latency=0.001) as sim:
+        runner = make_pipeline(sim, chain.write_tflite_segments(tmp_path, 3))
+        for i in range(20):
+            runner.push({chain.input_name: chain.random_input(seed=i)})
+        outs = [runner.pop() for _ in range(20)]
+        assert all(o is not None for o in outs)
+        assert [q.peak for q in runner.engine.links] == [1, 1]
+        assert runner.engine.peak_inputs > 1  # the input queue is unbounded by default
+        shut(runner)
+
+
+def test_an_output_no_later_segment_consumes_is_refused_where_libcoral_aborts(
+        tmp_path: Path, chain: Chain) -> None:
+    from aioaccel.testing.coral import SimulatedAbort
+
+    seg0, _ = chain.write_tflite_segments(tmp_path, 2)
+    with simulate_coral(tpus=2) as sim:
+        # pycoral's own check passes (segment 1 takes the model input), libcoral's CHECK fails
+        with pytest.raises(SimulatedAbort, match="Output tensor act2 must be consumed by "
+                                                 "subsequent segment"):
+            make_pipeline(sim, [seg0, seg0])
+        assert sim.engines == []
+
+
+def test_push_in_another_order_than_the_first_segment_is_an_abort_in_libcoral(
+        tmp_path: Path) -> None:
+    from aioaccel.testing.coral import SimulatedAbort
+    from aioaccel.testing.models import two_input_model
+
+    path = two_input_model(tmp_path / "two.tflite")
+    with simulate_coral(tpus=1) as sim:
+        runner = make_pipeline(sim, [path])
+        a = np.ones((1, 4), np.float32)
+        with pytest.raises(SimulatedAbort, match="order"):
+            runner.push({"b": a, "a": a})
+        with pytest.raises(KeyError):  # pycoral looks each name up
+            runner.push({"a": a, "c": a})
+        runner.push({"a": a, "b": a * 2})
+        assert close(runner.pop()["sum"], a * 3)
+        shut(runner)
 
 
 def test_make_interpreter_and_list_edge_tpus(tmp_path: Path, chain: Chain) -> None:
@@ -257,6 +365,17 @@ async def test_close_with_items_in_flight_drains_them_and_ends_the_stream_once(
             assert not t.is_alive()
 
 
+async def test_the_adapter_refuses_a_chain_libcoral_would_abort_on_before_building_it(
+        tmp_path: Path, chain: Chain) -> None:
+    seg0, _ = chain.write_tflite_segments(tmp_path, 2)
+    with simulate_coral(tpus=2) as sim:
+        with pytest.raises(ValueError, match="segment 0 .*outputs tensor 'act2', which no later "
+                                             "segment consumes"):
+            async with aioaccel.open([seg0, seg0], backend="coral"):
+                pass
+        assert sim.engines == []  # PipelinedModelRunner was never constructed
+
+
 async def test_bad_input_fails_alone_and_names_the_tensor(tmp_path: Path, chain: Chain) -> None:
     with simulate_coral(tpus=2):
         paths = chain.write_tflite_segments(tmp_path, 2)
@@ -271,7 +390,9 @@ async def test_bad_input_fails_alone_and_names_the_tensor(tmp_path: Path, chain:
 
 async def test_a_pipeline_failure_breaks_the_runner_with_device_error(
         tmp_path: Path, chain: Chain) -> None:
-    with simulate_coral(tpus=2, fail_at=[3]):
+    # request 3 hangs, then fails: the three results before it are popped first (libcoral
+    # loses a result still queued when a segment fails, so the order is pinned here)
+    with simulate_coral(tpus=2, fail_at=[3], hang_at=[3]) as sim:
         paths = chain.write_tflite_segments(tmp_path, 2)
         async with aioaccel.open(paths, backend="coral", maxsize=8) as runner:
             for i in range(6):
@@ -280,6 +401,8 @@ async def test_a_pipeline_failure_breaks_the_runner_with_device_error(
             with pytest.raises(aioaccel.DeviceError, match="paired") as info:
                 async for r in runner:
                     got.append(r)
+                    if len(got) == 3:
+                        sim.release()
             assert len(got) == 3  # the results before the failure were delivered, in order
             assert isinstance(info.value.__cause__, RuntimeError)  # pycoral's own error
             assert "request 3" in str(info.value.__cause__)

@@ -192,9 +192,9 @@ async def test_a_cancelled_aclose_still_joins_and_releases_the_model() -> None:
 # ---- 5. call_timeout does not fire on a healthy device under backpressure ----------------
 async def test_call_timeout_ignores_time_queued_behind_other_items_on_a_device() -> None:
     device = SimulatedDevice(latency=0.02, jitter=0.0, capacity=1)
-    async with aioaccel.open(device, maxsize=16, call_timeout=0.15) as runner:
-        results = await asyncio.gather(*(runner.infer(i) for i in range(40)))
-    assert results == list(range(40))
+    async with aioaccel.open(device, maxsize=48, call_timeout=0.4) as runner:
+        results = await asyncio.gather(*(runner.infer(i) for i in range(60)))
+    assert results == list(range(60))
 
 
 async def test_call_timeout_still_catches_a_hung_device_under_backpressure() -> None:
@@ -215,11 +215,11 @@ async def test_call_timeout_under_backpressure_memryx(tmp_path: Path) -> None:
 
     chain = dense_chain(16, 3, inputs=8)
     dfp = write_dfp(tmp_path / "model.dfp", chain)
-    with simulate_memryx(latency=0.02):
-        async with aioaccel.open(dfp, maxsize=16, call_timeout=0.15) as runner:
+    with simulate_memryx(latency=0.02):  # 48 queued x 20 ms: far past call_timeout if counted
+        async with aioaccel.open(dfp, maxsize=48, call_timeout=0.4) as runner:
             outs = await asyncio.gather(*(runner.infer(chain.random_input(seed=i))
-                                          for i in range(30)))
-    assert len(outs) == 30
+                                          for i in range(60)))
+    assert len(outs) == 60
 
 
 async def test_call_timeout_under_backpressure_coral(tmp_path: Path) -> None:
@@ -229,11 +229,11 @@ async def test_call_timeout_under_backpressure_coral(tmp_path: Path) -> None:
     chain = dense_chain(16, 4, inputs=8)
     with simulate_coral(tpus=2, latency=0.02):
         paths = chain.write_tflite_segments(tmp_path, 2)
-        async with aioaccel.open(paths, backend="coral", maxsize=16,
-                                 call_timeout=0.15) as runner:
+        async with aioaccel.open(paths, backend="coral", maxsize=48,
+                                 call_timeout=0.4) as runner:
             outs = await asyncio.gather(*(runner.infer(chain.random_input(seed=i))
-                                          for i in range(30)))
-    assert len(outs) == 30
+                                          for i in range(60)))
+    assert len(outs) == 60
 
 
 async def test_call_timeout_under_backpressure_openvino_async() -> None:

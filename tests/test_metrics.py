@@ -74,3 +74,25 @@ def test_without_prometheus_client_the_error_says_what_to_install(
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(aioaccel.BackendUnavailable, match=r"aioaccel\[metrics\]"):
         RunnerCollector()
+
+
+async def test_recovery_batching_and_the_latency_split_are_exported() -> None:
+    import numpy as np
+
+    registry = CollectorRegistry()
+    stage = SimulatedStage(lambda x: x, latency=0.001, fatal_at=2)  # its third call (a batch)
+    restart = aioaccel.Restart(backoff=0.01)
+    async with aioaccel.open(stage, name="heal", maxsize=4, restart=restart, retries=1,
+                             batch=4) as runner:
+        collector = RunnerCollector(runner, registry=registry)
+        xs = [np.full((1, 2), i, np.float32) for i in range(20)]
+        await asyncio.gather(*(runner.infer(x) for x in xs))
+        got = samples(collector)
+    r = (("runner", "heal"),)
+    assert got[("aioaccel_restarts_total", r)] == 1
+    assert got[("aioaccel_items_retried_total", r)] >= 1
+    assert got[("aioaccel_recovery_seconds_count", r)] == 1
+    assert got[("aioaccel_ready", r)] == 1
+    assert got[("aioaccel_batches_total", r)] >= 1
+    assert got[("aioaccel_device_seconds_p99", r)] > 0
+    assert got[("aioaccel_state_seconds_total", (("runner", "heal"), ("state", "recovering")))] > 0

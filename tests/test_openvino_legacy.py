@@ -285,14 +285,21 @@ async def test_sync_requests_that_fail(tmp_path: Path, chain: Chain,
     assert close(results[3].outputs["output"], chain.reference(xs[3]))
 
 
-def test_legacy_backend_is_chosen_when_only_the_legacy_api_imports(
+async def test_legacy_backend_is_chosen_when_only_the_legacy_api_imports(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from aioaccel import backends
+    from aioaccel.backends import openvino as current
 
-    xml = tmp_path / "m.xml"
-    assert backends.resolve_backend(xml) == "openvino"  # 2023.3 has both APIs: the new one
-    monkeypatch.setattr(backends, "_importable", lambda m: m == "openvino.inference_engine")
-    assert backends.resolve_backend(xml) == "openvino-legacy"
+    chain = dense_chain(8, 2)
+    xml = chain.write_openvino(tmp_path / "m.xml")
+    # decided in the load, on a worker thread: telling the APIs apart imports openvino
+    assert backends.resolve_backend(xml) == "openvino"
+    assert not current.only_legacy_api()  # 2023.3 has both APIs: the new one is used
+    monkeypatch.setattr(current, "only_legacy_api", lambda: True)
+    x = chain.random_input()
+    async with aioaccel.open(xml) as runner:
+        assert runner._model.info["backend"] == "openvino-legacy"  # type: ignore[union-attr]
+        assert close((await runner.infer(x))["output"], chain.reference(x))
     assert "openvino-legacy" in aioaccel.available_backends()
 
 

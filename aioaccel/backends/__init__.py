@@ -9,7 +9,6 @@ missing runtime costs nothing until it is asked for, and then raises
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -43,6 +42,8 @@ class Model:
     max_streams: int | None = None
     #: per-layer timings for ``runner.stats().profile`` (backends that can profile)
     profile: Callable[[], dict[str, Any]] | None = None
+    #: rows the first stage takes per call (``open(batch=N)``); 1: one item per call
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,18 @@ class Backend:
     suffixes: tuple[str, ...]     #: model files it opens when no backend is named
     runtime: tuple[str, ...]      #: modules to import to tell whether it is usable
     install: str                  #: what to install when it is not
+    runtime_any: tuple[str, ...] = ()  #: and at least one of these must import
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("function", "function", (), (), "nothing: it is built in"),
-        Backend("litert", "litert", (".tflite",), ("ai_edge_litert.interpreter",),
+        Backend("litert", "litert", (".tflite",), (),
                 "pip install ai-edge-litert flatbuffers (from an aioaccel checkout: "
                 "pip install -e '.[litert]'; with aioaccel installed from an index: "
-                "pip install 'aioaccel[litert]')"),
+                "pip install 'aioaccel[litert]')",
+                ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")),
         Backend("openvino", "openvino", (".xml",), ("openvino",),
                 "pip install openvino (from an aioaccel checkout: "
                 "pip install -e '.[openvino]'; with aioaccel installed from an index: "
@@ -126,17 +129,12 @@ def available_backends() -> list[str]:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 for mod in backend.runtime:
                     importlib.import_module(mod)
+                if backend.runtime_any:
+                    require(name, *backend.runtime_any)
         except ImportError:
             continue
         names.append(name)
     return names
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # the parent package is missing
-        return False
 
 
 def _is_stage(obj: Any) -> bool:
@@ -155,9 +153,9 @@ def resolve_backend(target: Any) -> str:
         return "openvino"
     if isinstance(first, (str, os.PathLike)):
         suffix = os.path.splitext(os.fspath(first))[1].lower()
-        if (suffix == ".xml" and not _importable("openvino.runtime")
-                and _importable("openvino.inference_engine")):
-            return "openvino-legacy"  # an OpenVINO old enough to have only the legacy API
+        # .xml -> "openvino", whose load (on a worker thread) hands over to the legacy backend
+        # when the installed OpenVINO has only the legacy API: finding that out imports the
+        # openvino package, which must not happen here, on the event loop.
         for backend in BACKENDS.values():
             if suffix in backend.suffixes:
                 return backend.name

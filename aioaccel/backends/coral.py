@@ -6,7 +6,9 @@
   thread calls ``push`` and a drainer thread calls ``pop``. Both vendor queues are bounded
   (``set_input_queue_size`` / ``set_output_queue_size``, unbounded by default) by the runner's
   ``maxsize``, so ``push`` blocks the feeder when the TPUs fall behind: backpressure reaches
-  the vendor. pycoral returns results in push order, so tokens are paired FIFO.
+  the vendor. pycoral returns results in push order, so tokens are paired FIFO. The chain is
+  checked first (:func:`check_pipeline`): where libcoral's constructor would abort the
+  process, aioaccel raises ``ValueError`` naming the segment and the tensor.
 * ``aioaccel.open("model.tflite", backend="coral", replicas=2)`` -- data parallelism: the same
   model on several Edge TPUs, one interpreter and worker thread each.
 
@@ -39,10 +41,10 @@ from typing import Any
 from ..errors import DeviceError
 from ..stages import Complete, DeviceStage, StageSpec, made
 from . import Model, require
-from ._segments import check_chain, model_paths, validator
+from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 from .litert import LiteRTStage, tensor_spec
 
-__all__ = ["INSTALL", "CoralPipelineStage", "coral_devices", "load"]
+__all__ = ["INSTALL", "CoralPipelineStage", "check_pipeline", "coral_devices", "load"]
 
 INSTALL = ("pycoral and the Edge TPU runtime come from Coral's package repository, not PyPI: "
            "https://coral.ai/software/#debian-packages (Debian: apt-get install "
@@ -171,6 +173,33 @@ class CoralPipelineStage(DeviceStage):
         self.runner = None
 
 
+def check_pipeline(segments: list[SegmentIO]) -> None:
+    """Refuse, with a clear error, the chains libcoral's ``PipelinedModelRunner`` would abort
+    the process on (a ``CHECK`` in its constructor) or pycoral would refuse: tensors travel
+    between Edge TPU segments by name only, so each segment's inputs must be produced by an
+    earlier segment (or be model inputs), and every output of a segment but the last must be
+    an input of some later segment."""
+    available = {spec.name for spec in segments[0].inputs}
+    for index, segment in enumerate(segments):
+        missing = [spec.name for spec in segment.inputs if spec.name not in available]
+        if missing:
+            raise ValueError(f"Edge TPU segment {index} ({segment.label}) needs tensor "
+                             f"{missing[0]!r}, which no earlier segment produces (available: "
+                             f"{sorted(available)}); PipelinedModelRunner passes tensors "
+                             f"between segments by name")
+        available |= {spec.name for spec in segment.outputs}
+        if index == len(segments) - 1:
+            break
+        later = {spec.name for after in segments[index + 1:] for spec in after.inputs}
+        unused = [spec.name for spec in segment.outputs if spec.name not in later]
+        if unused:
+            raise ValueError(f"Edge TPU segment {index} ({segment.label}) outputs tensor "
+                             f"{unused[0]!r}, which no later segment consumes; libcoral's "
+                             f"PipelinedModelRunner aborts the process on such a chain "
+                             f"(\"must be consumed by subsequent segment\"): re-segment "
+                             f"the model with the Edge TPU compiler")
+
+
 def _interpreters(edgetpu: Any, paths: list[Path], devices: list[str]) -> list[Any]:
     interpreters = []
     for path, device in zip(paths, devices, strict=True):
@@ -195,7 +224,7 @@ def _listed(edgetpu: Any) -> str:
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: Any = None,
          queue_size: int | None = None, cast: bool = False,
-         max_input_bytes: int | None = None) -> Model:
+         max_input_bytes: int | None = None, runner_name: str = "runner") -> Model:
     paths = model_paths(target, (".tflite",))
     edgetpu, runner_class, takes_dicts = pycoral()
     segmented = isinstance(target, (list, tuple))
@@ -204,26 +233,26 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: Any = None
                          "replicas of one model, not both")
     interpreters = _interpreters(edgetpu, paths if segmented else paths * replicas,
                                  coral_devices(device, len(paths) if segmented else replicas))
-    first, last = interpreters[0], interpreters[len(paths) - 1 if segmented else 0]
-    inputs = [tensor_spec(d) for d in first.get_input_details()]
-    outputs = [tensor_spec(d) for d in last.get_output_details()]
+    io = [SegmentIO(p.name, [tensor_spec(d) for d in i.get_input_details()],
+                    [tensor_spec(d) for d in i.get_output_details()])
+          for p, i in zip(paths, interpreters, strict=False)]
     info: dict[str, Any] = {"backend": "coral", "segments": [str(p) for p in paths],
                             "device": device}
     if segmented:
-        check_chain([(p.name, [tensor_spec(d) for d in i.get_input_details()],
-                      [tensor_spec(d) for d in i.get_output_details()])
-                     for p, i in zip(paths, interpreters, strict=True)])
+        check_pipeline(io)  # before the vendor's constructor, which would abort the process
         size = maxsize if queue_size is None else queue_size
-        stage = CoralPipelineStage(interpreters, runner_class, takes_dicts, size, "edgetpu")
+        stage = CoralPipelineStage(interpreters, runner_class, takes_dicts, size,
+                                   f"{runner_name}-edgetpu")
         specs = [StageSpec("edgetpu-pipeline", made(stage), device=True)]
         info["api"] = "PipelinedModelRunner"
     else:
         free = list(interpreters)
         lock = threading.Lock()
+        wiring: Wiring = plan(io)[0]
 
         def factory() -> LiteRTStage:
             with lock:  # each replica thread takes its own TPU's interpreter
-                return LiteRTStage(free.pop(0), frozenset(), True)
+                return LiteRTStage(free.pop(0), wiring)
 
         specs = [StageSpec("edgetpu", factory, replicas)]
         info["api"] = "interpreter per Edge TPU"
@@ -231,5 +260,5 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: Any = None
     def release() -> None:
         interpreters.clear()  # the delegates (and TPUs) go with the last reference
 
-    return Model(stages=specs, inputs=inputs, outputs=outputs,
-                 prepare=validator(inputs, cast, max_input_bytes), close=release, info=info)
+    return build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes, close=release,
+                       info=info)

@@ -16,7 +16,9 @@ from . import Model
 __all__ = ["load"]
 
 
-def load(target: Any, *, replicas: int = 1, **options: Any) -> Model:
+def load(target: Any, *, replicas: int = 1, batch: int | None = None, **options: Any) -> Model:
+    """``batch``: the first stage receives the items' inputs joined along axis 0 (an array, or a
+    dict or list of arrays) and must return outputs with the same first-axis length."""
     if options:
         raise TypeError(f"the function backend takes no options, got {', '.join(sorted(options))}")
     targets = list(target) if isinstance(target, (list, tuple)) else [target]

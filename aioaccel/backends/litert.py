@@ -15,18 +15,20 @@ from __future__ import annotations
 import ctypes
 import itertools
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
-__all__ = ["LiteRTStage", "load", "tensor_spec"]
+__all__ = ["LiteRTStage", "interpreter_module", "interpreter_name", "load", "probe",
+           "tensor_spec"]
 
 EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib",
                    "Windows": "edgetpu.dll"}.get(platform.system(), "libedgetpu.so.1")
@@ -84,17 +86,18 @@ def tensor_spec(detail: dict[str, Any]) -> TensorSpec:
 class LiteRTStage(BlockingStage):
     """One interpreter, used only by the worker thread that runs this stage."""
 
-    def __init__(self, interpreter: Any, keep: frozenset[str], last: bool):
+    def __init__(self, interpreter: Any, wiring: Wiring):
         self.interpreter = interpreter
-        self._inputs = [(d["name"], d["index"], tuple(d["shape"]))
+        keys = dict(wiring.feeds)
+        # (key in the carried dict, tensor index, current shape), in the interpreter's order
+        self._inputs = [(keys.get(d["name"], d["name"]), d["index"], tuple(d["shape"]))
                         for d in interpreter.get_input_details()]
         self._outputs = [(d["name"], d["index"]) for d in interpreter.get_output_details()]
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
 
     @classmethod
     def create(cls, path: Path, num_threads: int | None, delegate_device: str | None,
-               keep: frozenset[str], last: bool) -> LiteRTStage:
+               wiring: Wiring) -> LiteRTStage:
         """Make the interpreter (on the calling worker thread) and the stage around it."""
         module = interpreter_module()
         delegates = None
@@ -103,20 +106,20 @@ class LiteRTStage(BlockingStage):
         interpreter = module.Interpreter(model_path=str(path), num_threads=num_threads,
                                          experimental_delegates=delegates)
         interpreter.allocate_tensors()
-        return cls(interpreter, keep, last)
+        return cls(interpreter, wiring)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interp = self.interpreter
-        for slot, (name, index, shape) in enumerate(self._inputs):
-            value = tensors[name]
+        for slot, (key, index, shape) in enumerate(self._inputs):
+            value = tensors[key]
             if value.shape != shape:  # a dynamic dimension changed: resize, then reallocate
                 interp.resize_tensor_input(index, value.shape)
                 interp.allocate_tensors()
-                self._inputs[slot] = (name, index, value.shape)
+                self._inputs[slot] = (key, index, value.shape)
             interp.set_tensor(index, value)  # copies: the caller may reuse its array
         interp.invoke()  # releases the GIL
         outputs = {name: interp.get_tensor(index) for name, index in self._outputs}
-        return carry(tensors, outputs, self._keep, self._last)
+        return self._wiring.pass_on(tensors, outputs)
 
 
 def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, device: Any = None,
@@ -126,25 +129,40 @@ def load(target: Any, *, replicas: int = 1, num_threads: int | None = None, devi
     devices = edgetpu_devices(device, len(paths), replicas)
     if device not in (None, "cpu") and len(paths) > 1 and replicas > 1:
         raise ValueError("with the Edge TPU, give either several segments or replicas, not both")
-    io = []
-    for path in paths:  # read the specs without a delegate: it only needs the flatbuffer
-        probe = module.Interpreter(model_path=str(path))
-        io.append((path.name, [tensor_spec(d) for d in probe.get_input_details()],
-                   [tensor_spec(d) for d in probe.get_output_details()]))
-        del probe
-    check_chain(io)
-    keeps = needed_after([inputs for _, inputs, _ in io])
+    io = [probe(module, path) for path in paths]
+    wirings = plan(io)
     specs = []
     for i, path in enumerate(paths):
-        def factory(path: Path = path, keep: frozenset[str] = keeps[i],
-                    last: bool = i == len(paths) - 1,
+        def factory(path: Path = path, wiring: Wiring = wirings[i],
                     devs: tuple[str | None, ...] = tuple(devices[i * replicas:(i + 1) * replicas]),
                     counter: Any = itertools.count()) -> LiteRTStage:  # noqa: B008 - one per stage
             # next() on a count is atomic: each replica thread takes its own device
-            return LiteRTStage.create(path, num_threads, devs[next(counter)], keep, last)
+            return LiteRTStage.create(path, num_threads, devs[next(counter)], wiring)
 
         specs.append(StageSpec(path.stem, factory, replicas))
-    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
-                 prepare=validator(io[0][1], cast, max_input_bytes),
-                 info={"backend": "litert", "segments": [str(p) for p in paths],
-                       "device": device or "cpu"})
+    return build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                       info={"backend": "litert", "interpreter": interpreter_name(module),
+                             "segments": [str(p) for p in paths], "device": device or "cpu"})
+
+
+def interpreter_name(module: Any) -> str:
+    """Which interpreter runs: ``ai_edge_litert`` or ``tflite_runtime``, with its version."""
+    package = module.__name__.split(".")[0]
+    version = getattr(sys.modules.get(package), "__version__", None)
+    return f"{package} {version}" if version else package
+
+
+def probe(module: Any, path: Path) -> SegmentIO:
+    """A segment's inputs and outputs, read without a delegate (it only needs the flatbuffer).
+    A file the interpreter cannot read fails here, naming the file and the runtime."""
+    try:
+        interpreter = module.Interpreter(model_path=str(path))
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{interpreter_name(module)} cannot load {str(path)!r}: "
+                             f"{_first_line(exc)}") from exc
+    return SegmentIO(path.name, [tensor_spec(d) for d in interpreter.get_input_details()],
+                     [tensor_spec(d) for d in interpreter.get_output_details()])
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]

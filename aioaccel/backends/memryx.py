@@ -112,9 +112,10 @@ class _MemryxStage(DeviceStage):
         with self._lock:
             self._outstanding += 1
 
-    def _drain(self, timeout: float = 10.0) -> None:
+    def _drain(self, timeout: float = 2.0) -> None:
         """Wait until every item handed over came back (bounded: a dead chip never answers;
-        the runner has failed those items by then)."""
+        the runner has failed those items by then, and a healthy one has answered: the runner
+        drains its results before it stops its stages)."""
         with self._lock:
             self._lock.wait_for(lambda: self._outstanding <= 0 or self._broken, timeout)
 
@@ -329,7 +330,7 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
          group_id: int = 0, model_idx: int | Sequence[int] = 0, streams: int | None = None,
          queue_size: int | None = None, input_shapes: Sequence[Sequence[int]] | None = None,
          dtype: str = "float32", cast: bool = False, max_input_bytes: int | None = None,
-         poll_ms: int = 50, **accl_options: Any) -> Model:
+         poll_ms: int = 50, runner_name: str = "runner", **accl_options: Any) -> Model:
     if replicas != 1:
         raise ValueError("backend='memryx': the accelerator pipelines internally; use "
                          "maxsize (and streams=) instead of replicas")
@@ -381,7 +382,8 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, api: str = "async"
     if api == "async":
         stage = MemryxAsyncStage(accl, models, in_names, out_names, size, fan_out)
     elif api == "sync":
-        stage = MemryxSyncStage(accl, models[0], in_names[0], out_names[0], poll_ms, "mx3")
+        stage = MemryxSyncStage(accl, models[0], in_names[0], out_names[0], poll_ms,
+                                f"{runner_name}-mx3")
     else:
         stage = MemryxMultiStreamStage(accl, models[0], streams, in_names[0],  # type: ignore[arg-type]
                                        out_names[0], size)

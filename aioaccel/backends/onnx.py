@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ModelLoadError
 from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
 __all__ = ["OnnxStage", "load"]
 
@@ -57,17 +58,15 @@ def _session(path: Path, providers: Sequence[str], num_threads: int | None,
 
 
 class OnnxStage(BlockingStage):
-    def __init__(self, session: Any, keep: frozenset[str], last: bool):
+    def __init__(self, session: Any, wiring: Wiring):
         self.session = session
-        self._inputs = [i.name for i in session.get_inputs()]
-        self._outputs = [o.name for o in session.get_outputs()]
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
+        self._outputs = list(wiring.outputs)
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self._outputs, {name: tensors[name] for name in self._inputs})
-        return carry(tensors, dict(zip(self._outputs, values, strict=True)), self._keep,
-                     self._last)
+        wiring = self._wiring
+        return wiring.pass_on_values(tensors, self.session.run(self._outputs,
+                                                               wiring.gather(tensors)))
 
 
 def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = None,
@@ -80,21 +79,27 @@ def load(target: Any, *, replicas: int = 1, providers: Sequence[str] | None = No
         # Each session's default pool has a (spinning) thread per core: several sessions would
         # oversubscribe the cores. Share them out instead.
         num_threads = max(1, (os.cpu_count() or 1) // workers)
-    io = []
-    for path in paths:
-        probe = _session(path, providers, 1, session_options)
-        io.append((path.name, [_spec(a) for a in probe.get_inputs()],
-                   [_spec(a) for a in probe.get_outputs()]))
-    check_chain(io)
-    keeps = needed_after([inputs for _, inputs, _ in io])
+    io = [_probe(path, providers, session_options) for path in paths]
+    wirings = plan(io)
     specs = []
     for i, path in enumerate(paths):
-        def factory(path: Path = path, keep: frozenset[str] = keeps[i],
-                    last: bool = i == len(paths) - 1) -> OnnxStage:
-            return OnnxStage(_session(path, providers, num_threads, session_options), keep, last)
+        def factory(path: Path = path, wiring: Wiring = wirings[i]) -> OnnxStage:
+            return OnnxStage(_session(path, providers, num_threads, session_options), wiring)
 
         specs.append(StageSpec(path.stem, factory, replicas))
-    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
-                 prepare=validator(io[0][1], cast, max_input_bytes),
-                 info={"backend": "onnx", "segments": [str(p) for p in paths],
-                       "providers": providers})
+    return build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                       info={"backend": "onnx", "segments": [str(p) for p in paths],
+                             "providers": providers})
+
+
+def _probe(path: Path, providers: Sequence[str],
+           session_options: Callable[[Any], None] | None) -> SegmentIO:
+    ort = runtime()
+    try:
+        session = _session(path, providers, 1, session_options)
+    except Exception as exc:  # onnxruntime's own classes (Fail, InvalidGraph, ...) vary
+        reason = " ".join(str(exc).split())[:500]
+        raise ModelLoadError(f"ONNX Runtime {ort.__version__} cannot load {str(path)!r}: "
+                             f"{reason}") from exc
+    return SegmentIO(path.name, [_spec(a) for a in session.get_inputs()],
+                     [_spec(a) for a in session.get_outputs()])

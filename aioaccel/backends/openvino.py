@@ -31,17 +31,19 @@ models on different threads do not run in parallel.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, ModelLoadError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, needed_after, validator
+from ._segments import SegmentIO, Wiring, build_model, plan
 
 __all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
 
@@ -50,20 +52,54 @@ def runtime() -> Any:
     return require("openvino", "openvino")
 
 
-def _spec(port: Any) -> TensorSpec:
+def only_legacy_api() -> bool:
+    """Whether the installed OpenVINO is old enough to have only the Inference Engine API.
+    Imports the openvino package: call it from the load, on a worker thread."""
+    try:
+        return (importlib.util.find_spec("openvino.runtime") is None
+                and importlib.util.find_spec("openvino.inference_engine") is not None)
+    except ImportError:  # no openvino at all: runtime() says what to install
+        return False
+
+
+def _spec(port: Any, name: str) -> TensorSpec:
     shape = tuple(None if d.is_dynamic else d.get_length() for d in port.get_partial_shape())
     dtype = np.dtype(port.get_element_type().to_dtype()).name
-    return TensorSpec(port.get_any_name(), dtype, shape)
+    return TensorSpec(name, dtype, shape)
+
+
+def port_name(port: Any, declared: Sequence[str]) -> str:
+    """The name a port has in the model file. A port can carry several tensor names, and
+    ``get_any_name()`` may return an internal one (an ONNX ``If`` inlined by the frontend
+    names its output after the branch), so the file's own name wins when the port has it."""
+    names = port.get_names()
+    for name in declared:
+        if name in names:
+            return name
+    return str(port.get_any_name())
+
+
+def declared_names(item: Any) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) as the model file declares them; empty when it cannot be read
+    without a converter (IR, ``openvino.Model``: OpenVINO's own names are the file's)."""
+    if not isinstance(item, (str, os.PathLike)) or Path(item).suffix.lower() != ".onnx":
+        return [], []
+    try:
+        import onnx
+    except ImportError:
+        return [], []
+    graph = onnx.load(os.fspath(item), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return ([i.name for i in graph.input if i.name not in initializers],
+            [o.name for o in graph.output])
 
 
 class OpenVINOStage(DeviceStage):
-    def __init__(self, compiled: Any, jobs: int, keep: frozenset[str], last: bool):
+    def __init__(self, compiled: Any, jobs: int, wiring: Wiring):
         self.compiled = compiled
         self.jobs = jobs
-        self._inputs = [port.get_any_name() for port in compiled.inputs]
-        self._outputs = [port.get_any_name() for port in compiled.outputs]
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
+        self._outputs = wiring.outputs
         self._complete: Complete | None = None
         self.queue: Any = None
 
@@ -74,7 +110,8 @@ class OpenVINOStage(DeviceStage):
         self.queue.set_callback(self._on_done)
 
     def submit(self, token: object, tensors: dict[str, np.ndarray]) -> None:
-        feed = {name: tensors[name] for name in self._inputs}
+        # by port index: the runtime's own names for a port may differ from the file's
+        feed = dict(enumerate(self._wiring.gather_list(tensors)))
         try:
             self.queue.start_async(feed, userdata=(token, tensors), share_inputs=False)
         except RuntimeError as exc:  # the runtime refused: treat the device as gone
@@ -93,7 +130,7 @@ class OpenVINOStage(DeviceStage):
         complete = self._complete
         assert complete is not None
         try:
-            outputs = carry(tensors, self.read_outputs(request), self._keep, self._last)
+            outputs = self._wiring.pass_on(tensors, self.read_outputs(request))
         except BaseException as exc:
             complete(token, None, exc)
             return
@@ -107,21 +144,19 @@ class OpenVINOStage(DeviceStage):
 class OpenVINOSyncStage(BlockingStage):
     """One infer request, driven synchronously by its own worker thread."""
 
-    def __init__(self, compiled: Any, keep: frozenset[str], last: bool):
+    def __init__(self, compiled: Any, wiring: Wiring):
         self.request = compiled.create_infer_request()
-        self._inputs = [port.get_any_name() for port in compiled.inputs]
-        self._outputs = [port.get_any_name() for port in compiled.outputs]
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
+        self._outputs = wiring.outputs
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.request
         # share_inputs=False: the input is copied in, so the caller's array is never read
         # by the runtime behind its back
-        request.infer({name: tensors[name] for name in self._inputs}, share_inputs=False)
+        request.infer(dict(enumerate(self._wiring.gather_list(tensors))), share_inputs=False)
         outputs = {name: request.get_output_tensor(i).data.copy()
                    for i, name in enumerate(self._outputs)}
-        return carry(tensors, outputs, self._keep, self._last)
+        return self._wiring.pass_on(tensors, outputs)
 
 
 def _read(core: Any, item: Any, ov: Any) -> Any:
@@ -131,14 +166,40 @@ def _read(core: Any, item: Any, ov: Any) -> Any:
         path = Path(item)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {str(path)!r}")
-        return core.read_model(str(path))
+        try:
+            return core.read_model(str(path))
+        except RuntimeError as exc:  # the frontend cannot convert an op, or cannot parse
+            raise ModelLoadError(f"OpenVINO {ov.get_version()} cannot convert "
+                                 f"{str(path)!r}: {_reason(exc)}") from exc
     raise TypeError(f"expected an openvino.Model or a model file path, got {type(item).__name__}")
+
+
+def _reason(exc: BaseException) -> str:
+    """The runtime's message without its source-file preamble, on one line."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(("Exception from src",
+                                                                      "Check 'false' failed"))]
+    return " ".join(useful or lines)[:600]
+
+
+def _segment(label: str, compiled: Any, item: Any) -> SegmentIO:
+    declared_in, declared_out = declared_names(item)
+    return SegmentIO(label, [_spec(p, port_name(p, declared_in)) for p in compiled.inputs],
+                     [_spec(p, port_name(p, declared_out)) for p in compiled.outputs])
 
 
 def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "auto",
          jobs: int = 0, hint: str | None = None, precision: str | None = None,
          config: dict[str, Any] | None = None, cast: bool = False,
-         max_input_bytes: int | None = None) -> Model:
+         max_input_bytes: int | None = None, runner_name: str = "runner") -> Model:
+    if only_legacy_api() and not any(type(t).__module__.startswith("openvino")
+                                     for t in (target if isinstance(target, (list, tuple))
+                                               else [target])):
+        from . import openvino_legacy
+
+        return openvino_legacy.load(target, replicas=replicas, device=device,
+                                    config=config, cast=cast, max_input_bytes=max_input_bytes,
+                                    runner_name=runner_name)
     ov = runtime()
     if api == "auto":
         api = "sync" if device.upper().startswith("CPU") else "async"
@@ -159,23 +220,35 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
     if len(items) > 1 and device.upper().startswith("CPU"):
         properties["ENABLE_CPU_PINNING"] = False
     properties.update(config or {})
-    compiled = [core.compile_model(_read(core, item, ov), device, properties) for item in items]
-    io = [(f"model {i}", [_spec(p) for p in c.inputs], [_spec(p) for p in c.outputs])
-          for i, c in enumerate(compiled)]
-    check_chain(io)
-    keeps = needed_after([inputs for _, inputs, _ in io])
+    compiled = [_compile(core, _read(core, item, ov), item, device, properties, ov)
+                for item in items]
+    io = [_segment(_label(i, item), c, item) for i, (c, item) in enumerate(zip(compiled, items,
+                                                                              strict=True))]
+    wirings = plan(io)
     specs = []
     for i, model in enumerate(compiled):
-        def factory(model: Any = model, keep: frozenset[str] = keeps[i],
-                    last: bool = i == len(compiled) - 1) -> OpenVINOStage | OpenVINOSyncStage:
+        def factory(model: Any = model, wiring: Wiring = wirings[i]
+                    ) -> OpenVINOStage | OpenVINOSyncStage:
             if api == "sync":
-                return OpenVINOSyncStage(model, keep, last)
-            return OpenVINOStage(model, jobs, keep, last)
+                return OpenVINOSyncStage(model, wiring)
+            return OpenVINOStage(model, jobs, wiring)
 
         name = f"openvino{i}" if len(compiled) > 1 else "openvino"
         specs.append(StageSpec(name, factory, replicas, device=api == "async"))
-    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
-                 prepare=validator(io[0][1], cast, max_input_bytes),
-                 close=compiled.clear,
-                 info={"backend": "openvino", "device": device, "api": api,
-                       "properties": properties})
+    return build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
+                       close=compiled.clear,
+                       info={"backend": "openvino", "device": device, "api": api,
+                             "openvino": ov.get_version(), "properties": properties})
+
+
+def _label(index: int, item: Any) -> str:
+    return Path(item).name if isinstance(item, (str, os.PathLike)) else f"model {index}"
+
+
+def _compile(core: Any, model: Any, item: Any, device: str, properties: dict[str, Any],
+             ov: Any) -> Any:
+    try:
+        return core.compile_model(model, device, properties)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"OpenVINO {ov.get_version()} cannot compile "
+                             f"{_label(0, item)!r} for {device}: {_reason(exc)}") from exc

@@ -50,7 +50,7 @@ from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import carry, check_chain, model_paths, needed_after, validator
+from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
 __all__ = ["LayerTimes", "LegacyIEStage", "LegacyRequestFailed", "LegacySyncStage", "ie_api",
            "load"]
@@ -112,20 +112,18 @@ class LayerTimes:
 class LegacySyncStage(BlockingStage):
     """One infer request per worker thread, run with the blocking (GIL-releasing) ``infer``."""
 
-    def __init__(self, request: Any, inputs: list[str], outputs: list[str], keep: frozenset[str],
-                 last: bool, times: LayerTimes | None, failures: _Failures):
+    def __init__(self, request: Any, wiring: Wiring, times: LayerTimes | None,
+                 failures: _Failures):
         self.request = request
-        self._inputs = inputs
-        self._outputs = outputs
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
+        self._outputs = wiring.outputs
         self._times = times
         self._failures = failures
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.request
         try:
-            request.infer({name: tensors[name] for name in self._inputs})
+            request.infer(self._wiring.gather(tensors))
         except Exception as exc:
             self._failures.failed(exc)  # raises DeviceError after fatal_after in a row
             raise LegacyRequestFailed(f"infer request failed: {exc}") from exc
@@ -134,7 +132,7 @@ class LegacySyncStage(BlockingStage):
                    for name in self._outputs}
         if self._times is not None:
             self._times.add(request.get_perf_counts())
-        return carry(tensors, outputs, self._keep, self._last)
+        return self._wiring.pass_on(tensors, outputs)
 
 
 class _Failures:
@@ -160,16 +158,14 @@ class _Failures:
 class LegacyIEStage(DeviceStage):
     """An ``ExecutableNetwork``'s infer requests as slots, completed by callback (or wait)."""
 
-    def __init__(self, exec_net: Any, statuses: dict[int, str], keep: frozenset[str],
-                 last: bool, api: str, times: LayerTimes | None, fatal_after: int, name: str):
+    def __init__(self, exec_net: Any, statuses: dict[int, str], wiring: Wiring, api: str,
+                 times: LayerTimes | None, fatal_after: int, name: str):
         self.exec_net = exec_net
         self.requests = list(exec_net.requests)
         self._statuses = statuses
         self._ok = next(code for code, n in statuses.items() if n == "OK")
-        self._inputs = list(exec_net.input_info)
-        self._outputs = list(exec_net.outputs)
-        self._keep = keep
-        self._last = last
+        self._wiring = wiring
+        self._outputs = wiring.outputs
         self._api = api
         self._times = times
         self._failures = _Failures(fatal_after)
@@ -201,7 +197,7 @@ class LegacyIEStage(DeviceStage):
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            self.requests[rid].async_infer({name: tensors[name] for name in self._inputs})
+            self.requests[rid].async_infer(self._wiring.gather(tensors))
         except Exception:
             with self._lock:  # not started: the slot is free again, this item fails alone
                 del self._held[rid]
@@ -232,7 +228,7 @@ class LegacyIEStage(DeviceStage):
                     self._times.add(request.get_perf_counts())
                 self._failures.ok()
                 self._free.put(rid)
-                self._complete(token, carry(tensors, outputs, self._keep, self._last), None)  # type: ignore[misc]
+                self._complete(token, self._wiring.pass_on(tensors, outputs), None)  # type: ignore[misc]
                 return
             name = self._statuses.get(code, str(code))
             self._free.put(rid)
@@ -281,7 +277,7 @@ def _read(core: Any, path: Path) -> Any:
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",
          num_requests: int = 0, config: dict[str, str] | None = None, api: str = "auto",
          profile: bool = False, fatal_after: int = 3, cast: bool = False,
-         max_input_bytes: int | None = None) -> Model:
+         max_input_bytes: int | None = None, runner_name: str = "runner") -> Model:
     if replicas != 1:
         raise ValueError("backend='openvino-legacy': use num_requests for parallel requests")
     if api not in ("auto", "sync", "callback", "wait"):
@@ -308,9 +304,8 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
         inputs = [_spec(n, i.precision, i.input_data.shape, "input")
                   for n, i in net.input_info.items()]
         outputs = [_spec(n, o.precision, o.shape, "output") for n, o in net.outputs.items()]
-        io.append((path.name, inputs, outputs))
-    check_chain(io)
-    keeps = needed_after([inputs for _, inputs, _ in io])
+        io.append(SegmentIO(path.name, inputs, outputs))
+    wirings = plan(io)
 
     times = LayerTimes() if profile else None
     statuses = _status_names(ie)
@@ -327,38 +322,35 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
             raise DeviceError(f"cannot load {path.name} on {device!r}: {reason} (devices "
                               f"here: {core.available_devices})") from exc
         exec_nets.append(exec_net)
-        keep, last = keeps[i], i == len(paths) - 1
+        wiring = wirings[i]
         if api == "sync":
             free = list(exec_net.requests)
             lock = threading.Lock()
             failures = _Failures(fatal_after)
-            names_in, names_out = list(exec_net.input_info), list(exec_net.outputs)
 
             def factory(free: list[Any] = free, lock: threading.Lock = lock,
-                        failures: _Failures = failures, names_in: list[str] = names_in,
-                        names_out: list[str] = names_out, keep: frozenset[str] = keep,
-                        last: bool = last) -> LegacySyncStage:
+                        failures: _Failures = failures,
+                        wiring: Wiring = wiring) -> LegacySyncStage:
                 with lock:  # each worker thread takes a request of its own
                     request = free.pop()
-                return LegacySyncStage(request, names_in, names_out, keep, last, times,
-                                       failures)
+                return LegacySyncStage(request, wiring, times, failures)
 
             specs.append(StageSpec(path.stem, factory, replicas=requests))
         else:
-            stage = LegacyIEStage(exec_net, statuses, keep, last, api, times, fatal_after,
-                                  path.stem)
+            stage = LegacyIEStage(exec_net, statuses, wiring, api, times, fatal_after,
+                                  f"{runner_name}-{path.stem}")
             specs.append(StageSpec(path.stem, made(stage), device=True))
 
-    return Model(stages=specs, inputs=io[0][1], outputs=io[-1][2],
-                 prepare=validator(io[0][1], cast, max_input_bytes),
-                 profile=times.means if times is not None else None,
-                 # the requests do not keep their ExecutableNetwork alive: the model does
-                 close=exec_nets.clear,
-                 info={"backend": "openvino-legacy", "device": device, "api": api,
-                       "layouts": {n: str(i.layout) for n, i in nets[0].input_info.items()},
-                       "num_requests": [len(n.requests) for n in exec_nets],
-                       "openvino": ie.get_version(),
-                       "models": [os.fspath(p) for p in paths]})
+    return build_model(
+        io, specs, cast=cast, max_input_bytes=max_input_bytes,
+        profile=times.means if times is not None else None,
+        # the requests do not keep their ExecutableNetwork alive: the model does
+        close=exec_nets.clear,
+        info={"backend": "openvino-legacy", "device": device, "api": api,
+              "layouts": {n: str(i.layout) for n, i in nets[0].input_info.items()},
+              "num_requests": [len(n.requests) for n in exec_nets],
+              "openvino": ie.get_version(),
+              "models": [os.fspath(p) for p in paths]})
 
 
 def _optimal_requests(core: Any, net: Any, device: str, settings: dict[str, str],

@@ -30,6 +30,10 @@ from ..stages import Complete, DeviceStage
 __all__ = ["SimulatedDevice", "SimulatedFailure", "SimulatedStage"]
 
 
+#: a submit blocked this long on a full, hung device gives up (a DeviceError)
+_ABANDON_AFTER = 5.0
+
+
 class SimulatedFailure(RuntimeError):
     """The per-item failure a simulator raises for ``fail_at`` / ``fail_if``."""
 
@@ -138,17 +142,26 @@ class SimulatedDevice(_Faults, DeviceStage):
         self._complete: Complete | None = None
 
     def start(self, complete: Complete) -> None:
-        if self._threads:
-            raise RuntimeError("a SimulatedDevice serves one runner at a time")
+        # Started again (a runner restarting after a fault): the old threads keep their own
+        # queue and slots and end (a hung one once release() is called); the device starts
+        # afresh, as a reset one would.
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._jobs = SimpleQueue()
+        self._slots = threading.Semaphore(self.capacity)
+        self._in_flight = 0
         self._complete = complete
+        self._threads = []
         for n in range(self.capacity):
-            t = threading.Thread(target=self._serve, name=f"aioaccel-{self.__name__}-{n}",
-                                 daemon=True)
+            t = threading.Thread(target=self._serve, args=(self._jobs, self._slots, complete),
+                                 name=f"aioaccel-{self.__name__}-{n}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def submit(self, token: object, inputs: Any) -> None:
-        self._slots.acquire()  # the device is full: the feeder blocks, as runtimes do
+        if not self._slots.acquire(timeout=_ABANDON_AFTER):  # full: the feeder blocks, as
+            raise DeviceError("simulated device stopped taking work")  # runtimes do
+
         with self._lock:
             self._in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
@@ -162,10 +175,9 @@ class SimulatedDevice(_Faults, DeviceStage):
             t.join()
         self._threads = []
 
-    def _serve(self) -> None:
-        complete = self._complete
-        assert complete is not None
-        while (job := self._jobs.get()) is not None:
+    def _serve(self, jobs: SimpleQueue[Any], slots: threading.Semaphore,
+               complete: Complete) -> None:
+        while (job := jobs.get()) is not None:
             token, inputs, index, latency = job
             try:
                 outputs, error = self._compute(index, inputs, latency), None
@@ -174,5 +186,5 @@ class SimulatedDevice(_Faults, DeviceStage):
             with self._lock:
                 self._in_flight -= 1
                 self.completion_order.append(index)
-            self._slots.release()
+            slots.release()
             complete(token, outputs, error)

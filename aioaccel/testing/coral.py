@@ -6,17 +6,23 @@
 your own -- runs its real code paths against them. Interpreters are LiteRT interpreters on the
 CPU, so results are real and can be checked against a reference.
 
-:class:`SimulatedPipelinedModelRunner` follows pycoral's documented contract:
+:class:`SimulatedPipelinedModelRunner` follows pycoral's Python code and libcoral's
+``coral/pipeline/pipelined_model_runner.cc`` (docs/testing.md lists each behaviour with the
+line it follows, and what is not reproduced):
 
-* one thread per segment; intermediate tensors pass between segments by name;
-* ``push`` blocks while the input queue holds ``set_input_queue_size`` requests, and the last
-  segment blocks while the output queue holds ``set_output_queue_size`` results; both are
-  unbounded by default;
-* the empty request (``{}``, or ``[]`` in 1.0) ends the stream: ``pop`` returns ``None`` once
-  everything before it was popped; a later ``push`` raises ``RuntimeError`` (2.0) or returns
-  ``False`` (1.0);
-* ``push`` checks the request like pycoral does (``ValueError`` on count or dtype);
-* ``pop`` raises ``RuntimeError`` once a segment failed (``fail_at``), then and afterwards;
+* one thread per segment; tensors pass between segments by name; the queues *between*
+  segments hold one request each (``kInternalQueueSize = 1``); the input and output queues are
+  unbounded unless ``set_input_queue_size`` / ``set_output_queue_size`` bound them, so with
+  nobody popping ``push`` blocks once input queue + segments + links + output queue are full;
+* the constructor refuses what pycoral refuses (``ValueError``) and raises
+  :class:`SimulatedAbort` where libcoral aborts the process: an output of a segment that no
+  later segment consumes; ``push`` does too for inputs out of the first segment's order;
+* the empty request (``{}``, or ``[]`` in 1.0) shuts the pipeline down: it returns once every
+  segment has drained, then ``pop`` returns what is left and ``None`` after; a later ``push``
+  raises ``RuntimeError`` (2.0) or returns ``False`` (1.0);
+* a failed segment (``fail_at``) stops the pipeline: the next ``pop`` and ``push`` raise
+  ``RuntimeError("Segment i runner error: ...")`` (a result already queued is lost, as in
+  libcoral, which checks the status after taking it), later pops return ``None``;
 * ``__del__`` pushes a second empty request if ``_runner`` is still set, as pycoral 2.0.0
   does -- which raises inside ``__del__`` when the stream was already ended.
 
@@ -37,9 +43,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CoralSimulation", "SimulatedPipelinedModelRunner", "simulate_coral"]
-
-_END = object()
+__all__ = ["INTERNAL_QUEUE_SIZE", "CoralSimulation", "SimulatedAbort",
+           "SimulatedPipelinedModelRunner", "simulate_coral"]
 
 
 class CoralSimulation:
@@ -58,6 +63,14 @@ class CoralSimulation:
         self.interpreters: list[tuple[str, str]] = []  #: (model path, TPU path) made
         self.hanging = threading.Event()
         self._released = threading.Event()
+        self._requests = 0
+        self._count_lock = threading.Lock()
+
+    def _next_request(self) -> int:
+        with self._count_lock:
+            number = self._requests
+            self._requests += 1
+        return number
 
     def release(self) -> None:
         """Let hung segments (``hang_at``) carry on."""
@@ -78,8 +91,9 @@ class CoralSimulation:
 
     def make_interpreter(self, model_path_or_content: Any, device: str | None = None,
                          delegate: Any = None) -> Any:
-        from ai_edge_litert.interpreter import Interpreter
+        from ..backends.litert import interpreter_module
 
+        Interpreter = interpreter_module().Interpreter
         tpu = self._find(device)
         self.interpreters.append((str(model_path_or_content)[:200], tpu["path"]))
         if isinstance(model_path_or_content, bytes):
@@ -96,87 +110,202 @@ class CoralSimulation:
             raise RuntimeError(f"simulated Edge TPU failure on request {index}")
 
 
+class SimulatedAbort(RuntimeError):
+    """Where libcoral ``CHECK``-fails (aborts the process), the simulation raises this."""
+
+
+# libcoral pipelined_model_runner.cc: ``const int kInternalQueueSize = 1;`` for every queue
+# between two segments.
+INTERNAL_QUEUE_SIZE = 1
+_FAILED: dict[str, Any] = {}  # the empty tensor map a failed segment pushes downstream
+
+
+class _Queue:
+    """libcoral's ``WaitQueue``: FIFO, optionally bounded, with ``StopWaiters``."""
+
+    def __init__(self, cond: threading.Condition, max_size: int = 0):
+        self.cond = cond
+        self.items: deque[Any] = deque()
+        self.max_size = max_size  # 0: unbounded (kInfiniteQueueSize)
+        self.stopped = False
+        self.peak = 0
+
+    def full(self) -> bool:
+        return bool(self.max_size) and len(self.items) >= self.max_size
+
+
 class _Engine:
-    """The native side (``_pywrap_coral.PipelinedModelRunnerWrapper``)."""
+    """The native side (``_pywrap_coral.PipelinedModelRunnerWrapper`` over libcoral's
+    ``PipelinedModelRunner``): ``queues[i]`` feeds segment ``i``, which fills ``queues[i+1]``."""
 
     def __init__(self, interpreters: list[Any], sim: CoralSimulation):
         self.sim = sim
         self.interpreters = interpreters
         self.cond = threading.Condition()
-        self.inputs: deque[Any] = deque()
-        self.outputs: deque[Any] = deque()
-        self.input_max = 0   # 0: unbounded
-        self.output_max = 0
-        self.turned_off = False
-        self.broken = False  # a segment failed: results can no longer flow in order
-        self.peak_inputs = self.peak_outputs = 0
+        n = len(interpreters)
+        self.queues = [_Queue(self.cond, 0 if i in (0, n) else INTERNAL_QUEUE_SIZE)
+                       for i in range(n + 1)]
+        self.turned_off = False     # pipeline_on_ == false
+        self.status: list[str | None] = [None] * n  # each SegmentRunner's runner_status_
         self.pushed = 0
-        self.empty_pushes = 0  # end-of-stream requests, including refused ones
-        self.links: list[deque[Any]] = [deque() for _ in interpreters[1:]]
+        self.empty_pushes = 0       # end-of-stream requests, including refused ones
+        self.busy = [False] * n     # segment i holds a request (running or handing it on)
+        self.waiting_pushes = 0     # callers blocked in push on a full input queue
+        self.ending = False         # the simulation is over: nothing blocks any more
+        self._shutdown_lock = threading.Lock()
         self.threads = [threading.Thread(target=self._segment, args=(i,), daemon=True,
                                          name=f"aioaccel-sim-coral-segment-{i}")
-                        for i in range(len(interpreters))]
+                        for i in range(n)]
         for t in self.threads:
             t.start()
 
-    def push(self, request: Any) -> None:
+    # what the old tests read
+    @property
+    def inputs(self) -> deque[Any]:
+        return self.queues[0].items
+
+    @property
+    def outputs(self) -> deque[Any]:
+        return self.queues[-1].items
+
+    @property
+    def links(self) -> list[_Queue]:
+        return self.queues[1:-1]
+
+    @property
+    def input_max(self) -> int:
+        return self.queues[0].max_size
+
+    @property
+    def output_max(self) -> int:
+        return self.queues[-1].max_size
+
+    @property
+    def peak_inputs(self) -> int:
+        return self.queues[0].peak
+
+    @property
+    def peak_outputs(self) -> int:
+        return self.queues[-1].peak
+
+    def held(self) -> int:
+        """Requests inside the pipeline: queued anywhere or held by a segment."""
         with self.cond:
-            if not request:
-                self.empty_pushes += 1
+            return sum(len(q.items) for q in self.queues) + sum(self.busy)
+
+    def set_queue_size(self, index: int, size: int) -> None:
+        with self.cond:
+            self.queues[index].max_size = size
+            self.cond.notify_all()
+
+    def _put(self, queue: _Queue, value: Any, pusher: bool = False) -> None:
+        """``WaitQueue::push``: blocks while the queue is full."""
+        with self.cond:
+            blocked = pusher and queue.full()
+            if blocked:
+                self.waiting_pushes += 1
+                self.cond.notify_all()
+            while queue.full() and not self.ending:
+                self.cond.wait()
+            if blocked:
+                self.waiting_pushes -= 1
+            queue.items.append(value)
+            queue.peak = max(queue.peak, len(queue.items))
+            self.cond.notify_all()
+
+    def _wait(self, queue: _Queue) -> tuple[bool, Any]:
+        """``WaitQueue::Wait``: (True, item), or (False, None) once empty and stopped."""
+        with self.cond:
+            while not queue.items and not queue.stopped:
+                self.cond.wait()
+            if not queue.items:
+                return False, None
+            value = queue.items.popleft()
+            self.cond.notify_all()
+            return True, value
+
+    def runner_status(self) -> str | None:
+        """``GetRunnerStatus``: the first failed segment's error."""
+        for index, error in enumerate(self.status):
+            if error is not None:
+                return f"Segment {index} runner error: {error}"
+        return None
+
+    def shutdown(self) -> None:
+        """``ShutdownPipeline``: stop each queue's waiters and join its segment, in order."""
+        with self._shutdown_lock:
             if self.turned_off:
                 raise RuntimeError("Pipeline was turned off before.")
-            if not request:
+            for queue, thread in zip(self.queues, self.threads, strict=False):
+                with self.cond:
+                    queue.stopped = True
+                    self.cond.notify_all()
+                if thread is not threading.current_thread():
+                    thread.join()
+            with self.cond:
+                self.queues[-1].stopped = True
                 self.turned_off = True
-                self.inputs.append(_END)
                 self.cond.notify_all()
-                return
-            while self.input_max and len(self.inputs) >= self.input_max:
-                self.cond.wait()
-            self.inputs.append((self.pushed, request))
+
+    def push(self, request: Any) -> None:
+        if not request:
+            with self.cond:
+                self.empty_pushes += 1
+        status = self.runner_status()
+        if status is not None:  # Push: "Shutdown pipeline due to runner error."
+            try:
+                self.shutdown()
+            except RuntimeError:
+                pass
+            raise RuntimeError(status)
+        if not request:
+            self.shutdown()  # blocks until every segment drained its queue
+            return
+        with self.cond:
+            if self.turned_off:
+                raise RuntimeError("Pipeline was turned off before.")
+            number = self.sim._next_request()  # counted over every runner, as documented
             self.pushed += 1
-            self.peak_inputs = max(self.peak_inputs, len(self.inputs))
-            self.cond.notify_all()
+        self._put(self.queues[0], (number, request), pusher=True)
 
     def pop(self) -> Any:
-        with self.cond:
-            while not self.outputs:
-                self.cond.wait()
-            head = self.outputs[0]
-            if head is _END:
-                return None  # stays: every later pop also sees the end
-            if isinstance(head, BaseException):
-                raise RuntimeError(f"error during retrieving pipelined model inference "
-                                   f"results: {head}")
-            self.outputs.popleft()
-            self.cond.notify_all()
-            return head
+        got, value = self._wait(self.queues[-1])
+        if not got:
+            return None  # "Queue is empty and StopWaiters() is called."
+        status = self.runner_status()
+        if status is not None:  # checked after taking the result: that result is lost
+            try:
+                self.shutdown()
+            except RuntimeError:
+                pass
+            raise RuntimeError(status)
+        return value
 
-    def _take(self, source: deque[Any]) -> Any:
+    def stop(self) -> None:
+        """End the threads of a runner dropped without the empty request (simulation exit)."""
         with self.cond:
-            while not source:
-                self.cond.wait()
-            value = source.popleft()
-            self.cond.notify_all()
-            return value
-
-    def _give(self, target: deque[Any], value: Any, limit: int) -> None:
-        with self.cond:
-            while limit and len(target) >= limit and value is not _END and not self.broken:
-                self.cond.wait()
-            target.append(value)
-            if target is self.outputs:
-                self.peak_outputs = max(self.peak_outputs, len(target))
+            self.ending = True
+            for queue in self.queues:
+                queue.stopped = True
             self.cond.notify_all()
 
     def _segment(self, index: int) -> None:
+        """``SegmentRunner::RunInference``."""
         interpreter = self.interpreters[index]
-        source = self.inputs if index == 0 else self.links[index - 1]
+        source, target = self.queues[index], self.queues[index + 1]
         last = index == len(self.interpreters) - 1
         details_in = interpreter.get_input_details()
         details_out = interpreter.get_output_details()
         while True:
-            job = self._take(source)
-            if job is not _END and not isinstance(job, BaseException):
+            got, job = self._wait(source)
+            if not got:
+                return
+            with self.cond:
+                self.busy[index] = True
+            error: str | None = None
+            if job is _FAILED:
+                error = "Empty input tensor map."
+            else:
                 number, tensors = job
                 try:
                     if index == 0:
@@ -186,19 +315,20 @@ class _Engine:
                     for d in details_in:
                         interpreter.set_tensor(d["index"], tensors[d["name"]])
                     interpreter.invoke()
-                    produced = {d["name"]: interpreter.get_tensor(d["index"]) for d in details_out}
-                    job = produced if last else (number, {**tensors, **produced})
+                    produced = {d["name"]: interpreter.get_tensor(d["index"])
+                                for d in details_out}
                 except Exception as exc:
-                    job = exc  # the pipeline is broken from here on
-                    with self.cond:
-                        self.broken = True
-                        self.cond.notify_all()
-            if last:
-                self._give(self.outputs, job, self.output_max)
-            else:
-                self._give(self.links[index], job, 0)
-            if job is _END:
+                    error = str(exc)
+            if error is not None:
+                with self.cond:
+                    self.status[index] = error
+                self._put(target, _FAILED)  # "so that downstream runners could fail"
+                with self.cond:
+                    self.busy[index] = False
                 return
+            self._put(target, produced if last else (number, {**tensors, **produced}))
+            with self.cond:
+                self.busy[index] = False
 
 
 class SimulatedPipelinedModelRunner:
@@ -208,11 +338,22 @@ class SimulatedPipelinedModelRunner:
         self._runner: _Engine | None = None
         if not interpreters:
             raise ValueError("At least one interpreter expected")
+        # pycoral: the inputs of interpreter i are a subset of what came before
         names = {d["name"] for d in interpreters[0].get_input_details()}
         for index, interpreter in enumerate(interpreters):
             if not {d["name"] for d in interpreter.get_input_details()} <= names:
                 raise ValueError(f"Interpreter {index} can not get its input tensors")
             names |= {d["name"] for d in interpreter.get_output_details()}
+        # libcoral's constructor: CHECK_GT(last_consumed_by_map[output_name], i) << "Output
+        # tensor ... must be consumed by subsequent segment." -- an abort there, raised here
+        for index, interpreter in enumerate(interpreters[:-1]):
+            later = {d["name"] for after in interpreters[index + 1:]
+                     for d in after.get_input_details()}
+            for d in interpreter.get_output_details():
+                if d["name"] not in later:
+                    raise SimulatedAbort(f"Check failed: Output tensor {d['name']} must be "
+                                         f"consumed by subsequent segment. (segment {index}; "
+                                         f"libcoral aborts the process here)")
         self._sim = _sim
         self._dicts = int(_sim.version.split(".")[0]) >= 2
         self._interpreters = interpreters
@@ -231,14 +372,10 @@ class SimulatedPipelinedModelRunner:
         return self._interpreters
 
     def set_input_queue_size(self, size: int) -> None:
-        with self._engine().cond:
-            self._engine().input_max = size
-            self._engine().cond.notify_all()
+        self._engine().set_queue_size(0, size)
 
     def set_output_queue_size(self, size: int) -> None:
-        with self._engine().cond:
-            self._engine().output_max = size
-            self._engine().cond.notify_all()
+        self._engine().set_queue_size(-1, size)
 
     def push(self, input_tensors: Any) -> bool | None:
         engine = self._engine()
@@ -254,12 +391,19 @@ class SimulatedPipelinedModelRunner:
         if input_tensors and len(input_tensors) != len(self._input_details):
             raise ValueError(f"Expected input of length {len(self._input_details)}, but got "
                              f"{len(input_tensors)}")
-        for d in self._input_details:
-            if not input_tensors:
-                break
-            tensor = request.get(d["name"])
-            if not isinstance(tensor, np.ndarray) or tensor.dtype != d["dtype"]:
-                raise ValueError(f"Input should be a list of numpy array of type {d['dtype']}")
+        types = {d["name"]: d["dtype"] for d in self._input_details}
+        for name, tensor in request.items():
+            input_type = types[name]  # pycoral: an unknown name is a KeyError
+            if not isinstance(tensor, np.ndarray) or tensor.dtype != input_type:
+                raise ValueError(f"Input should be a list of numpy array of type {input_type}")
+        if request:
+            # libcoral Push: CHECK_EQ(interpreter->input_tensor(i)->name, input_tensors[i].name),
+            # with the dict in insertion order (the pybind wrapper iterates it)
+            order = [d["name"] for d in self._input_details]
+            if list(request) != order:
+                raise SimulatedAbort(f"Check failed: input tensors given in order "
+                                     f"{list(request)}, the first segment takes {order} "
+                                     f"(libcoral aborts the process here)")
         if not self._dicts:
             try:
                 engine.push(request)
@@ -323,6 +467,8 @@ def simulate_coral(tpus: int | Iterable[str] = 2, *, version: str = "2.0.0",
         yield sim
     finally:
         sim.release()
+        for engine in sim.engines:
+            engine.stop()
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)

@@ -135,6 +135,14 @@ class MemryxSimulation:
         self.errors: list[BaseException] = []  #: exceptions the runtime swallowed
         self.hanging = threading.Event()
         self._released = threading.Event()
+        self._frames = 0
+        self._count_lock = threading.Lock()
+
+    def _next_frame(self) -> int:
+        with self._count_lock:
+            index = self._frames
+            self._frames += 1
+        return index
 
     def release(self) -> None:
         self._released.set()
@@ -218,8 +226,8 @@ class _Accelerator:
                 return
             tag, frame = job
             with self.cond:
-                index = self.frames
                 self.frames += 1
+            index = self.sim._next_frame()  # counted over every chip group opened
             if index in self.sim.hang_at:
                 self.sim.hanging.set()
                 self.sim._released.wait()

@@ -22,6 +22,7 @@ they have in the whole chain.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Chain", "Layer", "conv_chain", "dense_chain"]
+__all__ = ["Chain", "Layer", "conv_chain", "dense_chain", "two_input_model"]
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,23 @@ class Chain:
     first: int = 0          #: index of this chain's first layer in the whole chain
     total: int = 0          #: number of layers of the whole chain
     dynamic_batch: bool = False  #: the first dimension is dynamic in the written models
+    #: name this chain's own input "input" and output "output" even when it is a segment, as
+    #: generic exporters do (the segments then chain by position, not by name)
+    generic_names: bool = False
 
     @property
     def input_name(self) -> str:
-        return "input" if self.first == 0 else f"act{self.first}"
+        return "input" if self.first == 0 or self.generic_names else f"act{self.first}"
 
     @property
     def output_name(self) -> str:
         end = self.first + len(self.layers)
-        return "output" if end == (self.total or len(self.layers)) else f"act{end}"
+        last = end == (self.total or len(self.layers))
+        return "output" if last or self.generic_names else f"act{end}"
+
+    def generically_named(self) -> Chain:
+        """This chain with its input and output named ``input`` / ``output``."""
+        return dataclasses.replace(self, generic_names=True)
 
     def _shapes(self) -> list[tuple[int, ...]]:
         shapes = [self.input_shape]
@@ -106,7 +115,8 @@ class Chain:
             bounds.append(min(max(best, bounds[-1] + 1), len(self.layers) - (segments - k)))
         bounds.append(len(self.layers))
         total = self.total or len(self.layers)
-        return [Chain(shapes[a], self.layers[a:b], self.first + a, total, self.dynamic_batch)
+        return [Chain(shapes[a], self.layers[a:b], self.first + a, total, self.dynamic_batch,
+                      self.generic_names)
                 for a, b in itertools.pairwise(bounds)]
 
     def _layer_costs(self) -> list[float]:
@@ -127,9 +137,15 @@ class Chain:
     def write_tflite(self, path: str | os.PathLike[str]) -> Path:
         return _write(path, self.tflite_bytes())
 
-    def write_tflite_segments(self, directory: str | os.PathLike[str], segments: int) -> list[Path]:
+    def write_tflite_segments(self, directory: str | os.PathLike[str], segments: int, *,
+                              generic_names: bool = False) -> list[Path]:
+        """Segment files; ``generic_names``: each named ``input`` -> ``output``."""
         return [part.write_tflite(Path(directory) / f"segment_{i}_of_{segments}.tflite")
-                for i, part in enumerate(self.split(segments))]
+                for i, part in enumerate(self._parts(segments, generic_names))]
+
+    def _parts(self, segments: int, generic_names: bool) -> list[Chain]:
+        parts = self.split(segments)
+        return [p.generically_named() for p in parts] if generic_names else parts
 
     def onnx_bytes(self) -> bytes:
         return bytes(_onnx_model(self).SerializeToString())
@@ -137,9 +153,10 @@ class Chain:
     def write_onnx(self, path: str | os.PathLike[str]) -> Path:
         return _write(path, self.onnx_bytes())
 
-    def write_onnx_segments(self, directory: str | os.PathLike[str], segments: int) -> list[Path]:
+    def write_onnx_segments(self, directory: str | os.PathLike[str], segments: int, *,
+                            generic_names: bool = False) -> list[Path]:
         return [part.write_onnx(Path(directory) / f"segment_{i}_of_{segments}.onnx")
-                for i, part in enumerate(self.split(segments))]
+                for i, part in enumerate(self._parts(segments, generic_names))]
 
     def openvino_model(self) -> Any:
         return _openvino_model(self)
@@ -286,6 +303,41 @@ def _tflite_bytes(chain: Chain) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def two_input_model(path: str | os.PathLike[str], width: int = 4) -> Path:
+    """A ``.tflite`` model with two inputs ``a`` and ``b`` (float32, ``(1, width)``) and one
+    output ``sum = a + b``: for checks of input order and multi-input requests."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    tensors = []
+    for name in ("a", "b", "sum"):
+        t = s.TensorT()
+        t.name = name.encode()
+        t.shape = [1, width]
+        t.type = s.TensorType.FLOAT32
+        t.buffer = 0
+        tensors.append(t)
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.ADD
+    code.version = 1
+    op = s.OperatorT()
+    op.opcodeIndex = 0
+    op.inputs, op.outputs = [0, 1], [2]
+    op.builtinOptionsType = s.BuiltinOptions.AddOptions
+    op.builtinOptions = s.AddOptionsT()
+    subgraph = s.SubGraphT()
+    subgraph.tensors, subgraph.inputs, subgraph.outputs = tensors, [0, 1], [2]
+    subgraph.operators = [op]
+    model = s.ModelT()
+    model.version = 3
+    model.operatorCodes = [code]
+    model.subgraphs = [subgraph]
+    model.buffers = [s.BufferT()]
+    builder = flatbuffers.Builder(256)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return _write(path, bytes(builder.Output()))
 
 
 # ---- ONNX -------------------------------------------------------------------------------

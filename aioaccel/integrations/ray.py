@@ -1,0 +1,642 @@
+"""Scale-out on Ray Serve: one runner per accelerator across a cluster, the same Runner API on
+the client.
+
+``pip install 'aioaccel[ray]'``::
+
+    # where the cluster is (each node started with: ray start --resources='{"EdgeTPU": 1}')
+    deploy("model_edgetpu.tflite", name="detector", replicas=4, resources={"EdgeTPU": 1})
+
+    # in any process connected to the cluster
+    async with connect("detector", maxsize=64) as runner:     # an aioaccel.Runner
+        await runner.push(frame, tag=frame_id)
+        async for result in runner: ...
+        outputs = await runner.infer(x)
+
+* **Replicas.** Each replica of the Serve application owns one ``aioaccel.open(target,
+  **open_options)`` runner for its lifetime: opened in the replica (``async __init__``), closed
+  when Serve shuts the replica down. ``resources`` go to the replica's actor options, so it
+  lands only on a node that has the device; Serve's ``check_health`` asks that runner, and a
+  broken runner makes Serve replace the replica.
+* **The client** is a real :class:`aioaccel.Runner` whose one stage is remote: every Runner
+  contract (push order, tags, ``maxsize``, streams, cancellation, stats) holds unchanged.
+  The stage sends items in small batches (one Serve call carries up to ``batch`` inputs, each
+  gets its own answer), with at most ``calls`` calls in flight, so Ray's per-call cost of
+  milliseconds is paid per batch, not per item.
+* **Failures.** A replica that dies (killed, node lost) or does not answer within ``timeout``
+  fails its call; the unanswered items are re-sent (inference is idempotent) at most
+  ``retries`` times each, counted in ``stats().profile["retries"]``; after that the item fails
+  with :class:`~aioaccel.InferenceError`. Items that failed on the replica fail the same way on
+  the client, with the remote cause as text (:class:`RemoteError`). Bad input is refused at the
+  client (:class:`~aioaccel.InputError`) against the input spec ``connect`` fetched once.
+  When Serve's queue is full (``max_queued``), the batch waits and is re-sent: the overload
+  reaches callers as the client's own backpressure (``push`` waits, ``push_nowait`` and
+  ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web integrations 503).
+* **Cancellation.** An ``infer`` cancelled before its batch was sent is never sent; a call
+  whose items were all cancelled is cancelled in Serve (``DeploymentResponse.cancel``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._optional import need
+from ..backends import Model
+from ..errors import AccelError, DeviceError, RunnerClosed
+from ..runner import Runner
+from ..stages import Complete, DeviceStage, StageSpec, made
+from ..tensors import InputValidator, TensorSpec
+
+__all__ = [
+    "DEFAULT_MAX_ONGOING",
+    "DEFAULT_MAX_QUEUED",
+    "AccelReplica",
+    "DeployError",
+    "NotEnoughResources",
+    "RemoteError",
+    "connect",
+    "deploy",
+    "deployment",
+]
+
+log = logging.getLogger("aioaccel")
+
+#: requests (batches) Serve may queue for the application before it refuses more
+DEFAULT_MAX_QUEUED = 256
+#: calls one replica serves at once (each carries a batch)
+DEFAULT_MAX_ONGOING = 8
+#: the replica runner's maxsize unless open_options give one: room for every ongoing batch
+DEFAULT_REPLICA_MAXSIZE = 64
+_FEATURE = "aioaccel.integrations.ray"
+_OK, _FAILED, _REPLICA_BROKEN = 0, 1, 2  # reply kinds, per item
+
+
+def _serve() -> Any:
+    need("ray", "ray", _FEATURE)
+    return need("ray.serve", "ray", _FEATURE)
+
+
+class RemoteError(AccelError):
+    """An item failed on the remote side; the message carries the remote cause as text (the
+    remote exception object itself does not cross the wire)."""
+
+
+class DeployError(AccelError, RuntimeError):
+    """``deploy`` could not bring the application up (a replica failed to open its runner, for
+    instance); the message carries Serve's reason and nothing is left deployed."""
+
+
+class NotEnoughResources(DeployError):
+    """``deploy`` asked for more replicas than the cluster's nodes can hold, or the replicas
+    were not running within ``deploy_timeout`` (waiting for resources, usually)."""
+
+
+# ---- the replica (server side) ----------------------------------------------------------
+class AccelReplica:
+    """The body of one Serve replica: it owns one aioaccel runner for its lifetime.
+
+    Use :func:`deployment` for the Serve deployment of this class (to compose your own
+    application), or :func:`deploy` to run it as an application of its own.
+    """
+
+    # Serve awaits an async __init__ (the runner opens on the replica's loop); mypy objects
+    async def __init__(self, target: Any, open_options: dict[str, Any]) -> None:  # type: ignore[misc]
+        import aioaccel
+
+        options = dict(open_options)
+        options.setdefault("maxsize", DEFAULT_REPLICA_MAXSIZE)
+        self._cast = bool(options.get("cast", False))
+        self._items = 0
+        self._where = _where_am_i()
+        self._runner = aioaccel.open(target, **options)
+        await self._runner.__aenter__()
+
+    async def describe(self) -> dict[str, Any]:
+        """What a client needs once: the model's specs, and where this replica runs."""
+        runner = self._runner
+        return {
+            "inputs": runner.inputs,
+            "outputs": runner.outputs,
+            "cast": self._cast,
+            "replica": self._where,
+            "pid": os.getpid(),
+            "items": self._items,
+            "stats": runner.stats(),
+        }
+
+    async def infer_batch(self, batch: list[Any]) -> tuple[str, list[tuple[int, Any]]]:
+        """Run every input of ``batch`` concurrently: ``(replica, answers)``, one ``(kind,
+        value)`` answer per input; ``replica`` names this replica (its actor id and node)."""
+        self._items += len(batch)
+        answers = await asyncio.gather(*(self._infer_one(x) for x in batch))
+        return self._where, list(answers)
+
+    async def _infer_one(self, inputs: Any) -> tuple[int, Any]:
+        try:
+            return _OK, await self._runner.infer(inputs)
+        except (DeviceError, RunnerClosed) as exc:  # this replica cannot serve: try another
+            return _REPLICA_BROKEN, _describe_error(exc)
+        except AccelError as exc:
+            return _FAILED, _describe_error(exc)
+
+    async def check_health(self) -> None:
+        """Serve's health probe: a closed or broken runner makes Serve replace the replica."""
+        if self._runner.closed:
+            raise RuntimeError(f"aioaccel runner {self._runner.name!r} is closed or broken")
+
+    async def aclose(self) -> None:
+        """Close the runner: it drains what it admitted (bounded by its ``close_timeout``)."""
+        await self._runner.aclose()
+
+    def __del__(self) -> Coroutine[Any, Any, None] | None:
+        # Serve calls __del__ at the replica's graceful shutdown and awaits what it returns;
+        # Python's own call at garbage collection must not make a coroutine nobody awaits.
+        if getattr(self, "_runner", None) is None or getattr(self, "_closing", False):
+            return None
+        self._closing = True
+        return self.aclose()
+
+
+def _where_am_i() -> str:
+    """``"<actor id>@<node id>"``: which replica answered, on which node."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return f"{context.get_actor_id()}@{context.get_node_id()}"
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and repr(cause) not in text:
+        text += f" (caused by {cause!r})"
+    return text
+
+
+@functools.cache
+def deployment() -> Any:
+    """The Serve deployment of :class:`AccelReplica` (``deployment().options(...).bind(target,
+    open_options)``), for users who compose their own Serve applications."""
+    return _serve().deployment(AccelReplica)
+
+
+def __getattr__(name: str) -> Any:
+    # ``AccelDeployment``: the Serve deployment, made on first use (it needs Ray)
+    if name == "AccelDeployment":
+        return deployment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _actor_options(resources: Mapping[str, float] | None) -> dict[str, Any]:
+    """``{"CPU": 1, "GPU": 0, "EdgeTPU": 1}`` -> Ray actor options (CPU/GPU are separate)."""
+    custom = dict(resources or {})
+    for key, value in custom.items():
+        if not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"resources[{key!r}] must be a number >= 0, got {value!r}")
+    options: dict[str, Any] = {}
+    if "CPU" in custom:
+        options["num_cpus"] = custom.pop("CPU")
+    if "GPU" in custom:
+        options["num_gpus"] = custom.pop("GPU")
+    if custom:
+        options["resources"] = custom
+    return options
+
+
+def _replicas_that_fit(need_per_replica: Mapping[str, float]) -> tuple[int, dict[str, float]]:
+    """How many replicas needing ``need_per_replica`` the cluster's live nodes can hold, and the
+    cluster's totals of those resources."""
+    import ray
+
+    fit = 0
+    totals = dict.fromkeys(need_per_replica, 0.0)
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        for key in totals:
+            totals[key] += have.get(key, 0.0)
+        per_node = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need_per_replica.items()
+                    if v > 0]
+        fit += min(per_node) if per_node else 1 << 30
+    return fit, totals
+
+
+def deploy(target: Any, *, name: str, replicas: int = 1,
+           resources: Mapping[str, float] | None = None, max_queued: int = DEFAULT_MAX_QUEUED,
+           max_ongoing: int = DEFAULT_MAX_ONGOING, check_resources: bool = True,
+           deploy_timeout: float = 120.0, health_check_period: float | None = None,
+           open_retries: int = 3, **open_options: Any) -> Any:
+    """Run the Ray Serve application ``name``: ``replicas`` replicas, each owning one
+    ``aioaccel.open(target, **open_options)`` runner. Returns its ``DeploymentHandle``.
+
+    ``resources`` (``{"EdgeTPU": 1}``; ``"CPU"``/``"GPU"`` for those) is what each replica
+    reserves, so it lands on a node that has it. Serve refuses calls beyond ``max_queued``
+    queued requests; each replica serves ``max_ongoing`` calls at once. Unless
+    ``check_resources=False`` (an autoscaling cluster that adds nodes on demand), asking for
+    more replicas than the live nodes can hold raises :class:`NotEnoughResources` at once;
+    replicas not running within ``deploy_timeout`` seconds raise it too, and the application
+    is deleted. A replica whose runner fails to open is started again up to ``open_retries``
+    times, then :class:`DeployError` says why. Serve asks each replica's runner for its health
+    every ``health_check_period`` seconds (Serve's default: 10). ``target`` must be picklable
+    (a model path, a picklable callable). It blocks until the replicas run: from async code,
+    ``await asyncio.to_thread(deploy, ...)``.
+    """
+    serve = _serve()
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if not isinstance(max_queued, int) or (max_queued < 1 and max_queued != -1):
+        raise ValueError(f"max_queued must be a positive int (or -1: unbounded), "
+                         f"got {max_queued!r}")
+    if not isinstance(open_retries, int) or open_retries < 1:
+        raise ValueError(f"open_retries must be a positive int, got {open_retries!r}")
+    if not isinstance(max_ongoing, int) or max_ongoing < 1:
+        raise ValueError(f"max_ongoing must be a positive int, got {max_ongoing!r}")
+    actor_options = _actor_options(resources)
+    _ensure_serve(serve)
+    if check_resources:
+        need_per_replica = {"CPU": actor_options.get("num_cpus", 1),
+                            "GPU": actor_options.get("num_gpus", 0),
+                            **actor_options.get("resources", {})}
+        need_per_replica = {k: float(v) for k, v in need_per_replica.items() if v}
+        fit, totals = _replicas_that_fit(need_per_replica)
+        if fit < replicas:
+            raise NotEnoughResources(
+                f"application {name!r} asks for {replicas} replicas, each needing "
+                f"{need_per_replica}, but the cluster's live nodes can hold {fit} (cluster "
+                f"totals: {totals}); start nodes with those resources (ray start "
+                f"--resources=...), or ask for fewer replicas")
+    options: dict[str, Any] = {}
+    if health_check_period is not None:
+        options["health_check_period_s"] = health_check_period
+    app = deployment().options(
+        name="AccelReplica", num_replicas=replicas, ray_actor_options=actor_options,
+        max_ongoing_requests=max_ongoing, max_queued_requests=max_queued,
+        max_constructor_retry_count=open_retries, **options,
+    ).bind(target, dict(open_options))
+    handle = serve._run(app, name=name, route_prefix=None, _blocking=False)
+    _wait_running(serve, name, deploy_timeout)
+    return handle
+
+
+def _ensure_serve(serve: Any) -> None:
+    """Connect to Ray (``RAY_ADDRESS`` or a local cluster) and start Serve if it is not running,
+    without its HTTP proxy: clients come through handles (``connect``), not HTTP."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        serve.start(proxy_location="Disabled")
+
+
+def _wait_running(serve: Any, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        app = serve.status().applications.get(name)
+        status = str(getattr(app, "status", "NOT_STARTED"))
+        status = status.rsplit(".", 1)[-1]
+        if status == "RUNNING":
+            return
+        message = getattr(app, "message", "") or ""
+        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
+            detail = "; ".join(
+                f"{dep}: {d.status}: {d.message}"
+                for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
+            serve.delete(name, _blocking=False)  # pending replicas may take long to go
+            if status == "DEPLOY_FAILED":
+                raise DeployError(f"application {name!r} failed to deploy: {message} {detail}"
+                                  .strip())
+            raise NotEnoughResources(f"application {name!r} was not running after {timeout} s "
+                                     f"(status {status}): {message} {detail}".strip())
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.5)
+
+
+# ---- the client -------------------------------------------------------------------------
+def connect(name: str, *, maxsize: int = 64, timeout: float | None = None, retries: int = 1,
+            batch: int | None = None, calls: int | None = None, runner_name: str | None = None,
+            close_timeout: float = 10.0, connect_timeout: float = 60.0) -> Runner:
+    """A :class:`~aioaccel.Runner` over the Serve application ``name`` made by :func:`deploy`.
+
+    Open it like a local runner (``async with connect(...) as runner``). ``maxsize`` bounds
+    items admitted and not consumed, as for any runner. ``timeout`` (seconds) bounds each
+    remote call: past it the call counts as failed and its items are re-sent (None: wait as
+    long as Serve takes; Serve itself reports dead replicas). Each item is re-sent at most
+    ``retries`` times. One call carries up to ``batch`` items (default: ``maxsize`` spread over
+    ``calls``), with up to ``calls`` calls in flight (default: 2 per replica).
+    ``connect_timeout`` bounds fetching the model's spec when the runner opens.
+    """
+    _serve()
+    if not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    for label, value in (("batch", batch), ("calls", calls)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{label} must be a positive int or None, got {value!r}")
+    settings = _ClientSettings(name, maxsize, timeout, retries, batch, calls, connect_timeout)
+    return Runner(functools.partial(_load_remote, settings), maxsize=maxsize,
+                  name=runner_name or f"ray-{name}", close_timeout=close_timeout)
+
+
+@dataclass(frozen=True)
+class _ClientSettings:
+    app: str
+    maxsize: int
+    timeout: float | None
+    retries: int
+    batch: int | None
+    calls: int | None
+    connect_timeout: float
+
+
+def _load_remote(settings: _ClientSettings) -> Model:
+    """Runs on the runner's load thread: find the application, fetch its spec once."""
+    serve = _serve()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
+    try:
+        handle = serve.get_app_handle(settings.app)
+    except Exception as exc:  # Serve raises RayServeException for an unknown app
+        raise DeviceError(f"no Ray Serve application {settings.app!r} is running "
+                          f"({exc}); deploy it first with aioaccel.integrations.ray.deploy"
+                          ) from exc
+    try:
+        described = handle.describe.remote().result(timeout_s=settings.connect_timeout)
+    except Exception as exc:
+        raise DeviceError(f"Ray Serve application {settings.app!r} did not describe its "
+                          f"model within {settings.connect_timeout} s: {exc}") from exc
+    replicas = _running_replicas(serve, settings.app)
+    calls = settings.calls or max(2, 2 * replicas)
+    batch = settings.batch or max(1, math.ceil(settings.maxsize / calls))
+    stage = _RemoteStage(handle, app=settings.app, batch=batch, calls=calls,
+                         timeout=settings.timeout, retries=settings.retries)
+    inputs: list[TensorSpec] | None = described["inputs"]
+    prepare = InputValidator(inputs, cast=described["cast"]) if inputs else None
+    return Model(stages=[StageSpec(f"ray:{settings.app}", made(stage), device=True)],
+                 inputs=inputs, outputs=described["outputs"], prepare=prepare,
+                 info={"app": settings.app, "replicas": replicas, "batch": batch,
+                       "calls": calls},
+                 profile=stage.counters)
+
+
+def _running_replicas(serve: Any, app: str) -> int:
+    try:
+        status = serve.status().applications[app]
+        return sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
+    except Exception:  # only a default for `calls`: never worth failing the open over
+        return 1
+
+
+class _Pending:
+    """One item on the client side of the wire."""
+
+    __slots__ = ("attempts", "inputs", "token")
+
+    def __init__(self, token: object, inputs: Any):
+        self.token = token
+        self.inputs = inputs
+        self.attempts = 0
+
+
+def _abandoned(token: object) -> bool:
+    """True when the ``infer`` waiting for this item is gone (cancelled or timed out).
+
+    Reads the job's ``abandoned`` flag, which the runner sets on the loop: a plain attribute
+    read, and a stale answer only means one item more or less is sent."""
+    return bool(getattr(token, "abandoned", False))
+
+
+class _RemoteStage(DeviceStage):
+    """The client's one stage: batches items to the Serve application on a sender thread that
+    runs its own event loop, and completes each item when its answer comes back."""
+
+    def __init__(self, handle: Any, *, app: str, batch: int, calls: int,
+                 timeout: float | None, retries: int):
+        self._method = handle.options(method_name="infer_batch")
+        self._app = app
+        self._batch = batch
+        self._calls = calls
+        self._timeout = timeout
+        self._retries = retries
+        self._complete: Complete | None = None
+        self._arrived: deque[_Pending] = deque()
+        self._lock = threading.Lock()
+        self._wake_scheduled = False
+        self._in_flight: dict[asyncio.Task[None], list[_Pending]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._reaper: asyncio.Task[None] | None = None
+        # counters (read by stats().profile)
+        self._sent_calls = self._sent_items = self._retried = self._lost_calls = 0
+        self._cancelled_unsent = self._cancelled_calls = self._overloaded = 0
+        self._cancelled_items = 0  # answered "cancelled": never sent, or their call cancelled
+        self._answered_by: dict[str, int] = {}  # "<actor id>@<node id>" -> items answered
+
+    def counters(self) -> dict[str, Any]:
+        calls = self._sent_calls
+        return {"app": self._app, "calls": calls, "items_sent": self._sent_items,
+                "mean_batch": self._sent_items / calls if calls else 0.0,
+                "retries": self._retried, "failed_calls": self._lost_calls,
+                "overloaded_calls": self._overloaded, "cancelled_unsent": self._cancelled_unsent,
+                "cancelled_calls": self._cancelled_calls,
+                "cancelled_items": self._cancelled_items, "in_flight_calls": len(self._in_flight),
+                "batch": self._batch, "max_calls": self._calls,
+                "answered_by": dict(self._answered_by)}
+
+    # ---- DeviceStage --------------------------------------------------------------------
+    def start(self, complete: Complete) -> None:
+        self._complete = complete
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        name = threading.current_thread().name.removesuffix("-0") + "-sender"
+        self._thread = threading.Thread(target=self._main, args=(ready,), name=name, daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def submit(self, token: object, inputs: Any) -> None:
+        with self._lock:
+            self._arrived.append(_Pending(token, inputs))
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        self._loop.call_soon_threadsafe(self._dispatch)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._stop)
+        except RuntimeError:  # the loop already stopped
+            pass
+        thread.join(10.0)
+        if thread.is_alive():
+            log.warning("ray sender of %r did not stop within 10 s; abandoned", self._app)
+
+    # ---- the sender loop ------------------------------------------------------------------
+    def _main(self, ready: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        self._reaper = loop.create_task(self._reap())
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        tasks = [*self._in_flight, *([self._reaper] if self._reaper else [])]
+        for task in tasks:
+            task.cancel()
+        loop = self._loop
+        assert loop is not None
+
+        async def finish() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            loop.stop()
+
+        loop.create_task(finish())
+
+    def _dispatch(self) -> None:
+        """Start calls while fewer than ``calls`` are in flight and items wait."""
+        with self._lock:
+            self._wake_scheduled = False
+        if self._stopping:
+            return
+        arrived, loop = self._arrived, self._loop
+        assert loop is not None
+        while arrived and len(self._in_flight) < self._calls:
+            batch: list[_Pending] = []
+            while arrived and len(batch) < self._batch:
+                pending = arrived.popleft()
+                if _abandoned(pending.token):
+                    self._cancelled_unsent += 1
+                    self._cancelled_items += 1
+                    self._answer(pending, None, RemoteError("cancelled before it was sent"))
+                else:
+                    batch.append(pending)
+            if batch:
+                task = loop.create_task(self._call(batch))
+                self._in_flight[task] = batch
+
+    async def _call(self, batch: list[_Pending]) -> None:
+        try:
+            while batch:
+                batch = await self._attempt(batch)
+        except asyncio.CancelledError:
+            if self._stopping:  # the runner has failed what was pending already
+                raise
+            self._cancelled_calls += 1  # every item's infer was cancelled (see _reap)
+            for p in batch:
+                self._cancelled_items += 1
+                self._answer(p, None, RemoteError("cancelled"))
+        finally:
+            self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if not self._stopping:
+                self._dispatch()
+
+    async def _attempt(self, batch: list[_Pending]) -> list[_Pending]:
+        """One Serve call for ``batch``; returns the items to send again."""
+        from ray.exceptions import RayActorError, TaskCancelledError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        response = self._method.remote([p.inputs for p in batch])
+        self._sent_calls += 1
+        self._sent_items += len(batch)
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await response
+        except BackPressureError:
+            # Serve's queue is full: the batch waits here, the client's maxsize fills and
+            # callers feel the overload as the client's own backpressure
+            self._overloaded += 1
+            await asyncio.sleep(0.01 * min(self._overloaded, 10))
+            return batch
+        except asyncio.CancelledError:
+            _cancel_in_background(response)
+            raise
+        except TimeoutError:
+            _cancel_in_background(response)
+            return self._again(batch, f"no answer within timeout={self._timeout} s")
+        except (RayActorError, TaskCancelledError, DeploymentUnavailableError) as exc:
+            return self._again(batch, f"replica lost ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # the call itself failed (e.g. an input that does not pickle)
+            self._lost_calls += 1
+            for p in batch:
+                self._answer(p, None, RemoteError(_describe_error(exc)))
+            return []
+        replica, answers = replies
+        self._answered_by[replica] = self._answered_by.get(replica, 0) + len(batch)
+        again: list[_Pending] = []
+        reason = ""
+        for p, (kind, value) in zip(batch, answers, strict=True):
+            if kind == _OK:
+                self._answer(p, value, None)
+            elif kind == _REPLICA_BROKEN:
+                again.append(p)
+                reason = value
+            else:
+                self._answer(p, None, RemoteError(value))
+        return self._again(again, f"replica broken ({reason})") if again else []
+
+    def _again(self, batch: list[_Pending], reason: str) -> list[_Pending]:
+        """Items whose call failed: those with retries left go again, the others fail."""
+        self._lost_calls += 1
+        log.warning("ray app %r: a call with %d items failed: %s", self._app, len(batch), reason)
+        again = []
+        for p in batch:
+            if p.attempts < self._retries and not _abandoned(p.token):
+                p.attempts += 1
+                self._retried += 1
+                again.append(p)
+            else:
+                self._answer(p, None, RemoteError(
+                    f"{reason}; gave up after {p.attempts + 1} attempts (retries="
+                    f"{self._retries})"))
+        return again
+
+    async def _reap(self) -> None:
+        """Cancel in Serve the calls all of whose items' ``infer`` callers are gone."""
+        while True:
+            await asyncio.sleep(0.05)
+            for task, batch in list(self._in_flight.items()):
+                if all(_abandoned(p.token) for p in batch):
+                    task.cancel()
+
+    def _answer(self, pending: _Pending, outputs: Any, error: BaseException | None) -> None:
+        pending.inputs = None
+        self._complete(pending.token, outputs, error)  # type: ignore[misc]
+
+
+def _cancel_in_background(response: Any) -> None:
+    """``DeploymentResponse.cancel`` may block until the request is assigned: off the loop."""
+    threading.Thread(target=_quiet_cancel, args=(response,), name="ray-cancel",
+                     daemon=True).start()
+
+
+def _quiet_cancel(response: Any) -> None:
+    try:
+        response.cancel()
+    except Exception:
+        pass
