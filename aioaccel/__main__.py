@@ -2,4 +2,5 @@
 
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing this module (tools that walk the package) runs nothing
+    raise SystemExit(main())
