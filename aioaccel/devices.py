@@ -56,11 +56,15 @@ def _litert() -> list[Device]:
                    f"({os.cpu_count()} cores)", options={"backend": "litert"})]
 
 
+#: ONNX Runtime providers that run somewhere else, not on a device of this machine
+_REMOTE_PROVIDERS = frozenset({"AzureExecutionProvider"})
+
+
 def _onnx() -> list[Device]:
     ort = importlib.import_module("onnxruntime")
     return [Device("onnx", provider, f"ONNX Runtime {ort.__version__}: {provider}",
                    options={"backend": "onnx", "providers": [provider]})
-            for provider in ort.get_available_providers()]
+            for provider in ort.get_available_providers() if provider not in _REMOTE_PROVIDERS]
 
 
 def _openvino() -> list[Device]:

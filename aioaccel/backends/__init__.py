@@ -60,11 +60,19 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("function", "function", (), (), "nothing: it is built in"),
-        Backend("litert", "litert", (".tflite",), (), "pip install 'aioaccel[litert]'",
+        Backend("litert", "litert", (".tflite",), (),
+                "pip install ai-edge-litert flatbuffers (from an aioaccel checkout: "
+                "pip install -e '.[litert]'; with aioaccel installed from an index: "
+                "pip install 'aioaccel[litert]')",
                 ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")),
         Backend("openvino", "openvino", (".xml",), ("openvino",),
-                "pip install 'aioaccel[openvino]'"),
-        Backend("onnx", "onnx", (".onnx",), ("onnxruntime",), "pip install 'aioaccel[onnx]'"),
+                "pip install openvino (from an aioaccel checkout: "
+                "pip install -e '.[openvino]'; with aioaccel installed from an index: "
+                "pip install 'aioaccel[openvino]')"),
+        Backend("onnx", "onnx", (".onnx",), ("onnxruntime",),
+                "pip install onnxruntime onnx (from an aioaccel checkout: "
+                "pip install -e '.[onnx]'; with aioaccel installed from an index: "
+                "pip install 'aioaccel[onnx]')"),
         Backend("openvino-legacy", "openvino_legacy", (), ("openvino.inference_engine",),
                 "pip install 'openvino<2024' 'numpy<2' (OpenVINO 2024.0 removed the legacy "
                 "Inference Engine API)"),

@@ -19,6 +19,9 @@ input. A client that disconnects while its item waits withdraws it (or its resul
 discarded): ``infer`` watches the connection. With ``web.run_app(app,
 handler_cancellation=True)`` (or ``AppRunner(app, handler_cancellation=True)``) aiohttp also
 cancels the handler at once; without it the watch notices within ``DISCONNECT_POLL`` seconds.
+Streaming: ``return await accel.ws(request, runner)`` in a GET handler (or
+``app.router.add_get("/stream", accel.ws_handler("default"))``) runs a WebSocket as one of the
+runner's streams (protocol: :mod:`.streaming`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
+from .streaming import Socket, serve_stream
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
 
-from aiohttp import web  # noqa: E402
+from aiohttp import WSMsgType, web  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -127,6 +131,38 @@ class Accel(AccelBase):
             raise exc
         cls = _ERRORS.get(problem.status, web.HTTPInternalServerError)
         raise cls(text=problem.message, headers=dict(problem.headers)) from exc
+
+    async def ws(self, request: web.Request, runner: Runner, *, key: str | None = None,
+                 maxsize: int | None = None,
+                 stop: asyncio.Event | None = None) -> web.WebSocketResponse:
+        """A WebSocket handler body: serve the connection as ``runner.stream(key)`` until it
+        ends. ``key`` defaults to the ``?stream=`` query parameter, else a fresh one."""
+        websocket = web.WebSocketResponse(max_msg_size=self.max_body)
+        await websocket.prepare(request)
+
+        async def receive() -> bytes | str | None:
+            message = await websocket.receive()
+            if message.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                return message.data  # type: ignore[no-any-return]
+            return None  # close, closing, closed or error: the client is gone
+
+        async def close(code: int, reason: str) -> None:
+            await websocket.close(code=code, message=reason.encode())
+
+        await serve_stream(runner, Socket(receive, websocket.send_str, close),
+                           key=key or request.query.get("stream"), maxsize=maxsize,
+                           retry_after=self.retry_after, stop=stop)
+        return websocket
+
+    def ws_handler(self, name: str = "default", *, maxsize: int | None = None) -> Any:
+        """A ready GET handler streaming over a WebSocket to runner ``name``:
+        ``app.router.add_get("/stream", accel.ws_handler())``."""
+        runner = self._named(name)
+
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            return await self.ws(request, runner, maxsize=maxsize)
+
+        return handler
 
     def health(self) -> web.Response:
         """200 when every runner is open, else 503; JSON with their state."""

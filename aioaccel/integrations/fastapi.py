@@ -22,6 +22,8 @@ and an ``infer`` that answers 503 instead of queueing without bound.
   a body not received within ``body_timeout`` seconds gets **408**; a client that leaves
   mid-body is logged in one line (``aioaccel.http`` logger), not with tracebacks.
 * Errors: bad input 422, runner broken or closing 503, ``InferTimeout`` 504.
+* **Streaming.** ``await accel.stream(websocket, runner)`` in a ``@app.websocket`` route runs
+  the connection as one of the runner's streams (protocol: :mod:`.streaming`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
+from .streaming import Socket, serve_stream
 
 need("fastapi", "fastapi", "aioaccel.integrations.fastapi")
 
-from fastapi import HTTPException, Request, Response  # noqa: E402
+from fastapi import HTTPException, Request, Response, WebSocket  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
 
@@ -128,6 +131,17 @@ class Accel(AccelBase):
             raise exc
         raise HTTPException(problem.status, problem.message, dict(problem.headers)) from exc
 
+    # ---- WebSocket streaming -----------------------------------------------------------------
+    async def stream(self, websocket: WebSocket, runner: Runner, *, key: str | None = None,
+                     maxsize: int | None = None, stop: asyncio.Event | None = None) -> int:
+        """Accept ``websocket`` and serve it as ``runner.stream(key)`` until it ends; returns
+        the frames answered. ``key`` defaults to the ``?stream=`` query parameter, else a fresh
+        one; ``stop`` (set on shutdown) ends it gracefully (close code 1001)."""
+        await websocket.accept()
+        return await serve_stream(runner, _socket(websocket),
+                                  key=key or websocket.query_params.get("stream"),
+                                  maxsize=maxsize, retry_after=self.retry_after, stop=stop)
+
     # ---- health and metrics ----------------------------------------------------------------
     def health(self) -> Response:
         """200 when every runner is open and not broken, else 503; JSON with their state."""
@@ -143,6 +157,23 @@ class Accel(AccelBase):
 def _peer(request: Request) -> str:
     client = request.client
     return f"{client.host}:{client.port}" if client else "?"
+
+
+def _socket(websocket: WebSocket) -> Socket:
+    async def receive() -> bytes | str | None:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        data = message.get("bytes")
+        return data if data is not None else message.get("text", "")  # type: ignore[no-any-return]
+
+    async def close(code: int, reason: str) -> None:
+        try:
+            await websocket.close(code, reason)
+        except RuntimeError:  # already closed by the client
+            pass
+
+    return Socket(receive, websocket.send_text, close)
 
 
 async def _disconnected(request: Request) -> None:

@@ -1,0 +1,195 @@
+"""One FastAPI app serving several named runners (what ``aioaccel serve`` runs).
+
+Routes: ``POST /v1/models/{name}/infer``, ``GET /v1/models/{name}`` (specs and state),
+``GET /v1/models``, ``WS /v1/models/{name}/stream``, ``GET /healthz``, ``GET /metrics``,
+``GET /`` (the live status page), ``GET /v1/status`` and ``GET /v1/status/events``
+(Server-Sent Events, one snapshot a second), ``/docs`` (OpenAPI). Every request behaviour is
+:mod:`aioaccel.integrations.fastapi`'s: 503 + Retry-After past ``admit_timeout``, 413 over
+``max_body``, 422 for bad input, a client that disconnects withdraws its item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from .._optional import need
+from ..integrations.http import DEFAULT_MAX_BODY
+
+need("fastapi", "fastapi", "aioaccel serve")
+
+from fastapi import FastAPI, HTTPException, Request, Response, WebSocket  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
+
+from ..integrations.fastapi import Accel  # noqa: E402
+from ..integrations.streaming import CLOSE_POLICY  # noqa: E402
+from .status import HEALTHY, StatusFeed, model_restarts, model_state  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+    from ..tensors import TensorSpec
+
+__all__ = ["MODEL_NAME", "OpenStreams", "build_app", "describe"]
+
+#: what a model name may look like: it is a URL path segment
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RESERVED = {"admit_timeout", "retry_after", "max_body", "timeout"}  # Accel's own keywords
+
+
+def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
+              retry_after: float = 1.0, max_body: int = DEFAULT_MAX_BODY,
+              timeout: float | None = None, manage_runners: bool = True,
+              stop: asyncio.Event | None = None, status_interval: float = 1.0,
+              title: str = "aioaccel serve") -> FastAPI:
+    """The app for ``runners`` (name -> runner). With ``manage_runners`` its lifespan opens
+    them and closes them (draining) on shutdown; without, the caller owns them. ``stop``,
+    set when the server begins to shut down, ends WebSocket streams (every accepted frame
+    answered) and status feeds, so that connections close instead of holding the drain."""
+    for name in runners:
+        if not MODEL_NAME.fullmatch(name) or name in _RESERVED:
+            raise ValueError(f"model name {name!r} cannot be served: use letters, digits, "
+                             f"'_', '.', '-' (up to 64), not one of {sorted(_RESERVED)}")
+    if not runners:
+        raise ValueError("aioaccel serve needs at least one model")
+    accel = Accel(admit_timeout=admit_timeout, retry_after=retry_after, max_body=max_body,
+                  timeout=timeout, **runners)
+    stopping = stop if stop is not None else asyncio.Event()
+    streams = OpenStreams()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_runners:
+            async with accel.lifespan(app):
+                yield
+                stopping.set()
+        else:
+            app.state.aioaccel = accel
+            yield
+            stopping.set()
+
+    from .. import __version__
+
+    app = FastAPI(title=title, version=__version__, lifespan=lifespan,
+                  description="Models served by aioaccel: request/response over HTTP, "
+                              "ordered streaming over WebSocket, a live status page at /.")
+    app.state.streams = streams  # the server waits on it before closing connections
+
+    def named(name: str) -> Runner:
+        runner = accel.runners.get(name)
+        if runner is None:
+            raise HTTPException(404, f"no model named {name!r}; this server has "
+                                     f"{sorted(accel.runners)}")
+        return runner
+
+    @app.post("/v1/models/{name}/infer", summary="Run one input through a model")
+    async def infer(name: str, request: Request) -> Response:
+        runner = named(name)
+        inputs = await accel.read_inputs(request, runner)
+        return await accel.infer(request, runner, inputs)
+
+    @app.get("/v1/models", summary="The models served")
+    async def models() -> dict[str, Any]:
+        return {"models": [describe(name, runner) for name, runner in accel.runners.items()]}
+
+    @app.get("/v1/models/{name}", summary="A model's inputs, outputs and state")
+    async def model(name: str) -> dict[str, Any]:
+        return describe(name, named(name))
+
+    @app.websocket("/v1/models/{name}/stream")
+    async def stream(websocket: WebSocket, name: str) -> None:
+        runner = accel.runners.get(name)
+        if runner is None:
+            await websocket.close(CLOSE_POLICY, f"no model named {name!r}")
+            return
+        with streams.open():
+            await accel.stream(websocket, runner, stop=stopping)
+
+    @app.get("/healthz", summary="200 while every model is ready, else 503")
+    async def healthz() -> Response:
+        states = {name: model_state(runner) for name, runner in accel.runners.items()}
+        ok = all(state in HEALTHY for state in states.values())
+        body = {"ok": ok, "models": {name: {"state": state,
+                                            "restarts": model_restarts(accel.runners[name]),
+                                            "in_flight": accel.runners[name].stats().in_flight,
+                                            "maxsize": accel.runners[name].maxsize}
+                                     for name, state in states.items()}}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics of every model")
+    async def metrics() -> Response:
+        return accel.metrics()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def status_page() -> HTMLResponse:
+        return HTMLResponse(_page())
+
+    @app.get("/v1/status", summary="A snapshot of every model's live numbers")
+    async def status() -> dict[str, Any]:
+        return StatusFeed(accel.runners).snapshot()
+
+    @app.get("/v1/status/events", summary="The same snapshot once a second (Server-Sent Events)")
+    async def status_events() -> StreamingResponse:
+        return StreamingResponse(_events(StatusFeed(accel.runners), status_interval, stopping),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+class OpenStreams:
+    """How many WebSocket streams are being served, and a wait for there to be none: on
+    shutdown, the server lets streams answer their accepted frames and close with 1001 before
+    uvicorn closes whatever connection is left (with 1012, answering nothing more)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def open(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_closed(self) -> None:
+        await self._idle.wait()
+
+
+def describe(name: str, runner: Runner) -> dict[str, Any]:
+    """A model's specs and state, as ``GET /v1/models/{name}`` answers."""
+    def specs(found: list[TensorSpec] | None) -> list[dict[str, Any]] | None:
+        if found is None:
+            return None
+        return [{"name": s.name, "dtype": s.dtype,
+                 "shape": None if s.shape is None else list(s.shape)} for s in found]
+
+    stats = runner.stats()
+    return {"name": name, "state": model_state(runner), "inputs": specs(runner.inputs),
+            "outputs": specs(runner.outputs), "maxsize": runner.maxsize,
+            "stages": [{"name": s.name, "kind": s.kind, "workers": s.workers}
+                       for s in stats.stages]}
+
+
+async def _events(feed: StatusFeed, interval: float, stop: asyncio.Event) -> AsyncIterator[str]:
+    while True:
+        yield f"data: {json.dumps(feed.snapshot())}\n\n"
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            continue
+        return  # shutting down: end the feed so the connection closes
+
+
+def _page() -> str:
+    return (resources.files(__package__) / "status.html").read_text(encoding="utf-8")
