@@ -38,7 +38,7 @@ __all__ = ["MODEL_NAME", "OpenStreams", "build_app", "describe"]
 
 #: what a model name may look like: it is a URL path segment
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_RESERVED = {"admit_timeout", "retry_after", "max_body", "timeout"}  # Accel's own keywords
+_RESERVED = {"admit_timeout", "retry_after", "max_body", "timeout", "body_timeout"}  # Accel's
 
 
 def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
@@ -57,7 +57,7 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
     if not runners:
         raise ValueError("aioaccel serve needs at least one model")
     accel = Accel(admit_timeout=admit_timeout, retry_after=retry_after, max_body=max_body,
-                  timeout=timeout, **runners)
+                  timeout=timeout, **runners)  # type: ignore[arg-type]  # names checked above
     stopping = stop if stop is not None else asyncio.Event()
     streams = OpenStreams()
 
