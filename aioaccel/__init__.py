@@ -3,6 +3,7 @@
 from .api import open as open
 from .backends import Model as Model
 from .backends import available_backends as available_backends
+from .batching import BatchingUnsupported as BatchingUnsupported
 from .devices import Device as Device
 from .devices import devices as devices
 from .errors import AccelError as AccelError
@@ -38,6 +39,7 @@ __all__ = [
     "AccelError",
     "BackendUnavailable",
     "BatchStats",
+    "BatchingUnsupported",
     "BlockingStage",
     "Device",
     "DeviceError",

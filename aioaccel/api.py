@@ -9,6 +9,7 @@ from itertools import count
 from typing import TYPE_CHECKING, Any
 
 from .backends import get_backend, resolve_backend
+from .batching import BatchingUnsupported
 from .recovery import Restart
 from .runner import Runner
 
@@ -94,7 +95,7 @@ def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, ru
     def load_backend(size: int | None) -> Model:
         extra = {} if size is None or size == 1 else {"batch": size}
         if extra and "batch" not in accepted:
-            raise ValueError(f"the {name} backend cannot batch (batch={size} given): its "
+            raise BatchingUnsupported(f"the {name} backend cannot batch (batch={size} given): its "
                              f"runtime takes one item per call")
         model: Model = load(target, replicas=replicas, **options, **extra)
         model.batch = size or 1

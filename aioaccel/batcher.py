@@ -26,7 +26,7 @@ from .errors import DeviceError
 if TYPE_CHECKING:
     from .pipeline import Job
 
-__all__ = ["Batch", "BatchCounters", "gather", "run_batch"]
+__all__ = ["Batch", "BatchCounters", "batch_of", "gather", "run_batch"]
 
 
 class BatchCounters:
@@ -115,6 +115,22 @@ def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], l
         taken.append(job)
         total += n
     return taken, None
+
+
+def batch_of(jobs: list[Job], counters: BatchCounters, now: float) -> list[Any]:
+    """``jobs`` as one :class:`Batch` to hand to a device (or each on its own when there
+    is one, or they cannot be joined)."""
+    if len(jobs) > 1:
+        try:
+            value, counts = join([job.value for job in jobs])
+        except ValueError:
+            pass
+        else:
+            counters.count(len(jobs), sum(now - job.t_admit for job in jobs))
+            return [Batch(jobs, value, counts)]
+    for job in jobs:
+        counters.count(1, now - job.t_admit)
+    return list(jobs)
 
 
 def _rows(job: Job) -> int:

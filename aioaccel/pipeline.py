@@ -22,7 +22,7 @@ from queue import Empty, SimpleQueue
 from time import perf_counter
 from typing import Any, Protocol
 
-from .batcher import Batch, BatchCounters, gather, run_batch
+from .batcher import Batch, BatchCounters, batch_of, gather, run_batch
 from .bridge import SHORT_CALL, Bridge
 from .errors import DeviceError
 from .stages import BlockingStage, DeviceStage, StageSpec
@@ -386,35 +386,61 @@ class Pipeline:
         queue = self.queues[w.index]
         forward = self._forward(w.index)
         first = w.index == 0
+        batching = first and self.batching is not None
         name = w.spec.name
         by_stream = type(device).submit_stream is not DeviceStage.submit_stream
+        following: Any = None
+
+        def shell(job: Job) -> None:
+            forward(job, perf_counter())
+
         try:
             while True:
-                job = self._next(w, queue)
-                if not self._take(w, job, first, forward):
+                if following is not None:
+                    job, following = following, None
+                else:
+                    job = self._next(w, queue)
+                if batching and job is not _STOP and job.solo and job.state == RUNNING:
+                    pass  # a member of a failed batch, back to run on its own
+                elif not self._take(w, job, first, forward):
                     continue
-                w.enter_device(job)
-                job.work -= perf_counter()  # + the completion time: time on the device
-                try:
-                    if by_stream:
-                        device.submit_stream(job, job.value, job.stream)
-                    else:
-                        device.submit(job, job.value)
-                except DeviceError as exc:
-                    self._fatal(exc, name)
-                    return
-                except Exception as exc:  # the device refused this job only
-                    now = perf_counter()
-                    if w.leave_device(job, now):
-                        job.work += now
-                        job.error = exc
-                        job.failed_stage = name
-                        forward(job, now)
-                except BaseException as exc:  # SystemExit, KeyboardInterrupt: fatal
-                    self._fatal(exc, name)
-                    return
+                tokens: list[Any] = [job]
+                if batching and not job.solo:
+                    jobs, following = gather(
+                        job, queue.get_nowait, queue.get, self.batch,
+                        job.t_admit + self.batch_wait, lambda: w.in_device > 0, self._claim,
+                        shell, _STOP)
+                    tokens = batch_of(jobs, self.batching, perf_counter())  # type: ignore[arg-type]
+                for token in tokens:
+                    if not self._submit_one(w, device, token, by_stream, forward, name):
+                        return
         except _Stopped:
             return
+
+    def _submit_one(self, w: Worker, device: DeviceStage, job: Any, by_stream: bool,
+                    forward: _Forward, name: str) -> bool:
+        """Hand one job (or batch) to the device; False if the runner must stop (fatal)."""
+        w.enter_device(job)
+        job.work -= perf_counter()  # + the completion time: time on the device
+        try:
+            if by_stream:
+                device.submit_stream(job, job.value, getattr(job, "stream", 0))
+            else:
+                device.submit(job, job.value)
+        except DeviceError as exc:
+            self._fatal(exc, name)
+            return False
+        except Exception as exc:  # the device refused this job only
+            now = perf_counter()
+            if w.leave_device(job, now):
+                job.work += now
+                job.error = exc
+                job.failed_stage = name
+                forward(job, now)
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: fatal
+            self._fatal(exc, name)
+            return False
+        return True
 
     def _completion(self, w: Worker) -> Callable[[object, Any, BaseException | None], None]:
         forward = self._forward(w.index)
@@ -428,12 +454,15 @@ class Pipeline:
                     self._fatal(error, name)
                     return
                 now = perf_counter()
-                job: Job = token  # type: ignore[assignment]
+                job: Any = token  # a Job, or a Batch of them
                 if not w.leave_device(job, now):
                     log.warning("runner %r: stage %r completed item %s twice; ignored",
-                                self.runner_name, name, job.seq)
+                                self.runner_name, name, getattr(job, "seq", "(a batch)"))
                     return
                 job.work += now
+                if error is not None and type(job) is Batch and not self.stopping:
+                    self._rerun_alone(job)  # only the items that fail on their own fail
+                    return
                 if error is not None:
                     job.error = error
                     job.failed_stage = name
@@ -448,6 +477,15 @@ class Pipeline:
                     pass
 
         return complete
+
+
+    def _rerun_alone(self, batch: Batch) -> None:
+        """A batched device call failed: its members go back to stage 0, each to run alone."""
+        if self.batching is not None:
+            self.batching.fallbacks += 1
+        for member in batch.members:
+            member.solo = True
+            self.queues[0].put(member)
 
 
 class _Stopped(Exception):

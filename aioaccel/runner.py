@@ -615,6 +615,26 @@ class Runner:
         self._release_closed(lane)
         self._forget_if_done(lane)
 
+    def _withdraw_lane(self, lane: Lane) -> int:
+        """Take back every item of ``lane`` no worker has claimed yet (as a cancelled
+        ``infer``): they leave its outbox, count as withdrawn, and free their slots when their
+        empty shells come back. Returns how many."""
+        done = self._done
+        kept = type(lane.tickets)()
+        count = 0
+        for ticket in lane.tickets:
+            gen = ticket.gen
+            if (not ticket.done and done.unfinished.get(ticket.seq) is ticket
+                    and gen is not None and gen.pipeline.withdraw(ticket.job)):
+                ticket.withdrawn = True
+                done.withdrawn += 1
+                count += 1
+            else:
+                kept.append(ticket)
+        lane.tickets = kept
+        lane.wake()
+        return count
+
     def _release_closed(self, lane: Lane) -> None:
         """A closed or dropped stream cannot grow: its finished results stop holding slots."""
         if lane is self._lane:

@@ -70,6 +70,12 @@ class Stream:
         """No more input on this stream; its ``async for`` ends after its last result."""
         self._runner._close_lane(self._lane)
 
+    def withdraw(self) -> int:
+        """Take back this stream's items that no worker has started (its consumer is gone:
+        a camera disconnected). They never show up in ``async for``; they count as withdrawn
+        and free their slots. Returns how many were withdrawn."""
+        return self._runner._withdraw_lane(self._lane)
+
     def stats(self) -> StreamStats:
         return self._lane.snapshot()
 

@@ -227,3 +227,25 @@ async def test_non_array_inputs_still_run_one_by_one() -> None:
 
     async with aioaccel.open(stage, batch=4) as runner:
         assert await asyncio.gather(*(runner.infer(i) for i in range(10))) == list(range(10))
+
+
+async def test_device_stages_take_batches_and_a_poisoned_batch_reruns_item_by_item() -> None:
+    from aioaccel.testing import SimulatedDevice
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        if (x == 13).any():
+            raise ValueError("poisoned row 13")
+        return x * 2 + 1
+
+    device = SimulatedDevice(fn, latency=0.002, jitter=0.0, capacity=2)
+    async with aioaccel.open(device, batch=8, maxsize=32) as runner:
+        outcomes = await asyncio.gather(*(runner.infer(row(i)) for i in range(40)),
+                                        return_exceptions=True)
+        stats = runner.stats()
+    for i, outcome in enumerate(outcomes):
+        if i == 13:
+            assert isinstance(outcome, aioaccel.InferenceError)
+        else:
+            assert np.array_equal(outcome, row(i) * 2 + 1)  # type: ignore[arg-type]
+    assert stats.batching is not None and stats.batching.batches < 40
+    assert stats.batching.fallbacks >= 1 and stats.in_flight == 0

@@ -225,16 +225,20 @@ async def test_a_replica_killed_mid_stream_loses_no_item(cluster: Any) -> None:
 
             producer = asyncio.create_task(produce())
             results = []
+            killed = False
             async for result in remote:
                 results.append(result)
-                if len(results) == 60:  # both replicas hold items now
-                    ray.kill(victim, no_restart=True)
+                answered_by = remote.stats().profile["answered_by"]  # type: ignore[index]
+                if not killed and len(results) >= 60 and len(answered_by) == 2:
+                    ray.kill(victim, no_restart=True)  # both replicas are being fed now
+                    killed = True
             await producer
             stats = remote.stats()
         assert [r.tag for r in results] == list(range(n))
         assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
         assert [float(r.outputs[0]) for r in results] == [2.0 * i for i in range(n)]
         assert stats.completed == n and stats.failed == 0
+        assert killed
         assert stats.profile["retries"] >= 1 and stats.profile["failed_calls"] >= 1
     finally:
         serve.delete("killme")

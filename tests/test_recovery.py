@@ -308,3 +308,29 @@ async def test_memryx_device_failure_recovers_in_place(tmp_path: Any) -> None:
     assert stats.restarts == 1 and stats.completed == 30
     for out, x in zip(outs, xs):
         assert np.allclose(out[chain.output_name], chain.reference(x), atol=1e-5)
+
+
+async def test_healthz_reports_starting_then_ready_and_never_a_runner_not_opened() -> None:
+    pytest.importorskip("fastapi")
+    from aioaccel.integrations.fastapi import Accel
+
+    gate = threading.Event()
+
+    def load() -> Model:
+        gate.wait(5)
+        return Model(stages=[StageSpec("s", lambda: lambda x: x)])
+
+    runner = aioaccel.Runner(load, name="hz")
+    accel = Accel(default=runner)
+    status, body = accel._health()
+    assert status == 503 and body["runners"]["default"]["state"] == "starting"
+    opening = asyncio.create_task(runner.__aenter__())
+    await asyncio.sleep(0.01)
+    assert accel._health()[1]["runners"]["default"]["state"] == "starting"
+    gate.set()
+    await opening
+    status, body = accel._health()
+    assert status == 200 and body["runners"]["default"]["state"] == "ready"
+    await runner.aclose()
+    assert accel._health() == (503, accel._health()[1])
+    assert accel._health()[1]["runners"]["default"]["state"] == "closed"

@@ -109,9 +109,14 @@ class AccelBase:
                            f"{sorted(self.runners)}") from None
 
     def _health(self) -> tuple[int, dict[str, Any]]:
-        """(status, body): 200 when every runner is open, else 503."""
-        state = {name: {"open": not r.closed, "in_flight": r.stats().in_flight,
-                        "maxsize": r.maxsize} for name, r in self.runners.items()}
+        """(status, body): 200 when every runner is ready, else 503 with each one's state
+        (starting, recovering, broken, closed)."""
+        state = {}
+        for name, r in self.runners.items():
+            health = r.health()
+            state[name] = {"open": health.state == "ready", "state": health.state,
+                           "restarts": health.restarts, "in_flight": r.stats().in_flight,
+                           "maxsize": r.maxsize}
         ok = all(s["open"] for s in state.values())
         return (200 if ok else 503), {"ok": ok, "runners": state}
 

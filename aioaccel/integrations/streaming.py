@@ -239,11 +239,7 @@ async def _write(stream: Stream, socket: Socket, replies: asyncio.Queue[Any]) ->
 
 async def _abandon(runner: Runner, stream: Stream) -> None:
     """The connection is over: withdraw what the device has not started, drop the rest."""
-    withdraw = getattr(stream, "withdraw", None)
-    if callable(withdraw):
-        withdraw()
-    else:
-        _withdraw_queued(runner, stream)
+    stream.withdraw()
     stream.close()
     try:
         async for _ in stream:  # results of items already on the device: consumed, dropped
@@ -252,22 +248,3 @@ async def _abandon(runner: Runner, stream: Stream) -> None:
         pass  # the runner broke or closed: its items were failed, nothing is left to free
 
 
-def _withdraw_queued(runner: Runner, stream: Stream) -> None:
-    """Stopgap until ``Stream.withdraw()`` exists in the core: what a cancelled ``infer``
-    does to its item (runner.py, ``_infer``), for each of this stream's items that no worker
-    has claimed yet; the ticket also leaves the stream's outbox, since nobody will consume
-    it. Its empty shell frees the slot when a worker reaches it, as for ``infer``."""
-    lane = getattr(stream, "_lane", None)
-    done = getattr(runner, "_done", None)
-    if lane is None or done is None:
-        return
-    try:
-        for ticket in list(lane.tickets):
-            gen = ticket.gen
-            if (not ticket.done and done.unfinished.get(ticket.seq) is ticket
-                    and gen is not None and gen.pipeline.withdraw(ticket.job)):
-                ticket.withdrawn = True
-                done.withdrawn += 1
-                lane.tickets.remove(ticket)
-    except AttributeError:  # the core changed shape: fall back to draining the results
-        log.debug("stream withdrawal unavailable; draining instead", exc_info=True)
