@@ -104,18 +104,8 @@ class Accel(AccelBase):
 
     async def infer(self, request: web.Request, runner: Runner, inputs: Any) -> web.Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
-        work = asyncio.ensure_future(runner.infer(inputs, timeout=self.timeout,
-                                                  admit_timeout=self.admit_timeout))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not work.done():  # the client left (or we were cancelled): withdraw the item
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-            gone.cancel()
-            await asyncio.gather(gone, return_exceptions=True)
-        if work.cancelled():
+        work = await self._infer_while_connected(runner, inputs, _disconnected(request))
+        if work is None:
             return web.Response(status=CLIENT_CLOSED)
         try:
             outputs = work.result()

@@ -102,18 +102,8 @@ class Accel(AccelBase):
 
     async def infer(self, request: Request, runner: Runner, inputs: Any) -> Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
-        work = asyncio.ensure_future(runner.infer(inputs, timeout=self.timeout,
-                                                  admit_timeout=self.admit_timeout))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not work.done():   # the client left (or we were cancelled): withdraw the item
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-            gone.cancel()
-            await asyncio.gather(gone, return_exceptions=True)
-        if work.cancelled():
+        work = await self._infer_while_connected(runner, inputs, _disconnected(request))
+        if work is None:
             return Response(status_code=CLIENT_CLOSED)
         error = work.exception()
         if error is not None:

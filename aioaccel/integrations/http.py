@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,6 +107,24 @@ class AccelBase:
         except KeyError:
             raise KeyError(f"no runner named {name!r}; this Accel has "
                            f"{sorted(self.runners)}") from None
+
+    async def _infer_while_connected(self, runner: Runner, inputs: Any,
+                                     gone: Awaitable[None]) -> asyncio.Future[Any] | None:
+        """Run ``inputs``; the finished ``infer`` task, or None if ``gone`` (the client
+        disconnected) came first, in which case the item was withdrawn (or its result will be
+        discarded)."""
+        work = asyncio.ensure_future(runner.infer(inputs, timeout=self.timeout,
+                                                  admit_timeout=self.admit_timeout))
+        watch = asyncio.ensure_future(gone)
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():  # the client left (or we were cancelled): withdraw the item
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        return None if work.cancelled() else work
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         """(status, body): 200 when every runner is ready, else 503 with each one's state
