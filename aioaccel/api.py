@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from itertools import count
@@ -69,8 +68,16 @@ def open(
         new_target = target if new_target is None else new_target
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
-        return functools.partial(_load, chosen, new_target, replicas, maxsize, name, batch,
-                                 batch_wait, merged)
+        size: list[int | str | None] = [batch]
+
+        def load() -> Model:
+            # batch="auto" measures once: a restart reopens with the size it chose
+            model = _load(chosen, new_target, replicas, maxsize, name, size[0], batch_wait,
+                          merged)
+            size[0] = model.batch
+            return model
+
+        return load
 
     if backend is None:
         resolve_backend(target)  # a bad target is refused here, not at open
