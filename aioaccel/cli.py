@@ -247,7 +247,12 @@ async def run_bench(args: argparse.Namespace) -> int:
                     started = time.perf_counter()
                     await asyncio.gather(*(caller(n) for n in share))
                     ours_elapsed += time.perf_counter() - started
-            stages = [s.name for s in runner.stats().stages]
+            final = runner.stats()
+            stages = [s.name for s in final.stages]
+            # Triton's three numbers: a single "inference time" hides the queueing
+            split = {"queue_ms": (final.queue_p50 * 1e3, final.queue_p99 * 1e3),
+                     "device_ms": (final.device_p50 * 1e3, final.device_p99 * 1e3),
+                     "end_to_end_ms": (final.latency_p50 * 1e3, final.latency_p99 * 1e3)}
             if args.plot:
                 sweep = await concurrency_sweep(runner, x, args.count, args.concurrency)
     rows: dict[str, dict[str, float]] = {}
@@ -271,7 +276,9 @@ async def run_bench(args: argparse.Namespace) -> int:
                           "inputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
                                      for k, v in x.items()},
                           "concurrency": args.concurrency, "count": args.count,
-                          "rounds": len(share_rounds), "results": rows}, indent=2))
+                          "rounds": len(share_rounds), "results": rows,
+                          "latency_split": {k: {"p50": v[0], "p99": v[1]}
+                                            for k, v in split.items()}}, indent=2))
         return EXIT_OK
     table = Table(title=f"aioaccel bench: {', '.join(args.model)} on {backend} "
                         f"({len(stages)} stage(s), {args.count} items in "
@@ -284,6 +291,10 @@ async def run_bench(args: argparse.Namespace) -> int:
         table.add_row(label, f"{row['items_per_s']:.0f}", ratio, f"{row['p50_ms']:.2f}",
                       f"{row['p99_ms']:.2f}")
     console.print(table)
+    console.print("aioaccel latency split (p50 / p99 ms): "
+                  + ", ".join(f"{label} {split[key][0]:.2f} / {split[key][1]:.2f}" for label, key in
+                              (("queued", "queue_ms"), ("on the device", "device_ms"),
+                               ("end to end", "end_to_end_ms"))), soft_wrap=True)
     if base is None:
         console.print(f"no raw vendor loop for the {backend} backend: aioaccel only")
     return EXIT_OK

@@ -68,3 +68,16 @@ def test_bench_refuses_a_dynamic_model_without_shapes(tmp_path: Path) -> None:
     ok = cli("bench", str(path), "--count", "4", "--rounds", "2", "--shape", "input=3,8")
     assert ok.returncode == 0, ok.stderr
     assert "inputs: input float32 (3, 8)" in " ".join(ok.stdout.split())
+
+
+def test_bench_reports_the_latency_split_three_ways() -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "aioaccel", "bench", "builtin", "--count", "60",
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    split = json.loads(proc.stdout[proc.stdout.index("{"):])["latency_split"]
+    assert set(split) == {"queue_ms", "device_ms", "end_to_end_ms"}
+    assert 0 < split["device_ms"]["p50"] <= split["end_to_end_ms"]["p99"]
