@@ -234,8 +234,12 @@ async def test_a_stage_close_that_raises_does_not_hold_aclose() -> None:
 
 # ---- process level -----------------------------------------------------------------------
 SCRIPT = textwrap.dedent("""
-    import asyncio, sys, time
+    import asyncio, signal, sys, time
     import aioaccel
+
+    # Ctrl-C as in a terminal, even where the test runner's shell started us with SIGINT
+    # ignored (background jobs of a non-interactive shell inherit SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def stage(x):
         time.sleep({delay})
@@ -270,7 +274,9 @@ def test_sigint_to_a_streaming_script_exits_promptly_and_cleanly(delay: float) -
         _, err = proc.communicate(timeout=10)
         elapsed = time.perf_counter() - t0
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()  # reaped and its pipes closed, whatever happened
     assert elapsed < 1.5, f"exit took {elapsed:.2f} s"
     assert "KeyboardInterrupt" in err
     assert "Exception in thread" not in err and "was never closed" not in err
