@@ -125,7 +125,7 @@ class Completions:
             ticket.done = True
             woken.add(lane)
             if (lane.closed and lane is not self.default_lane) or lane.orphaned:
-                self.release_early(ticket)
+                self.free(ticket)
         else:
             if fut.done():
                 self.discarded += 1  # its infer() was cancelled after the device took it
@@ -135,14 +135,10 @@ class Completions:
                 fut.set_result(job.value)
             self.admission.release(lane)
 
-    def release_early(self, ticket: Ticket) -> None:
-        """Free the slot of a finished result nobody can push behind (its stream is closed or
-        dropped): it cannot grow any more, so it must not hold the runner's capacity."""
-        if not ticket.released:
-            ticket.released = True
-            self.admission.release(ticket.lane)
-
-    def consumed(self, ticket: Ticket) -> None:
+    def free(self, ticket: Ticket) -> None:
+        """Give back the slot of a streamed ticket, once: when it is consumed, or earlier when
+        nobody can push behind it any more (its stream is closed or dropped: it cannot grow,
+        so its finished results must not hold the runner's capacity)."""
         if not ticket.released:
             ticket.released = True
             self.admission.release(ticket.lane)

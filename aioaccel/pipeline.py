@@ -368,11 +368,8 @@ class Pipeline:
             for j in jobs:
                 j.t_start = t0
             try:
-                out = run_batch(run, jobs, name, counters, t0)
-            except DeviceError as exc:
-                self._fatal(exc, name)
-                return
-            except BaseException as exc:  # SystemExit, KeyboardInterrupt: nothing sane remains
+                out = run_batch(run, jobs, name, counters, t0)  # per-item errors stay inside
+            except BaseException as exc:  # DeviceError, SystemExit, KeyboardInterrupt: fatal
                 self._fatal(exc, name)
                 return
             t1 = perf_counter()

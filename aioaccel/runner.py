@@ -641,7 +641,7 @@ class Runner:
             return
         for ticket in lane.tickets:
             if ticket.done:
-                self._done.release_early(ticket)
+                self._done.free(ticket)
 
     def _forget_if_done(self, lane: Lane) -> None:
         """A closed (or dropped) stream with nothing left is dropped, so its key and index can
@@ -669,7 +669,7 @@ class Runner:
                 head = tickets[0]
                 if head.done:
                     tickets.popleft()
-                    self._done.consumed(head)
+                    self._done.free(head)
                     job = head.job
                     if not tickets and lane is not self._lane:
                         self._forget_if_done(lane)
