@@ -34,6 +34,7 @@ from .core.completion import Completions
 from .core.healing import Health, Restart
 from .core.jobs import Job
 from .core.lifecycle import State
+from .core.options import check_options
 from .core.records import Lane, Ticket
 from .core.results import Result
 from .core.stream_table import StreamTable
@@ -71,32 +72,22 @@ class Runner:
                  restart: Restart | None = None, retries: int = 0, warmup: int = 0,
                  warmup_inputs: Any = None, batch_wait: float = 0.002,
                  reopen: Callable[..., Callable[[], Model]] | None = None):
-        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
-            raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
-        if call_timeout is not None and call_timeout <= 0:
-            raise ValueError(f"call_timeout must be > 0 seconds or None, got {call_timeout!r}")
-        if restart is not None and not isinstance(restart, Restart):
-            raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-        if not isinstance(batch_wait, (int, float)) or batch_wait < 0:
-            raise ValueError(f"batch_wait must be a number of seconds >= 0, got {batch_wait!r}")
+        check_options(maxsize=maxsize, call_timeout=call_timeout, restart=restart,
+                      retries=retries, warmup=warmup, batch_wait=batch_wait)
         self.name = name or f"runner{next(_names)}"
-        self._reopen = reopen                     # (target, options) -> load, for reload()
         self._maxsize = maxsize
         self._seq = count()
         self._admission = Admission(maxsize)
         self._lane = Lane(None, 0, maxsize)       # plain push / infer / async for
         self._done = Completions(self._admission, self._lane)
         self._streams = StreamTable(self.name, maxsize, self._admission, self._done, self._lane,
-                                    push=self._push_lane, push_nowait=self._push_lane_nowait,
+                                    self, push=self._push_lane, push_nowait=self._push_lane_nowait,
                                     next=self._next)
         self._sup = Supervisor(self.name, load, self._done, self._streams, maxsize=maxsize,
                                call_timeout=call_timeout, close_timeout=close_timeout,
                                restart=restart, retries=retries, warmup=warmup,
-                               warmup_inputs=warmup_inputs, batch_wait=float(batch_wait))
+                               warmup_inputs=warmup_inputs, batch_wait=float(batch_wait),
+                               reopen=reopen)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
@@ -344,18 +335,7 @@ class Runner:
         for :func:`aioaccel.open`; by default the same target, re-read) beside the old one,
         switch admission to it, let the old one finish what it holds, then close it. No item
         fails or is lost; results keep push order. Both models are in memory for a while."""
-        state = self._sup.state
-        if state is not State.READY:
-            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
-                               f"(it is {state.value})")
-        if target is None and not options:
-            load = self._sup.healer.load
-        elif self._reopen is None:
-            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
-                               f"reload only its own model")
-        else:
-            load = self._reopen(target, options)
-        await self._sup.healer.reload(load)
+        await self._sup.healer.reload(target, options)
 
     # ---- introspection ------------------------------------------------------------------
     @property

@@ -120,6 +120,7 @@ class Healer:
     """
 
     def __init__(self, name: str, done: Completions, load: Callable[[], Model], *,
+                 reopen: Callable[..., Callable[[], Model]] | None,
                  restart: Restart | None, retries: int, close_timeout: float,
                  set_state: Callable[[State], None],
                  state: Callable[[], State], break_: Callable[[DeviceError], None],
@@ -129,6 +130,7 @@ class Healer:
         self.name = name
         self._done = done
         self.load = load                          # a recovery reopens with it; reload replaces it
+        self.reopen = reopen                      # (target, options) -> load, for reload()
         self.budget = RestartBudget(restart) if restart is not None else None
         self.retries = retries
         self._close_timeout = close_timeout
@@ -252,9 +254,21 @@ class Healer:
         self.recovered.set()
 
     # ---- reloading ----------------------------------------------------------------------
-    async def reload(self, load: Callable[[], Model]) -> None:
-        """Open ``load``'s model beside the current one, switch admission to it, let the old
-        one finish what it holds (bounded by ``close_timeout``), then close it."""
+    async def reload(self, target: Any, options: dict[str, Any]) -> None:
+        """Open the model of ``target`` and ``options`` (by default: the same one, re-read)
+        beside the current one, switch admission to it, let the old one finish what it holds
+        (bounded by ``close_timeout``), then close it."""
+        state = self._state()
+        if state is not State.READY:
+            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
+                               f"(it is {state.value})")
+        if target is None and not options:
+            load = self.load
+        elif self.reopen is None:
+            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
+                               f"reload only its own model")
+        else:
+            load = self.reopen(target, options)
         gen = await self._open_generation(load)
         if self._state() is not State.READY:  # closed or failed meanwhile
             await gen.stop(1.0)
