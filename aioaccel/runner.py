@@ -181,6 +181,7 @@ class Runner:
         self._free_indices: list[int] = []        # stream indices given back, smallest first
         self._next_index = 0
         self._done = Completions(self._admission, self._lane)
+        self._done.on_lane_released = self._forget_if_done
         self._retry_queue: list[Ticket] = []      # held by a failed device, re-run next
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -754,6 +755,8 @@ class Runner:
             if ticket.withdrawn:
                 del done.unfinished[seq]
                 self._admission.release(ticket.lane)
+                if ticket.lane is not self._lane:
+                    self._forget_if_done(ticket.lane)
             elif ticket.retries < self._retries:
                 ticket.retries += 1
                 retry.append(ticket)

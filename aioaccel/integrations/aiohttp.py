@@ -31,7 +31,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
+from .http import (
+    AccelBase,
+    NotAcceptable,
+    acceptable,
+    decode_inputs_off_loop,
+    encode_outputs,
+    log,
+    problem_for,
+)
 from .streaming import Socket, serve_stream
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
@@ -50,7 +58,7 @@ DISCONNECT_POLL = 0.05
 
 #: the statuses ``problem_for`` gives (413 is raised where the body is read)
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    408: web.HTTPRequestTimeout, 422: web.HTTPUnprocessableEntity,
+    406: web.HTTPNotAcceptable, 408: web.HTTPRequestTimeout, 422: web.HTTPUnprocessableEntity,
     500: web.HTTPInternalServerError,
     503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
 }
@@ -104,6 +112,10 @@ class Accel(AccelBase):
 
     async def infer(self, request: web.Request, runner: Runner, inputs: Any) -> web.Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        try:
+            acceptable(request.headers.get("Accept"))  # a 406 costs the device nothing
+        except NotAcceptable as exc:
+            self._raise(exc)
         work = await self._infer_while_connected(runner, inputs, _disconnected(request))
         if work is None:
             return web.Response(status=CLIENT_CLOSED)

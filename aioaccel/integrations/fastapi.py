@@ -34,7 +34,15 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
+from .http import (
+    AccelBase,
+    NotAcceptable,
+    acceptable,
+    decode_inputs_off_loop,
+    encode_outputs,
+    log,
+    problem_for,
+)
 from .streaming import Socket, serve_stream
 
 need("fastapi", "fastapi", "aioaccel.integrations.fastapi")
@@ -102,6 +110,10 @@ class Accel(AccelBase):
 
     async def infer(self, request: Request, runner: Runner, inputs: Any) -> Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        try:
+            acceptable(request.headers.get("accept"))  # a 406 costs the device nothing
+        except NotAcceptable as exc:
+            self._raise(exc)
         work = await self._infer_while_connected(runner, inputs, _disconnected(request))
         if work is None:
             return Response(status_code=CLIENT_CLOSED)

@@ -8,8 +8,9 @@ Bodies:
 * ``application/x-npy`` (or ``application/octet-stream``): one ``.npy`` array, loaded with
   ``allow_pickle=False``; its dtype must be the model's (no silent casts).
 
-Responses are JSON (``{"outputs": {name: nested list}}``) unless the client asks for
-``application/x-npy`` (a single output) in ``Accept``. JSON out is strict (RFC 8259): NaN and
+Responses are JSON (``{"outputs": {name: nested list}}``) unless the client prefers
+``application/x-npy`` (a single output) in ``Accept``, weights (``;q=``) honoured
+(:mod:`.negotiation`; a header that refuses both gets 406 before the model runs). JSON out is strict (RFC 8259): NaN and
 infinities in outputs are written as ``null``.
 
 Hostile bodies get a 4xx, never a 500 (see :mod:`.bodies`): bodies are read within
@@ -38,6 +39,7 @@ from ..errors import (
     WouldBlock,
 )
 from . import bodies
+from .negotiation import NotAcceptable, acceptable
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -48,6 +50,8 @@ __all__ = [
     "NPY",
     "OFF_LOOP_BYTES",
     "HTTPProblem",
+    "NotAcceptable",
+    "acceptable",
     "decode_inputs",
     "decode_inputs_off_loop",
     "encode_outputs",
@@ -157,6 +161,8 @@ def problem_for(exc: BaseException, retry_after: float) -> HTTPProblem | None:
     retry = {"Retry-After": str(max(1, round(retry_after)))}
     if isinstance(exc, WouldBlock):
         return HTTPProblem(503, f"overloaded: {exc}", retry)
+    if isinstance(exc, NotAcceptable):
+        return HTTPProblem(406, str(exc), {})
     if isinstance(exc, InputError):
         return HTTPProblem(422, str(exc), {})
     if isinstance(exc, InferTimeout):
