@@ -27,6 +27,7 @@ runner's streams (protocol: :mod:`.streaming`).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,7 +41,15 @@ from .http import (
     log,
     problem_for,
 )
-from .streaming import Socket, serve_stream
+from .streaming import (
+    CLOSE_POLICY,
+    Refused,
+    Socket,
+    open_stream,
+    origin_allowed,
+    result_format,
+    serve_stream,
+)
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
 
@@ -61,6 +70,12 @@ _ERRORS: dict[int, type[web.HTTPException]] = {
     406: web.HTTPNotAcceptable, 408: web.HTTPRequestTimeout, 422: web.HTTPUnprocessableEntity,
     500: web.HTTPInternalServerError,
     503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
+}
+
+#: the handshake refusals of ``Accel.ws``
+_REFUSALS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest, 403: web.HTTPForbidden, 409: web.HTTPConflict,
+    503: web.HTTPServiceUnavailable,
 }
 
 
@@ -135,12 +150,30 @@ class Accel(AccelBase):
         raise cls(text=problem.message, headers=dict(problem.headers)) from exc
 
     async def ws(self, request: web.Request, runner: Runner, *, key: str | None = None,
-                 maxsize: int | None = None,
-                 stop: asyncio.Event | None = None) -> web.WebSocketResponse:
+                 maxsize: int | None = None, stop: asyncio.Event | None = None,
+                 results: str | None = None) -> web.WebSocketResponse:
         """A WebSocket handler body: serve the connection as ``runner.stream(key)`` until it
-        ends. ``key`` defaults to the ``?stream=`` query parameter, else a fresh one."""
+        ends. ``key`` defaults to the ``?stream=`` query parameter, else a fresh one;
+        ``results`` (``"json"`` or ``"npy"``) to ``?results=``. A key in use, a bad key or an
+        ``Origin`` not in ``allowed_origins`` is refused at the handshake (HTTP 409, 400,
+        403) with the reason."""
+        try:
+            if not origin_allowed(request.headers.get("Origin"), request.headers.get("Host"),
+                                  self.allowed_origins):
+                raise Refused(403, CLOSE_POLICY, f"origin {request.headers['Origin']!r} is "
+                                                 f"not allowed to stream here")
+            fmt = result_format(results or request.query.get("results"))
+            opened = open_stream(runner, key or request.query.get("stream"), maxsize=maxsize)
+        except Refused as refused:
+            refusal = _REFUSALS.get(refused.status, web.HTTPBadRequest)
+            raise refusal(text=json.dumps({"detail": refused.reason}),
+                          content_type="application/json") from None
         websocket = web.WebSocketResponse(max_msg_size=self.max_body)
-        await websocket.prepare(request)
+        try:
+            await websocket.prepare(request)
+        except BaseException:
+            opened.close()  # never used: forgotten at once, its key free
+            raise
 
         async def receive() -> bytes | str | None:
             message = await websocket.receive()
@@ -151,9 +184,10 @@ class Accel(AccelBase):
         async def close(code: int, reason: str) -> None:
             await websocket.close(code=code, message=reason.encode())
 
-        await serve_stream(runner, Socket(receive, websocket.send_str, close),
-                           key=key or request.query.get("stream"), maxsize=maxsize,
-                           retry_after=self.retry_after, stop=stop)
+        await serve_stream(runner, Socket(receive, websocket.send_str, close,
+                                          websocket.send_bytes),
+                           stream=opened, maxsize=maxsize, retry_after=self.retry_after,
+                           stop=stop, results=fmt)
         return websocket
 
     def ws_handler(self, name: str = "default", *, maxsize: int | None = None) -> Any:
