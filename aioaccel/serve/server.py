@@ -55,6 +55,13 @@ class Server(uvicorn.Server):
                 closed.cancel()
                 forced.cancel()
         await super().shutdown(sockets)
+        if self.force_exit and getattr(self, "lifespan", None) is not None:
+            # uvicorn skips the app's shutdown when forced, and the lifespan task is then
+            # cancelled at exit with a traceback; ours only ends the streams: quick
+            try:
+                await asyncio.wait_for(self.lifespan.shutdown(), 1.0)
+            except TimeoutError:
+                pass
 
     @contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
