@@ -36,7 +36,7 @@ def npy_with_shape(shape_text: bytes) -> bytes:
     return data.replace(b"(2, 2), }", shape_text)
 
 
-# ---- .npy bodies whose header cannot describe an array ------------------------------------------
+# ---- .npy bodies whose header cannot describe an array ---------------------------------------
 @pytest.mark.parametrize("shape", [b"(-2,-2),}", b"(-1, 4),}", b"(-4,-1),}", b"(2, 2),  "])
 def test_npy_headers_with_negative_dims_or_broken_syntax_are_input_errors(shape: bytes) -> None:
     with pytest.raises(bodies.InputError, match=r"\.npy"):
@@ -57,7 +57,7 @@ async def test_a_negative_dims_npy_body_is_422_not_500(framework: str) -> None:
         assert good.status_code == 200  # nothing else was affected
 
 
-# ---- Accept ----------------------------------------------------------------------------------------
+# ---- Accept ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("accept", "chosen"), [
     (None, "application/json"),
     ("application/x-npy", "application/x-npy"),
@@ -108,13 +108,13 @@ async def test_accept_q0_is_honoured_over_http(framework: str) -> None:
 
 def test_several_outputs_answer_json_when_npy_is_preferred_but_json_accepted() -> None:
     outputs = {"a": np.ones(2, np.float32), "b": np.zeros(1, np.int64)}
-    body, kind = bodies.encode_outputs(outputs, "application/x-npy, application/json;q=0.5")
+    _, kind = bodies.encode_outputs(outputs, "application/x-npy, application/json;q=0.5")
     assert kind == "application/json"
     with pytest.raises(NotAcceptable, match="one-output"):
         bodies.encode_outputs(outputs, "application/x-npy")
 
 
-# ---- header and idle deadlines (aioaccel serve) ------------------------------------------------------
+# ---- header and idle deadlines (aioaccel serve) ----------------------------------------------
 def _closed_within(sock: socket.socket, seconds: float) -> tuple[float, bytes]:
     """(seconds until the server closed ``sock``, what it sent before)."""
     sock.settimeout(seconds)
@@ -168,10 +168,11 @@ async def test_connections_that_send_nothing_or_trickle_headers_are_closed() -> 
             await stream.send(np.ones((1, 2), np.float32), tag="late")
             await stream.end()
             assert [r.tag async for r in stream] == ["late"]
-        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(f"{server.url}/healthz")).status_code == 200
 
 
-# ---- signals -------------------------------------------------------------------------------------
+# ---- signals ---------------------------------------------------------------------------------
 async def test_a_second_sigint_exits_at_once_while_the_first_would_drain() -> None:
     # 2 s a frame and 8 frames admitted: a graceful drain takes ~16 s (and may take 30)
     with serve("served_models:slow_double", "--maxsize", "8", "--drain-timeout", "30",
@@ -179,8 +180,8 @@ async def test_a_second_sigint_exits_at_once_while_the_first_would_drain() -> No
         async with connect(f"{server.ws}/v1/models/slow_double/stream") as stream:
             for i in range(8):
                 await stream.send(np.full((1, 1), float(i), np.float32))
-            async with asyncio.timeout(10):
-                while httpx.get(f"{server.url}/v1/status", timeout=10).json()[
+            async with asyncio.timeout(10), httpx.AsyncClient(timeout=10) as client:
+                while (await client.get(f"{server.url}/v1/status")).json()[
                         "models"]["slow_double"]["in_flight"] < 8:
                     await asyncio.sleep(0.05)
             server.proc.send_signal(signal.SIGINT)

@@ -224,8 +224,11 @@ async def serve_stream(runner: Runner, socket: Socket, *, key: Any = None,
             raise reader.exception()  # type: ignore[misc]
         answered = await writer
         code = CLOSE_GOING_AWAY if stop is not None and stop.is_set() else CLOSE_NORMAL
-        await socket.send(json.dumps({"end": True, "frames": answered}))
-        await socket.close(code, "")
+        try:
+            await socket.send(json.dumps({"end": True, "frames": answered}))
+            await socket.close(code, "")
+        except Exception:  # the client left before the end message: nothing to tell it
+            pass
     except _Gone:
         pass
     except AccelError as exc:  # the runner broke or closed under us
