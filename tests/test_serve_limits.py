@@ -215,3 +215,12 @@ def test_a_restart_option_that_does_not_exist_names_the_ones_that_do() -> None:
                                "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"})
     assert done.returncode == 2
     assert "max_restarts" in done.stderr and "limit" in done.stderr
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("flags", "loop"), [((), "uvloop"), (("--loop", "asyncio"), "asyncio"),
+                                             (("--no-uvloop",), "asyncio")])
+def test_serve_runs_on_uvloop_unless_turned_off(flags: tuple[str, ...], loop: str) -> None:
+    with serve("served_models:slow_double", *flags, latency=0.0) as server:
+        assert f" on {loop};" in server.banner
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200

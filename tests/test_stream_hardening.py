@@ -238,12 +238,16 @@ asyncio.run(main())
 '''
 
 
+def start_clients(url: str, n: int) -> list[subprocess.Popen[str]]:
+    return [subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, f"{url}?stream=cam{i}",
+                              str(2 + i % 5)], stdout=subprocess.PIPE, text=True)
+            for i in range(n)]
+
+
 async def test_clients_killed_mid_stream_leave_no_stream_or_key_behind() -> None:
     with serve("served_models:slow_double", "--maxsize", "4", latency=0.01) as server:
         url = f"{server.ws}/v1/models/slow_double/stream"
-        clients = [subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT,
-                                     f"{url}?stream=cam{i}", str(2 + i % 5)],
-                                    stdout=subprocess.PIPE, text=True) for i in range(20)]
+        clients = start_clients(url, 20)
         try:
             for client in clients:
                 assert client.stdout is not None

@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="port (default 8000; 0 picks a free one, printed at start)")
     serve.add_argument("--admit-timeout", type=float, default=1.0, metavar="S",
                        help="seconds a request waits for space before 503 (default 1.0)")
-    serve.add_argument("--batch", type=_batch, default=None, metavar="N|auto",
+    serve.add_argument("--batch", type=batch_option, default=None, metavar="N|auto",
                        help="batch items for the device (aioaccel.open(batch=...))")
     serve.add_argument("--restart", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                        help="restart a failed device (aioaccel.open(restart=aioaccel.Restart"
@@ -108,7 +108,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _batch(text: str) -> int | str:
+def batch_option(text: str) -> int | str:
     if text == "auto":
         return text
     try:

@@ -38,8 +38,10 @@ class Server(uvicorn.Server):
         if self.started and self.servers:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            print(f"aioaccel serve: http://{shown}:{port} serving {', '.join(self.models)}; "
-                  f"status page at /, API at /docs", flush=True)
+            loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith(
+                "uvloop") else "asyncio"
+            print(f"aioaccel serve: http://{shown}:{port} serving {', '.join(self.models)} "
+                  f"on {loop}; status page at /, API at /docs", flush=True)
 
     async def shutdown(self, sockets: Any = None) -> None:
         for server in self.servers:  # stop accepting first (uvicorn's close repeats it)
