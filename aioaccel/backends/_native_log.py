@@ -21,7 +21,7 @@ from contextlib import contextmanager
 __all__ = ["quiet_info"]
 
 _lock = threading.Lock()
-_done = False
+_seen = threading.Event()  # the line was printed (and dropped): later calls need no capture
 #: the lines dropped: LiteRT's INFO lines (it prints each at most once per process)
 _DROPPED = (b"INFO: Created TensorFlow Lite",)
 
@@ -29,12 +29,11 @@ _DROPPED = (b"INFO: Created TensorFlow Lite",)
 @contextmanager
 def quiet_info() -> Iterator[None]:
     """Around a LiteRT call that may print its one-time INFO line."""
-    global _done
-    if _done or os.environ.get("AIOACCEL_NATIVE_LOGS") == "1":
+    if _seen.is_set() or os.environ.get("AIOACCEL_NATIVE_LOGS") == "1":
         yield
         return
     with _lock:
-        if _done:
+        if _seen.is_set():
             yield
             return
         try:
@@ -58,5 +57,5 @@ def quiet_info() -> Iterator[None]:
                 kept = b"".join(line for line in lines if not line.startswith(_DROPPED))
                 while kept:
                     kept = kept[os.write(2, kept):]
-                # printed once per process: once seen, later calls need no capture
-                _done = any(line.startswith(_DROPPED) for line in lines)
+                if any(line.startswith(_DROPPED) for line in lines):
+                    _seen.set()  # LiteRT prints it once per process
