@@ -3,9 +3,11 @@
 Routes: ``POST /v1/models/{name}/infer``, ``GET /v1/models/{name}`` (specs and state),
 ``GET /v1/models``, ``WS /v1/models/{name}/stream``, ``GET /healthz``, ``GET /metrics``,
 ``GET /`` (the live status page), ``GET /v1/status`` and ``GET /v1/status/events``
-(Server-Sent Events, one snapshot a second), ``/docs`` (OpenAPI). Every request behaviour is
-:mod:`aioaccel.integrations.fastapi`'s: 503 + Retry-After past ``admit_timeout``, 413 over
-``max_body``, 422 for bad input, a client that disconnects withdraws its item.
+(Server-Sent Events, one snapshot a second), ``/docs`` (OpenAPI, from local assets:
+:mod:`.apidocs`). Every request behaviour is :mod:`aioaccel.integrations.fastapi`'s: 503 +
+Retry-After past ``admit_timeout``, 413 over ``max_body``, 422 for bad input, 406 for an
+``Accept`` that refuses JSON and ``.npy``, a client that disconnects withdraws its item. A
+WebSocket to an unknown model is closed with 4404 and the 404's message as its reason.
 """
 
 from __future__ import annotations
