@@ -132,6 +132,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[float, bytes]:
         received += chunk
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a subprocess: its own loop
 async def test_connections_that_send_nothing_or_trickle_headers_are_closed() -> None:
     with serve("served_models:slow_double", "--header-timeout", "1",
                "--keep-alive-timeout", "1", latency=0.0) as server:
@@ -173,6 +174,7 @@ async def test_connections_that_send_nothing_or_trickle_headers_are_closed() -> 
 
 
 # ---- signals ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a subprocess: its own loop
 async def test_a_second_sigint_exits_at_once_while_the_first_would_drain() -> None:
     # 2 s a frame and 8 frames admitted: a graceful drain takes ~16 s (and may take 30)
     with serve("served_models:slow_double", "--maxsize", "8", "--drain-timeout", "30",
@@ -224,3 +226,62 @@ def test_serve_runs_on_uvloop_unless_turned_off(flags: tuple[str, ...], loop: st
     with serve("served_models:slow_double", *flags, latency=0.0) as server:
         assert f" on {loop};" in server.banner
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+async def test_the_header_deadline_works_on_both_uvicorn_http_protocols(protocol: str) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from aioaccel.serve.limits import guarded
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    base = HttpToolsProtocol if protocol == "httptools" else H11Protocol
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                           http=guarded(base, 0.5), timeout_keep_alive=30))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:  # uvicorn has no started event to await
+            await asyncio.sleep(0.01)
+        silent = socket.create_connection(("127.0.0.1", port))
+        partial = socket.create_connection(("127.0.0.1", port))
+        keep = socket.create_connection(("127.0.0.1", port))
+        try:
+            partial.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")  # never finished
+            keep.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            elapsed, _ = await asyncio.to_thread(_closed_within, silent, 5)
+            assert elapsed < 3
+            _, sent = await asyncio.to_thread(_closed_within, partial, 5)
+            assert sent.startswith(b"HTTP/1.1 408")
+            # keep-alive is 30 s here: the deadline for the next request's headers closes it
+            _, sent = await asyncio.to_thread(_closed_within, keep, 5)
+            assert sent.startswith(b"HTTP/1.1 200") and b'{"ok":true}' in sent
+        finally:
+            for s in (silent, partial, keep):
+                s.close()
+        async with httpx.AsyncClient(timeout=10) as client:  # an honest client is served
+            assert (await client.get(f"http://127.0.0.1:{port}/ping")).json() == {"ok": True}
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def test_a_header_deadline_must_be_positive() -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from aioaccel.serve.limits import guarded
+
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="header_timeout"):
+            guarded(H11Protocol, bad)
