@@ -248,23 +248,50 @@ async def serve_stream(runner: Runner, socket: Socket, *, key: Any = None,
     return answered
 
 
-async def _receive(socket: Socket, stopping: asyncio.Future[Any] | None) -> Any:
-    """The next message, or ``_STOPPED`` once ``stopping`` is done (a message that arrived
-    meanwhile is still returned: it was read, so it gets its answer)."""
-    if stopping is None:
-        return await socket.receive()
-    if stopping.done():
-        return _STOPPED
-    receive = asyncio.ensure_future(socket.receive())
-    try:
-        await asyncio.wait((receive, stopping), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not receive.done():
-            receive.cancel()
-            await asyncio.gather(receive, return_exceptions=True)
-    if receive.cancelled():
-        return _STOPPED
-    return receive.result()
+class _Interruptible:
+    """Lets a shutdown interrupt the reader while, and only while, it waits for a message.
+
+    Cancelling the wait loses nothing (a message that had arrived stays in the framework's
+    queue, unread, and the connection is closing); a frame already read is still pushed and
+    answered. No task per frame: the per-frame cost is two attribute writes."""
+
+    def __init__(self, stop: asyncio.Event | None):
+        self.receiving = False
+        self.interrupted = False
+        self.task: asyncio.Task[Any] | None = None
+        self._watch = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if self._watch is not None:
+            self._watch.add_done_callback(self._on_stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self._watch is not None and self._watch.done() and not self._watch.cancelled()
+
+    def _on_stop(self, watch: asyncio.Future[Any]) -> None:
+        if watch.cancelled() or self.task is None or self.task.done():
+            return
+        if self.receiving:
+            self.interrupted = True
+            self.task.cancel()
+
+    async def receive(self, socket: Socket) -> Any:
+        """The next message, or ``_STOPPED`` once the server is shutting down."""
+        if self.stopped:
+            return _STOPPED
+        self.receiving = True
+        try:
+            return await socket.receive()
+        except asyncio.CancelledError:
+            task = self.task
+            if self.interrupted and task is not None and task.uncancel() == 0:
+                return _STOPPED  # our own interruption, nobody else's: stop reading
+            raise
+        finally:
+            self.receiving = False
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 def _strict(name: str) -> Any:
@@ -280,22 +307,22 @@ def _format(frame: Mapping[str, Any], default: str) -> str:
 
 async def _read(runner: Runner, stream: Stream, socket: Socket, replies: asyncio.Queue[Any],
                 stop: asyncio.Event | None, results: str) -> None:
-    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    reading = _Interruptible(stop)
+    reading.task = asyncio.current_task()
     try:
-        await _read_frames(runner, stream, socket, replies, stopping, results)
+        await _read_frames(runner, stream, socket, replies, reading, results)
     finally:
-        if stopping is not None:
-            stopping.cancel()
+        reading.close()
 
 
 async def _read_frames(runner: Runner, stream: Stream, socket: Socket,
-                       replies: asyncio.Queue[Any], stopping: asyncio.Future[Any] | None,
+                       replies: asyncio.Queue[Any], reading: _Interruptible,
                        results: str) -> None:
     index = 0
     header: dict[str, Any] | None = None  # the text header before a binary frame
     binary_ok = socket.send_bytes is not None
     while True:
-        message = await _receive(socket, stopping)
+        message = await reading.receive(socket)
         if message is None:
             raise _Gone
         if message is _STOPPED:
