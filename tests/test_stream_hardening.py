@@ -332,3 +332,33 @@ async def test_aiohttp_streams_refuse_keys_in_use_and_origins_and_send_binary_re
             messages = [strict(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
         assert messages[0]["status"] == 422 and messages[0]["tag"] == 0
 
+
+
+async def test_aiohttp_stop_ends_a_stream_waiting_for_frames_with_1001() -> None:
+    runner = aioaccel.open(SimulatedStage(lambda x: np.asarray(x) + 1), maxsize=4, name="stop")
+    accel = accel_aiohttp.Accel(default=runner)
+    stop = asyncio.Event()
+    app = web.Application()
+    accel.setup(app)
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        return await accel.ws(request, runner, stop=stop)
+
+    app.router.add_get("/stream", handler)
+    site_runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=10)
+    await site_runner.setup()
+    site = web.TCPSite(site_runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"ws://127.0.0.1:{site_runner.addresses[0][1]}/stream"
+        async with connect(url) as stream:
+            await stream.send(np.zeros((1, 1), np.float32), tag="one")
+            first = await stream.receive()
+            assert first.tag == "one" and first.outputs.tolist() == [[1.0]]
+            stop.set()  # the server is now waiting for the next frame: it stops waiting
+            assert [r async for r in stream] == []
+            assert stream.ended == {"end": True, "frames": 1}
+            assert await stream.wait_closed() == 1001
+        assert not runner.streams()
+    finally:
+        await site_runner.cleanup()
