@@ -362,3 +362,25 @@ async def test_aiohttp_stop_ends_a_stream_waiting_for_frames_with_1001() -> None
         assert not runner.streams()
     finally:
         await site_runner.cleanup()
+
+
+@pytest.mark.parametrize(("origin", "host", "allowed", "ok"), [
+    (None, "127.0.0.1:8000", None, True),                      # not a browser
+    ("http://127.0.0.1:8000", "127.0.0.1:8000", None, True),   # the server's own page
+    ("http://localhost:8000", "127.0.0.1:8000", None, False),  # another origin, by name
+    ("https://cams.example", "cams.example", None, True),      # default port, either way
+    ("https://cams.example", "cams.example:443", None, True),
+    ("http://cams.example", "cams.example:443", None, False),
+    ("http://[::1]:8000", "[::1]:8000", None, True),
+    ("null", "127.0.0.1:8000", None, False),                   # sandboxed or file: pages
+    ("http://evil.example", "127.0.0.1:8000", None, False),
+    ("http://evil.example", "127.0.0.1:8000", ["http://evil.example/"], True),
+    ("http://evil.example", "127.0.0.1:8000", ["*"], True),
+    ("http://evil.example:99999", "evil.example:99999", None, False),  # not a valid port
+    ("ftp://127.0.0.1:8000", "127.0.0.1:8000", None, False),
+])
+def test_origin_allowed(origin: str | None, host: str, allowed: list[str] | None,
+                        ok: bool) -> None:
+    from aioaccel.integrations.streaming import origin_allowed
+
+    assert origin_allowed(origin, host, allowed) is ok
