@@ -83,6 +83,8 @@ class Runner:
         self._streams = StreamTable(self.name, maxsize, self._admission, self._done, self._lane,
                                     self, push=self._push_lane, push_nowait=self._push_lane_nowait,
                                     next=self._next)
+        # a closed stream is forgotten (its key free) when its last withdrawn item comes back
+        self._done.on_lane_released = self._streams.forget_if_done
         self._sup = Supervisor(self.name, load, self._done, self._streams, maxsize=maxsize,
                                call_timeout=call_timeout, close_timeout=close_timeout,
                                restart=restart, retries=retries, warmup=warmup,

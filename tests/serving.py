@@ -26,6 +26,7 @@ class Served:
     port: int
     proc: subprocess.Popen[str]
     log: Path  #: the server's stderr (a file: a pipe nobody reads could fill and stall it)
+    banner: str = ""  #: the line the server printed once it listened
 
     def stderr(self) -> str:
         return self.log.read_text()
@@ -70,7 +71,7 @@ def serve(*args: str, latency: float = 0.005, timeout: float = 60.0) -> Iterator
             proc.wait(timeout=10)
             raise AssertionError(f"aioaccel serve did not start: {line!r} {log.read_text()}")
         assert time.monotonic() < deadline
-        yield Served(match.group(1), int(match.group(2)), proc, log)
+        yield Served(match.group(1), int(match.group(2)), proc, log, line)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -177,6 +177,8 @@ class Healer:
             if ticket.withdrawn:
                 del done.unfinished[seq]
                 done.admission.release(ticket.lane)
+                if ticket.lane is not done.default_lane and done.on_lane_released is not None:
+                    done.on_lane_released(ticket.lane)  # a closed stream may be done now
             elif ticket.retries < self.retries:
                 ticket.retries += 1
                 retry.append(ticket)
