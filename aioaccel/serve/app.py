@@ -3,7 +3,8 @@
 Routes: ``POST /v1/models/{name}/infer``, ``GET /v1/models/{name}`` (specs and state),
 ``GET /v1/models``, ``WS /v1/models/{name}/stream``, ``GET /healthz``, ``GET /metrics``,
 ``GET /`` (the live status page), ``GET /v1/status`` and ``GET /v1/status/events``
-(Server-Sent Events, one snapshot a second), ``/docs`` (OpenAPI). Every request behaviour is
+(Server-Sent Events, one snapshot a second), ``/docs`` (OpenAPI), and the Open Inference
+Protocol's ``/v2/...`` routes (:mod:`.v2_rest`). Every request behaviour is
 :mod:`aioaccel.integrations.fastapi`'s: 503 + Retry-After past ``admit_timeout``, 413 over
 ``max_body``, 422 for bad input, a client that disconnects withdraws its item.
 """
@@ -29,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # n
 from ..integrations.fastapi import Accel  # noqa: E402
 from ..integrations.streaming import CLOSE_POLICY  # noqa: E402
 from .status import HEALTHY, StatusFeed, model_restarts, model_state  # noqa: E402
+from .v2_rest import add_v2_routes  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -138,6 +140,7 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
+    add_v2_routes(app, accel)  # the Open Inference Protocol (KServe v2): /v2/...
     return app
 
 

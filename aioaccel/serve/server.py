@@ -29,6 +29,8 @@ class Server(uvicorn.Server):
         self.stop = stop
         self.models = models
         self.streams = streams
+        #: lines printed after the URL once the server listens (the gRPC address)
+        self.announce: list[str] = []
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -37,6 +39,8 @@ class Server(uvicorn.Server):
             shown = f"[{host}]" if ":" in host else host
             print(f"aioaccel serve: http://{shown}:{port} serving {', '.join(self.models)}; "
                   f"status page at /, API at /docs", flush=True)
+            for line in self.announce:
+                print(line, flush=True)
 
     async def shutdown(self, sockets: Any = None) -> None:
         for server in self.servers:  # stop accepting first (uvicorn's close repeats it)
