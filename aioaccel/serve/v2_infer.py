@@ -71,6 +71,9 @@ async def run_request(runner: Runner, request: InferRequest, *,
         timeout = wanted if timeout is None else min(timeout, wanted)
     rows = split_rows(request.inputs, runner.inputs)
     items: list[Any] = rows if rows is not None else [request.inputs]
+    if runner.inputs is None and len(request.inputs) == 1:
+        # a model without an input spec (a Python callable) takes its one input as it is
+        items = [next(iter(item.values())) for item in items]
     try:
         async with asyncio.timeout(timeout):
             if priority:
