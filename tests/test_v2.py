@@ -481,9 +481,9 @@ async def test_clients_that_go_away_withdraw_their_items() -> None:
         assert server.metric("aioaccel_items_completed_total", runner="slow_double") <= 4
 
 
-async def wait_for(condition: object, timeout: float = 20.0) -> None:
-    """Poll a server-side condition (a subprocess offers no event to await)."""
-    async with asyncio.timeout(timeout):
+async def wait_for(condition: object) -> None:
+    """Poll a server-side condition (a subprocess offers no event to await), for 20 s."""
+    async with asyncio.timeout(20):
         while not condition():  # type: ignore[operator]
             await asyncio.sleep(0.05)
 
