@@ -70,6 +70,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="a backend option (JSON value, else a string), e.g. num_threads=1")
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                        help="on SIGTERM, seconds to answer accepted requests (default 10)")
+    serve.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                       help="the event loop (default auto: uvloop when installed, as uvicorn "
+                            "does)")
     serve.add_argument("--log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default warning; info logs each request)")
@@ -178,11 +181,26 @@ def run(args: argparse.Namespace) -> int:
     """``aioaccel serve``: returns the exit code."""
     need("uvicorn", "serve", "aioaccel serve")
     try:
+        loop_factory = _loop_factory(getattr(args, "loop", "auto"))
         runners = open_runners(args)
     except UsageError as exc:
         print(f"aioaccel serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_serve(runners, args))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(runners, args))
+
+
+def _loop_factory(kind: str) -> Any:
+    """uvloop's loop for ``uvloop`` (and ``auto`` where it is installed), else asyncio's."""
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise UsageError("--loop uvloop needs uvloop: pip install uvloop") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(runners: dict[str, aioaccel.Runner], args: argparse.Namespace) -> int:

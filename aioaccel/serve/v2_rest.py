@@ -14,13 +14,15 @@ disconnects while its request waits withdraws its items.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import zlib
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect
 
 from ..errors import InputError, RunnerClosed
 from ..integrations.http import OFF_LOOP_BYTES
@@ -32,7 +34,8 @@ if TYPE_CHECKING:
     from ..integrations.fastapi import Accel
     from ..runner import Runner
 
-__all__ = ["EXTENSIONS", "SERVER_NAME", "add_v2_routes", "model_metadata", "platform_of"]
+__all__ = ["EXTENSIONS", "SERVER_NAME", "V2Infer", "V2InferFastPath", "add_v2_routes",
+           "model_metadata", "platform_of"]
 
 log = logging.getLogger("aioaccel.v2")
 
@@ -114,28 +117,15 @@ def add_v2_routes(app: FastAPI, accel: Accel) -> None:
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503,
                             headers=None if ok else _retry(accel.retry_after))
 
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        try:
-            runner = find(name, version)
-            if not ready(runner):
-                raise RunnerClosed(f"model {name!r} is {model_state(runner)}, not ready")
-            body = await _read_body(request, accel.max_body, accel.body_timeout)
-            if body is None:
-                return Response(status_code=_CLIENT_CLOSED)
-            decoded = await _decode(body, request.headers, runner)
-            work = asyncio.ensure_future(run_request(
-                runner, decoded, timeout=accel.timeout, admit_timeout=accel.admit_timeout))
-            if not await _finished_while_connected(work, request):
-                return Response(status_code=_CLIENT_CLOSED)
-            content, header_length = encode_rest(name, decoded, work.result())
-        except _BodyProblem as exc:
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
-        except Exception as exc:
-            return error(exc)
-        if header_length is None:
-            return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+    infer = V2Infer(accel)
+
+    async def infer_route(name: str, request: Request, version: str | None = None
+                          ) -> Response:
+        # Reached only without the fast path below (it answers these paths first); here so
+        # that /docs lists the route.
+        status, headers, content = await infer.answer(name, version, request.headers,
+                                                      request.receive)
+        return Response(content, status_code=status, headers=headers)
 
     for path, endpoint in (("/v2/models/{name}", metadata),
                            ("/v2/models/{name}/versions/{version}", metadata),
@@ -145,9 +135,10 @@ def add_v2_routes(app: FastAPI, accel: Accel) -> None:
                           summary="Open Inference Protocol: model "
                                   + ("readiness" if endpoint is model_ready else "metadata"))
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
-        app.add_api_route(path, infer, methods=["POST"],
+        app.add_api_route(path, infer_route, methods=["POST"],
                           summary="Open Inference Protocol: run a request (JSON or binary "
                                   "tensors)")
+    app.add_middleware(V2InferFastPath, infer=infer)
 
 
 def _retry(seconds: float) -> dict[str, str]:
@@ -161,25 +152,119 @@ class _BodyProblem(Exception):
         self.message = message
 
 
-async def _read_body(request: Request, max_body: int, body_timeout: float) -> bytearray | None:
-    """The whole body (413 over ``max_body``, 408 past ``body_timeout``); None: client left."""
-    declared = request.headers.get("content-length")
+class _ClientLeft(Exception):
+    """The client disconnected: nothing is sent."""
+
+
+#: ``POST`` paths the fast path answers: (name, version or None)
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class V2Infer:
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` on raw ASGI messages: read the
+    body (bounded in size and time), decode it (on a thread when large), run it while watching
+    for the client to leave, encode the answer."""
+
+    def __init__(self, accel: Accel):
+        self.accel = accel
+
+    async def answer(self, name: str, version: str | None, headers: Mapping[str, str],
+                     receive: Receive) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body); status 499 (never sent) when the client left."""
+        accel = self.accel
+        try:
+            runner = accel.runners.get(name)
+            if runner is None:
+                raise UnknownModel(f"unknown model {name!r}; this server has "
+                                   f"{sorted(accel.runners)}")
+            if version not in (None, "", VERSION):
+                raise UnknownModel(f"model {name!r} has no version {version!r}; it serves "
+                                   f"version {VERSION}")
+            if model_state(runner) not in HEALTHY:
+                raise RunnerClosed(f"model {name!r} is {model_state(runner)}, not ready")
+            body = await _read_body(receive, headers, accel.max_body, accel.body_timeout)
+            decoded = await _decode(body, headers, runner)
+            work = asyncio.ensure_future(run_request(
+                runner, decoded, timeout=accel.timeout, admit_timeout=accel.admit_timeout))
+            await _finished_while_connected(work, receive)
+            content, header_length = encode_rest(name, decoded, work.result())
+        except _ClientLeft:
+            return _CLIENT_CLOSED, {}, b""
+        except _BodyProblem as exc:
+            return exc.status, _JSON, _error_body(exc.message)
+        except Exception as exc:
+            found = problem(exc, accel.retry_after)
+            if found is None:  # a bug: the detail goes to the log, not to the client
+                log.exception("v2 request failed", exc_info=exc)
+                return 500, _JSON, _error_body("internal error")
+            return found.status, {**_JSON, **found.headers}, _error_body(found.message)
+        if header_length is None:
+            return 200, _JSON, content
+        return 200, {"content-type": "application/octet-stream",
+                     "inference-header-content-length": str(header_length)}, content
+
+
+_JSON = {"content-type": "application/json"}
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+class V2InferFastPath:
+    """Pure ASGI middleware: the infer route answered before FastAPI's routing, dependency
+    and exception layers, which cost more per request than the whole v2 decode, run and
+    encode of a small tensor. Everything else goes on to the app."""
+
+    def __init__(self, app: Any, infer: V2Infer):
+        self.app = app
+        self.infer = infer
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive,
+                       send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                headers = {k.decode("latin-1"): v.decode("latin-1")
+                           for k, v in scope["headers"]}  # ASGI: names are lower case
+                status, extra, content = await self.infer.answer(match.group(1),
+                                                                 match.group(2), headers,
+                                                                 receive)
+                if status == _CLIENT_CLOSED:
+                    return  # nobody to answer
+                raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+                raw.append((b"content-length", str(len(content)).encode()))
+                await send({"type": "http.response.start", "status": status, "headers": raw})
+                await send({"type": "http.response.body", "body": content})
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(receive: Receive, headers: Mapping[str, str], max_body: int,
+                     body_timeout: float) -> bytearray:
+    """The whole body (413 over ``max_body``, 408 past ``body_timeout``)."""
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise _BodyProblem(413, f"body of {declared} bytes is over the limit of {max_body} "
                                 f"bytes")
     body = bytearray()
     try:
         async with asyncio.timeout(body_timeout):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    log.info("v2 client left after sending %d bytes of its body", len(body))
+                    raise _ClientLeft
+                chunk = message.get("body", b"")
                 if len(body) + len(chunk) > max_body:
                     raise _BodyProblem(413, f"body is over the limit of {max_body} bytes")
                 body += chunk
+                if not message.get("more_body", False):
+                    return body
     except TimeoutError:
         raise _BodyProblem(408, f"request body not received within {body_timeout} s") from None
-    except ClientDisconnect:
-        log.info("v2 client left after sending %d bytes of its body", len(body))
-        return None
-    return body
 
 
 async def _decode(body: bytearray, headers: Any, runner: Runner) -> Any:
@@ -221,10 +306,10 @@ def _inflate(body: bytearray, encoding: str) -> bytes:
     return data
 
 
-async def _finished_while_connected(work: asyncio.Future[Any], request: Request) -> bool:
-    """Wait for ``work``; False if the client disconnected first (``work`` is then cancelled,
-    which withdraws its items). Errors of ``work`` are raised."""
-    watch = asyncio.ensure_future(_disconnected(request))
+async def _finished_while_connected(work: asyncio.Future[Any], receive: Receive) -> None:
+    """Wait for ``work``; raise _ClientLeft if the client disconnected first (``work`` is then
+    cancelled, which withdraws its items). Errors of ``work`` are raised."""
+    watch = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -234,13 +319,12 @@ async def _finished_while_connected(work: asyncio.Future[Any], request: Request)
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
     if work.cancelled():
-        return False
+        raise _ClientLeft
     work.result()  # raises the request's error
-    return True
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive: Receive) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
