@@ -179,10 +179,23 @@ def client_main(args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in modes(0)}
     for mode in modes(0.3).values():  # warm-up: connections, the runtimes' first calls
         uvloop.run(mode())
+    pids = targets["pids"]
     for _ in range(args.rounds):
         for name, mode in modes(args.seconds).items():
-            results[name].append(uvloop.run(mode()))
+            pid = pids["plain" if name == "plain handler" else
+                       "on" if "batch=16" in name else "off"]
+            busy = cpu_seconds(pid)
+            result = uvloop.run(mode())
+            result["server_cpu_us"] = ((cpu_seconds(pid) - busy) * 1e6
+                                       / max(1.0, result["rps"] * args.seconds))
+            results[name].append(result)
     print(json.dumps(results))
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- the driver -------------------------------------------------------------------------------
@@ -230,7 +243,7 @@ def main() -> None:
            "PYTHONPATH": str(ROOT)}
     maxsize = str(2 * args.callers)
     processes: list[subprocess.Popen[bytes]] = []
-    targets: dict[str, Any] = {}
+    targets: dict[str, Any] = {"pids": {}}
     try:
         port = free_port()
         processes.append(subprocess.Popen(
@@ -238,6 +251,7 @@ def main() -> None:
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
              "--no-access-log"], cwd=ROOT, env=env))
         targets["plain"] = f"http://127.0.0.1:{port}"
+        targets["pids"]["plain"] = processes[-1].pid
         for key, extra in (("off", []), ("on", ["--batch", "16"])):
             port, grpc_port = free_port(), free_port()
             processes.append(subprocess.Popen(
@@ -246,6 +260,7 @@ def main() -> None:
                  "--admit-timeout", "30", "--option", "num_threads=1", *extra],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
             targets[key] = (f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
+            targets["pids"][key] = processes[-1].pid
         for process, url in zip(processes, [targets["plain"], targets["off"][0],
                                             targets["on"][0]], strict=True):
             wait_ready(url, process)
@@ -264,13 +279,15 @@ def main() -> None:
           f"{args.callers} persistent callers in a separate client process (uvloop), "
           f"{args.rounds} interleaved rounds of {args.seconds} s (medians), "
           f"{os.cpu_count()} cores shared by servers and client")
-    print(f"  {'mode':<32} {'requests/s':>11} {'p50 ms':>8} {'failed':>7}")
+    print(f"  {'mode':<32} {'requests/s':>11} {'p50 ms':>8} {'server CPU us/req':>18} "
+          f"{'failed':>7}")
     rates = {}
     for name, rounds in results.items():
         rates[name] = statistics.median(r["rps"] for r in rounds)
         p50 = statistics.median(r["p50"] for r in rounds)
+        cpu = statistics.median(r["server_cpu_us"] for r in rounds)
         failed = sum(r["failures"] for r in rounds)
-        print(f"  {name:<32} {rates[name]:>11.0f} {p50:>8.2f} {failed:>7}")
+        print(f"  {name:<32} {rates[name]:>11.0f} {p50:>8.2f} {cpu:>18.0f} {failed:>7}")
     print("  targets:")
     for label in ("off", "batch=16"):
         v1 = rates[f"/v1 JSON, batching {label}"]
