@@ -184,8 +184,10 @@ def test_rows_on_the_batch_dimension_are_one_request(server: Served,
     got = rest.infer("dense", [tensor]).as_numpy("output")
     expected = np.concatenate([raw(models[0], input=row[None])["output"] for row in x])
     np.testing.assert_array_equal(got, expected)
-    # and /metrics counts v2 traffic like the rest: 5 items
+    # and /metrics counts v2 traffic like the rest: 5 items, in one v2 request
     assert server.metric("aioaccel_items_completed_total", runner="dense") == before + 5
+    assert server.metric("aioaccel_v2_requests_total", code="200", model="dense",
+                         protocol="rest") >= 1
     rest.close()
 
 
@@ -318,6 +320,9 @@ def test_grpc_infer_several_inputs_and_outputs(server: Served,
         grpc.infer("dense", [tensor])
     with pytest.raises(InferenceServerException, match="NOT_FOUND"):
         grpc.infer("nope", inputs)
+    # unknown names are counted without their name (the label set stays bounded)
+    assert server.metric("aioaccel_v2_requests_total", code="NOT_FOUND", model="",
+                         protocol="grpc") >= 1
     x = DENSE.random_input()
     tensor = tritongrpc.InferInput("input", [1, 16], "FP32")
     tensor.set_data_from_numpy(x)
@@ -350,6 +355,10 @@ def test_grpc_stream_answers_in_order_and_survives_a_bad_request(
         assert result.get_response().id == str(k)  # in request order
         np.testing.assert_array_equal(result.as_numpy("output"),
                                       raw(models[0], input=x)["output"])
+    assert server.metric("aioaccel_v2_requests_total", code="INVALID_ARGUMENT", model="dense",
+                         protocol="grpc_stream") >= 1
+    assert server.metric("aioaccel_v2_requests_total", code="OK", model="dense",
+                         protocol="grpc_stream") >= 39
 
 
 # ---- async clients ---------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
 
     @app.get("/metrics", summary="Prometheus metrics of every model")
     async def metrics() -> Response:
-        return accel.metrics()
+        response = accel.metrics()
+        return Response(bytes(response.body) + v2_requests.exposition(),
+                        media_type=response.media_type)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
@@ -140,7 +142,8 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
-    add_v2_routes(app, accel)  # the Open Inference Protocol (KServe v2): /v2/...
+    # the Open Inference Protocol (KServe v2): /v2/...; the gRPC server counts here too
+    v2_requests = app.state.v2_requests = add_v2_routes(app, accel)
     return app
 
 

@@ -228,7 +228,7 @@ async def _serve(runners: dict[str, aioaccel.Runner], args: argparse.Namespace) 
 
             try:
                 server.announce = await stack.enter_async_context(
-                    start_grpc(runners, args, stop))
+                    start_grpc(runners, args, stop, app.state.v2_requests))
             except OSError as exc:
                 print(f"aioaccel serve: {exc}", file=sys.stderr)
                 return EXIT_FAILED

@@ -37,6 +37,7 @@ from ..errors import InputError, RunnerClosed  # noqa: E402
 from . import grpc_service_pb2 as pb  # noqa: E402
 from .status import HEALTHY, model_state  # noqa: E402
 from .v2_infer import UnknownModel, problem, run_request  # noqa: E402
+from .v2_metrics import V2Requests  # noqa: E402
 from .v2_tensors import (  # noqa: E402
     VERSION,
     InferRequest,
@@ -48,6 +49,9 @@ from .v2_tensors import (  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
+
+#: a stream's request in flight: (model name, its task)
+_Pending = tuple[str, "asyncio.Task[pb.ModelInferResponse]"]
 
 __all__ = ["SERVICE", "V2GrpcServer", "decode_grpc", "encode_grpc"]
 
@@ -151,8 +155,10 @@ class V2GrpcServer:
     def __init__(self, runners: Mapping[str, Runner], *, admit_timeout: float | None = 1.0,
                  retry_after: float = 1.0, timeout: float | None = None,
                  max_message: int = 16 * 1024 * 1024, stop: asyncio.Event | None = None,
-                 version: str = ""):
+                 version: str = "", requests: V2Requests | None = None):
         self.runners = runners
+        #: requests answered, for /metrics (shared with the REST routes by aioaccel serve)
+        self.requests = requests if requests is not None else V2Requests(runners)
         self.admit_timeout = admit_timeout
         self.retry_after = retry_after
         self.timeout = timeout
@@ -276,25 +282,31 @@ class V2GrpcServer:
     async def model_infer(self, request: pb.ModelInferRequest,
                           context: Any) -> pb.ModelInferResponse:
         try:
-            return await self._infer(request)
+            reply = await self._infer(request)
         except asyncio.CancelledError:
+            self.requests.count("grpc", request.model_name, "CANCELLED")
             raise  # the client cancelled: run_request withdrew its items
         except Exception as exc:
-            await self._abort(context, exc)
+            code, message = self._status(exc)
+            self.requests.count("grpc", request.model_name, code.name)
+            await context.abort(code, message)
             raise
+        self.requests.count("grpc", request.model_name, "OK")
+        return reply
 
     async def model_stream_infer(self, requests: AsyncIterator[pb.ModelInferRequest],
                                  context: Any) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers in request order; at most ``maxsize`` requests of the stream in flight."""
         runner_depth = max((r.maxsize for r in self.runners.values()), default=16)
         room = asyncio.Semaphore(runner_depth)
-        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue()
+        pending: asyncio.Queue[_Pending | None] = asyncio.Queue()
         reader = asyncio.ensure_future(self._read_stream(requests, pending, room))
         try:
             while True:
-                task = await pending.get()
-                if task is None:
+                item = await pending.get()
+                if item is None:
                     break
+                model, task = item
                 try:
                     reply = await task
                 except asyncio.CancelledError:
@@ -302,25 +314,27 @@ class V2GrpcServer:
                         raise
                     continue
                 except Exception as exc:
-                    _, message = self._status(exc)
+                    code, message = self._status(exc)
+                    self.requests.count("grpc_stream", model, code.name)
                     yield pb.ModelStreamInferResponse(error_message=message)
                     continue
                 finally:
                     room.release()
+                self.requests.count("grpc_stream", model, "OK")
                 yield pb.ModelStreamInferResponse(infer_response=reply)
             await reader  # raises what stopped the reader, if anything
         finally:
             reader.cancel()
             leftover = []
             while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
-                    leftover.append(task)
+                left = pending.get_nowait()
+                if left is not None:
+                    left[1].cancel()
+                    leftover.append(left[1])
             await asyncio.gather(reader, *leftover, return_exceptions=True)
 
     async def _read_stream(self, requests: AsyncIterator[pb.ModelInferRequest],
-                           pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None],
+                           pending: asyncio.Queue[_Pending | None],
                            room: asyncio.Semaphore) -> None:
         """Start each request as it comes (so that they batch), in order, once the stream has
         room; stop at the end of the client's stream or on shutdown. While there is no room
@@ -340,7 +354,8 @@ class V2GrpcServer:
                     request = following.result()
                 except StopAsyncIteration:
                     break
-                pending.put_nowait(asyncio.ensure_future(self._infer(request)))
+                pending.put_nowait((request.model_name,
+                                    asyncio.ensure_future(self._infer(request))))
         finally:
             stopping.cancel()
             pending.put_nowait(None)

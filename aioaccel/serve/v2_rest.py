@@ -28,6 +28,7 @@ from ..errors import InputError, RunnerClosed
 from ..integrations.http import OFF_LOOP_BYTES
 from .status import HEALTHY, model_state
 from .v2_infer import UnknownModel, problem, run_request
+from .v2_metrics import V2Requests
 from .v2_tensors import VERSION, decode_rest, encode_rest, tensor_metadata
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ def model_metadata(name: str, runner: Runner) -> dict[str, Any]:
             "outputs": [tensor_metadata(s) for s in runner.outputs or ()]}
 
 
-def add_v2_routes(app: FastAPI, accel: Accel) -> None:
-    """Mount the protocol's routes on ``app`` for ``accel``'s runners."""
+def add_v2_routes(app: FastAPI, accel: Accel) -> V2Requests:
+    """Mount the protocol's routes on ``app`` for ``accel``'s runners; returns the request
+    counter (``/metrics`` appends it; the gRPC server counts into it too)."""
     from .. import __version__
 
     def find(name: str, version: str | None = None) -> Runner:
@@ -117,7 +119,7 @@ def add_v2_routes(app: FastAPI, accel: Accel) -> None:
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503,
                             headers=None if ok else _retry(accel.retry_after))
 
-    infer = V2Infer(accel)
+    infer = V2Infer(accel, V2Requests(accel.runners))
 
     async def infer_route(name: str, request: Request, version: str | None = None
                           ) -> Response:
@@ -139,6 +141,7 @@ def add_v2_routes(app: FastAPI, accel: Accel) -> None:
                           summary="Open Inference Protocol: run a request (JSON or binary "
                                   "tensors)")
     app.add_middleware(V2InferFastPath, infer=infer)
+    return infer.requests
 
 
 def _retry(seconds: float) -> dict[str, str]:
@@ -167,12 +170,19 @@ class V2Infer:
     body (bounded in size and time), decode it (on a thread when large), run it while watching
     for the client to leave, encode the answer."""
 
-    def __init__(self, accel: Accel):
+    def __init__(self, accel: Accel, requests: V2Requests | None = None):
         self.accel = accel
+        self.requests = requests if requests is not None else V2Requests(accel.runners)
 
     async def answer(self, name: str, version: str | None, headers: Mapping[str, str],
                      receive: Receive) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body); status 499 (never sent) when the client left."""
+        found = await self._answer(name, version, headers, receive)
+        self.requests.count("rest", name, found[0])
+        return found
+
+    async def _answer(self, name: str, version: str | None, headers: Mapping[str, str],
+                      receive: Receive) -> tuple[int, dict[str, str], bytes]:
         accel = self.accel
         try:
             runner = accel.runners.get(name)

@@ -15,20 +15,23 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..runner import Runner
+    from .v2_metrics import V2Requests
 
 __all__ = ["start_grpc"]
 
 
 @asynccontextmanager
 async def start_grpc(runners: Mapping[str, Runner], args: argparse.Namespace,
-                     stop: asyncio.Event) -> AsyncIterator[list[str]]:
+                     stop: asyncio.Event, requests: V2Requests | None = None
+                     ) -> AsyncIterator[list[str]]:
     """Serve gRPC while inside; yields the lines to print once the server listens."""
     from .. import __version__
     from ..integrations.http import DEFAULT_MAX_BODY
     from .v2_grpc import V2GrpcServer
 
     server = V2GrpcServer(runners, admit_timeout=args.admit_timeout, stop=stop,
-                          max_message=DEFAULT_MAX_BODY, version=__version__)
+                          max_message=DEFAULT_MAX_BODY, version=__version__,
+                          requests=requests)
     port = await server.start(args.host, args.grpc_port)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     drain = float(args.drain_timeout)
