@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aioaccel
 from aioaccel.errors import InputError
@@ -193,3 +195,35 @@ async def test_a_cancelled_request_withdraws_its_rows(priority: int) -> None:
         assert (await first)["output"].item() == 0.0
         stats = runner.stats()
     assert stats.withdrawn >= 1 and gate.seen == [0.0]
+
+
+# ---- hostile bodies: decoded, or refused with an InputError; never another exception --------
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["name", "shape", "datatype", "data",
+                                                        "parameters", "inputs", "outputs",
+                                                        "binary_data_size", "id"]),
+                                       inner, max_size=5), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=200), header_length=st.none() | st.integers(-3, 250))
+def test_any_bytes_are_decoded_or_refused(body: bytes, header_length: int | None) -> None:
+    try:
+        decode_rest(body, header_length, SPEC)
+    except InputError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(tensor=_JSON, extra=st.binary(max_size=32))
+def test_any_json_request_is_decoded_or_refused(tensor: object, extra: bytes) -> None:
+    head = json.dumps({"inputs": [tensor] if not isinstance(tensor, list) else tensor}).encode()
+    for body, length in ((head, None), (head + extra, len(head))):
+        try:
+            decoded = decode_rest(body, length, SPEC)
+        except InputError:
+            continue
+        for array in decoded.inputs.values():
+            assert array.dtype == np.float32  # only what the model takes gets through
