@@ -76,6 +76,53 @@ def plain_app() -> Any:
     return app
 
 
+# ---- the floors: what the HTTP and gRPC servers cost with no work at all ------------------------
+def floor_app() -> Any:
+    """``uvicorn --factory benchmarks.bench_v2:floor_app``: raw ASGI, reads the body, answers
+    256 fixed bytes. No server on uvicorn answers a request for less."""
+    answer = bytes(256)
+    headers = [(b"content-type", b"application/octet-stream"), (b"content-length", b"256")]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+def grpc_floor_main(port: int) -> None:
+    """A grpc.aio server (uvloop, as aioaccel serve) whose ModelInfer answers a canned reply."""
+    import grpc
+    import uvloop
+
+    from aioaccel.serve import grpc_service_pb2 as pb
+
+    reply = pb.ModelInferResponse(model_name=MODEL_NAME)
+    reply.outputs.add(name="output", datatype="FP32", shape=[1, 64])
+    reply.raw_output_contents.append(bytes(256))
+
+    async def infer(request: Any, context: Any) -> Any:
+        return reply
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(
+                infer, request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelInferResponse.SerializeToString)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(serve())
+
+
 # ---- the client -------------------------------------------------------------------------------
 def v2_binary_body(x: Any) -> tuple[bytes, int]:
     """The body tritonclient.http sends for one FP32 input in binary, binary output asked."""
@@ -162,6 +209,10 @@ def client_main(args: argparse.Namespace) -> None:
 
     def modes(seconds: float) -> dict[str, Any]:
         found: dict[str, Any] = {
+            "floor: raw ASGI on uvicorn": lambda: run_http(
+                f"{targets['floor']}/", binary, binary_headers, args.callers, seconds),
+            "floor: empty grpc.aio handler": lambda: run_grpc(
+                targets["grpc_floor"], x, args.callers, seconds),
             "plain handler": lambda: run_http(f"{targets['plain']}/infer", json_body,
                                               json_headers, args.callers, seconds)}
         for label, key in (("off", "off"), ("batch=16", "on")):
@@ -183,6 +234,8 @@ def client_main(args: argparse.Namespace) -> None:
     for _ in range(args.rounds):
         for name, mode in modes(args.seconds).items():
             pid = pids["plain" if name == "plain handler" else
+                       "floor" if name.startswith("floor: raw") else
+                       "grpc_floor" if name.startswith("floor: empty") else
                        "on" if "batch=16" in name else "off"]
             busy = cpu_seconds(pid)
             result = uvloop.run(mode())
@@ -221,6 +274,20 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"server for {url} did not start")
 
 
+def wait_listening(address: str, process: subprocess.Popen[bytes]) -> None:
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {address} exited with {process.returncode}")
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server for {address} did not start")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -228,9 +295,14 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=64, help="persistent clients")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--targets", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-floor", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)
+        return
+    if args.grpc_floor is not None:
+        sys.path.insert(0, str(ROOT))
+        grpc_floor_main(args.grpc_floor)
         return
 
     sys.path.insert(0, str(ROOT))
@@ -252,6 +324,18 @@ def main() -> None:
              "--no-access-log"], cwd=ROOT, env=env))
         targets["plain"] = f"http://127.0.0.1:{port}"
         targets["pids"]["plain"] = processes[-1].pid
+        port = free_port()
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.bench_v2:floor_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+             "--no-access-log"], cwd=ROOT, env=env))
+        targets["floor"] = f"http://127.0.0.1:{port}"
+        targets["pids"]["floor"] = processes[-1].pid
+        port = free_port()
+        processes.append(subprocess.Popen([sys.executable, __file__, "--grpc-floor", str(port)],
+                                          cwd=ROOT, env=env))
+        targets["grpc_floor"] = f"127.0.0.1:{port}"
+        targets["pids"]["grpc_floor"] = processes[-1].pid
         for key, extra in (("off", []), ("on", ["--batch", "16"])):
             port, grpc_port = free_port(), free_port()
             processes.append(subprocess.Popen(
@@ -261,9 +345,12 @@ def main() -> None:
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
             targets[key] = (f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
             targets["pids"][key] = processes[-1].pid
-        for process, url in zip(processes, [targets["plain"], targets["off"][0],
-                                            targets["on"][0]], strict=True):
+        for process, url in zip([processes[0], *processes[3:]],
+                                [targets["plain"], targets["off"][0], targets["on"][0]],
+                                strict=True):
             wait_ready(url, process)
+        wait_listening(targets["floor"], processes[1])
+        wait_listening(targets["grpc_floor"], processes[2])
         client = subprocess.run(
             [sys.executable, __file__, "--client", "--targets", json.dumps(targets),
              "--rounds", str(args.rounds), "--seconds", str(args.seconds), "--callers",
@@ -299,6 +386,12 @@ def main() -> None:
     for kind in ("v2 binary HTTP", "v2 gRPC"):
         ratio = rates[f"{kind}, batching batch=16"] / plain
         print(f"    {kind}, batching on: {ratio:.2f}x the plain handler (target >= 2x)")
+    print("  the floors (no model, no framework) bound every mode of their protocol:")
+    for kind, floor in (("v2 binary HTTP", "floor: raw ASGI on uvicorn"),
+                        ("v2 gRPC", "floor: empty grpc.aio handler")):
+        ratio = rates[f"{kind}, batching batch=16"] / rates[floor]
+        print(f"    {kind}, batching on: {ratio:.2f}x of {floor}; the plain handler is "
+              f"{plain / rates['floor: raw ASGI on uvicorn']:.2f}x of the HTTP floor")
 
 
 if __name__ == "__main__":
