@@ -4,10 +4,11 @@ Routes: ``POST /v1/models/{name}/infer``, ``GET /v1/models/{name}`` (specs and s
 ``GET /v1/models``, ``WS /v1/models/{name}/stream``, ``GET /healthz``, ``GET /metrics``,
 ``GET /`` (the live status page), ``GET /v1/status`` and ``GET /v1/status/events``
 (Server-Sent Events, one snapshot a second), ``/docs`` (OpenAPI, from local assets:
-:mod:`.apidocs`). Every request behaviour is :mod:`aioaccel.integrations.fastapi`'s: 503 +
-Retry-After past ``admit_timeout``, 413 over ``max_body``, 422 for bad input, 406 for an
-``Accept`` that refuses JSON and ``.npy``, a client that disconnects withdraws its item. A
-WebSocket to an unknown model is closed with 4404 and the 404's message as its reason.
+:mod:`.apidocs`), and the Open Inference Protocol's ``/v2/...`` routes (:mod:`.v2_rest`).
+Every request behaviour is :mod:`aioaccel.integrations.fastapi`'s: 503 + Retry-After past
+``admit_timeout``, 413 over ``max_body``, 422 for bad input, 406 for an ``Accept`` that refuses
+JSON and ``.npy``, a client that disconnects withdraws its item. A WebSocket to an unknown
+model is closed with 4404 and the 404's message as its reason.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..integrations.fastapi import Accel  # noqa: E402
 from ..integrations.streaming import CLOSE_NOT_FOUND, _close_reason  # noqa: E402
 from .apidocs import add_offline_docs, swagger_assets  # noqa: E402
 from .status import HEALTHY, StatusFeed, model_restarts, model_state  # noqa: E402
+from .v2_rest import add_v2_routes  # noqa: E402
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -134,7 +136,9 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
 
     @app.get("/metrics", summary="Prometheus metrics of every model")
     async def metrics() -> Response:
-        return accel.metrics()
+        response = accel.metrics()
+        return Response(bytes(response.body) + v2_requests.exposition(),
+                        media_type=response.media_type)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def status_page() -> HTMLResponse:
@@ -150,6 +154,8 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
+    # the Open Inference Protocol (KServe v2): /v2/...; the gRPC server counts here too
+    v2_requests = app.state.v2_requests = add_v2_routes(app, accel)
     return app
 
 

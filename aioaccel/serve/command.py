@@ -60,6 +60,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
     serve.add_argument("--port", type=int, default=8000,
                        help="port (default 8000; 0 picks a free one, printed at start)")
+    serve.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                       help="also serve the Open Inference Protocol (KServe v2) over gRPC on "
+                            "this port, e.g. 8001 (0 picks a free one; default: no gRPC)")
     serve.add_argument("--admit-timeout", type=float, default=1.0, metavar="S",
                        help="seconds a request waits for space before 503 (default 1.0)")
     serve.add_argument("--batch", type=batch_option, default=None, metavar="N|auto",
@@ -237,6 +240,15 @@ async def _serve(runners: dict[str, aioaccel.Runner], args: argparse.Namespace) 
                                 timeout_keep_alive=args.keep_alive_timeout,
                                 timeout_graceful_shutdown=args.drain_timeout)
         server = Server(config, stop, list(runners), app.state.streams)
+        if getattr(args, "grpc_port", None) is not None:
+            from .v2_serve import start_grpc
+
+            try:
+                server.announce = await stack.enter_async_context(
+                    start_grpc(runners, args, stop, app.state.v2_requests))
+            except OSError as exc:
+                print(f"aioaccel serve: {exc}", file=sys.stderr)
+                return EXIT_FAILED
         await server.serve()
         if server.forced.is_set():  # a second signal: fail what is left instead of draining
             for runner in runners.values():

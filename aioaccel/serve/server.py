@@ -32,6 +32,8 @@ class Server(uvicorn.Server):
         self.streams = streams
         #: set by a second SIGINT or SIGTERM: stop waiting for anything, exit now
         self.forced = asyncio.Event()
+        #: lines printed after the URL once the server listens (the gRPC address)
+        self.announce: list[str] = []
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -42,6 +44,8 @@ class Server(uvicorn.Server):
                 "uvloop") else "asyncio"
             print(f"aioaccel serve: http://{shown}:{port} serving {', '.join(self.models)} "
                   f"on {loop}; status page at /, API at /docs", flush=True)
+            for line in self.announce:
+                print(line, flush=True)
 
     async def shutdown(self, sockets: Any = None) -> None:
         for server in self.servers:  # stop accepting first (uvicorn's close repeats it)
