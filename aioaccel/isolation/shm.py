@@ -84,7 +84,9 @@ class SlotRing:
             self._owner = False
         self.name = self._shm.name
         # one export of the buffer for the ring's lifetime: views are slices of it
-        self._bytes: np.ndarray | None = np.frombuffer(self._shm.buf, np.uint8)
+        buf = self._shm.buf
+        assert buf is not None
+        self._bytes: np.ndarray | None = np.frombuffer(buf, np.uint8)
         self._unlinked = False
 
     def describe(self) -> tuple[str, int, int, int]:
@@ -163,7 +165,7 @@ def encode(value: Any, region: np.ndarray) -> tuple[Any, ...]:
             layout.append((dtype.str, array.shape, offset))
             offset = _aligned(end)
         if ok:
-            for array, (dtype_str, shape, off) in zip(arrays, layout, strict=True):
+            for array, (_, shape, off) in zip(arrays, layout, strict=True):
                 if array.nbytes:
                     target = region[off:off + array.nbytes].view(array.dtype).reshape(shape)
                     np.copyto(target, array, casting="no")

@@ -23,7 +23,6 @@ import os
 import pickle
 import signal
 import threading
-from multiprocessing.connection import Connection
 from queue import SimpleQueue
 from time import perf_counter
 from typing import Any
@@ -67,7 +66,7 @@ def describe_exit(code: int | None) -> str:
 _context_lock = threading.Lock()
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> Any:
     """``forkserver`` where it exists (a fork of a server that has aioaccel and NumPy
     imported: a child starts in milliseconds, not the ~0.3 s of a fresh interpreter), else
     ``spawn``. Neither forks the parent itself, with its threads and runtimes."""
@@ -156,6 +155,31 @@ class ChildProcess:
             req_r.close()
             rep_w.close()
         self.pid: int = self.process.pid
+        # one joiner at a time: forkserver children report their exit status as 4 bytes on
+        # a pipe, and two threads reading it at once would see it torn (as code 255)
+        self._join_lock = threading.Lock()
+        self._reaped = False
+
+    def join(self, timeout: float) -> int | None:
+        """Wait (bounded) for the child to end; its exit code, or None if it still runs."""
+        if not self._join_lock.acquire(timeout=timeout):
+            return None
+        try:
+            self.process.join(timeout)
+            code: int | None = self.process.exitcode
+            if code is not None:
+                self._reaped = True
+            return code
+        except Exception:
+            return None
+        finally:
+            self._join_lock.release()
+
+    def signal_kill(self) -> None:
+        """SIGKILL now, without waiting (safe on the event loop)."""
+        if not self._reaped:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def _receive(self, deadline: float) -> tuple[Any, ...]:
         remaining = deadline - perf_counter()
@@ -166,10 +190,9 @@ class ChildProcess:
         try:
             message: tuple[Any, ...] = pickle.loads(self.replies.recv_bytes())
         except (EOFError, OSError):
-            self.process.join(1.0)
             raise OpenError(f"the child process {self.pid} of runner "
                             f"{self.spec.runner_name!r} died while loading its model: "
-                            f"{describe_exit(self.process.exitcode)}") from None
+                            f"{describe_exit(self.join(1.0))}") from None
         if message[0] == "load_failed":
             raise pickle.loads(message[1])
         return message
@@ -194,19 +217,15 @@ class ChildProcess:
 
     def kill(self) -> None:
         """End the child now (SIGKILL) and reap it; idempotent."""
-        with contextlib.suppress(Exception):
-            if self.process.exitcode is None:
-                self.process.kill()
-        with contextlib.suppress(Exception):
-            self.process.join(5.0)
+        self.signal_kill()
+        self.join(5.0)
 
     def stop(self) -> None:
         """Ask the child to finish and leave; kill it if it does not within STOP_GRACE."""
         with contextlib.suppress(OSError, ValueError):
             self.requests.send_bytes(pickle.dumps(("stop",)))
-        with contextlib.suppress(Exception):
-            self.process.join(STOP_GRACE)
-        self.kill()
+        if self.join(STOP_GRACE) is None:
+            self.kill()
 
     def release(self) -> None:
         """Close the pipes and the ring (after the child and the reader are gone)."""
@@ -340,12 +359,10 @@ class ProcessStage(DeviceStage):
 
     def _died(self) -> None:
         """The reply pipe reached EOF: the child is gone. Say why."""
-        with contextlib.suppress(Exception):
-            self.child.process.join(1.0)
+        code = self.child.join(1.0)
         if self._closing:
             self._die(None)
             return
-        code = self.child.process.exitcode
         cause = self.child.cause or describe_exit(code)
         held = sum(1 for t in self._held if t is not None)
         err = DeviceError(f"stage {self.name!r} of runner {self.child.spec.runner_name!r}: the "
@@ -384,6 +401,16 @@ class ProcessStage(DeviceStage):
     def stats(self) -> dict[str, Any]:
         return {"pid": self.child.pid, "shipped": self.shipped, "pickled": self.pickled,
                 "slots": self.child.slots, "slot_bytes": self._ring.slot_bytes}
+
+
+def _on_a_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _units(backend: str, target: Any) -> list[Any]:
@@ -453,6 +480,17 @@ def load(backend: str, target: Any, *, replicas: int = 1, maxsize: int = 8,
         "max_rss": max_rss}
 
     def close() -> None:
+        # On the event loop (the runner releasing a generation whose feeder hung), only
+        # signal: the children die at once, and a thread reaps them and frees the ring.
+        if _on_a_loop():
+            for stage in stages:
+                stage.child.signal_kill()
+            threading.Thread(target=close_all, daemon=True,
+                             name=f"aioaccel-{runner_name}-child-reaper").start()
+        else:
+            close_all()
+
+    def close_all() -> None:
         for stage in stages:
             stage.close()
 
