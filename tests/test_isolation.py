@@ -349,3 +349,77 @@ def test_a_killed_parent_leaves_no_child_and_no_segment(tmp_path: Path,
             parent.wait(10)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+# ---- the adapters and the server use it --------------------------------------------------------
+async def test_coral_segments_run_in_a_child_and_survive_its_death(tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    from aioaccel.testing.models import dense_chain
+
+    chain = dense_chain(16, 4, inputs=8)
+    paths = chain.write_tflite_segments(tmp_path, 2)
+    xs = [chain.random_input(seed=i) for i in range(30)]
+    async with aioaccel.open(paths, backend="coral", isolation="process", maxsize=4,
+                             child_setup="aioaccel.testing.coral:install_in_child",
+                             restart=FAST, retries=1) as runner:
+        assert runner.info["backend"] == "coral"
+        first = await asyncio.gather(*(runner.infer(x) for x in xs[:10]))
+        os.kill(child_pids(runner)[0], signal.SIGKILL)
+        rest = await asyncio.gather(*(runner.infer(x) for x in xs[10:]))
+        assert runner.health().restarts == 1
+    for out, x in zip(first + rest, xs, strict=True):
+        assert np.allclose(out[chain.output_name], chain.reference(x), atol=1e-4)
+
+
+async def test_memryx_streams_keep_their_stream_index_across_the_process(
+        tmp_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    from aioaccel.testing.memryx import write_dfp
+    from aioaccel.testing.models import dense_chain
+
+    chain = dense_chain(16, 3, inputs=8)
+    dfp = write_dfp(tmp_path / "model.dfp", chain)
+    async with aioaccel.open(dfp, streams=3, maxsize=6, isolation="process",
+                             child_setup="aioaccel.testing.memryx:install_in_child") as runner:
+        assert runner.info.get("api") == "multistream" or "isolation" in runner.info
+        cams = [runner.stream(f"cam{i}") for i in range(3)]
+        xs = {i: [chain.random_input(seed=10 * i + n) for n in range(6)] for i in range(3)}
+
+        async def feed(i: int) -> None:
+            for n, x in enumerate(xs[i]):
+                await cams[i].push(x, tag=(i, n))
+            cams[i].close()
+
+        async def drain(cam: aioaccel.Stream) -> list[aioaccel.Result]:
+            return [r async for r in cam]
+
+        feeders = [asyncio.ensure_future(feed(i)) for i in range(3)]
+        results = await asyncio.gather(*(drain(cam) for cam in cams))
+        await asyncio.gather(*feeders)
+    for i, got in enumerate(results):
+        assert [r.tag for r in got] == [(i, n) for n in range(6)]
+        assert all(np.allclose(r.outputs[chain.output_name], chain.reference(x), atol=1e-4)
+                   for r, x in zip(got, xs[i], strict=True))
+
+
+async def test_serve_isolation_process_opens_the_model_in_a_child(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import argparse
+
+    from aioaccel.serve.command import UsageError, add_parser, open_runners
+    from aioaccel.testing.models import dense_chain
+
+    chain = dense_chain(8, 2)
+    path = chain.write_onnx(tmp_path / "m.onnx")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", str(path), "--isolation", "process", "--max-rss", "900"])
+    (runner,) = open_runners(args).values()
+    async with runner:
+        (pid,) = child_pids(runner)
+        assert alive(pid) and runner.info["isolation"]["max_rss"] == 900 * 2**20
+        x = chain.random_input()
+        out = await runner.infer(x)
+        assert np.allclose(out[chain.output_name], chain.reference(x), atol=1e-4)
+    with pytest.raises(UsageError, match="max_rss only apply with isolation='process'"):
+        open_runners(parser.parse_args(["serve", str(path), "--max-rss", "900"]))

@@ -206,7 +206,7 @@ def main(requests: Connection, replies: Connection, spec: ChildSpec) -> None:
     prepare = model.prepare
     validator = None
     if isinstance(prepare, InputValidator):  # the parent rebuilds it: bad input stays there
-        validator = (prepare.cast, prepare.max_bytes)
+        validator = (prepare.specs, prepare.cast, prepare.max_bytes)
         prepare = None
     reply.send(("loaded", {
         "inputs": model.inputs, "outputs": model.outputs, "validator": validator,

@@ -468,9 +468,9 @@ def load(backend: str, target: Any, *, replicas: int = 1, maxsize: int = 8,
     first, last = children[0].meta, children[-1].meta
     inputs = first.get("inputs")
     prepare = None
-    if first.get("validator") is not None and inputs is not None:
-        cast, max_bytes = first["validator"]
-        prepare = InputValidator(inputs, cast=cast, max_bytes=max_bytes)
+    if first.get("validator") is not None:  # the child's own check, rebuilt on this side
+        specs, cast, max_bytes = first["validator"]
+        prepare = InputValidator(specs, cast=cast, max_bytes=max_bytes)
     info: dict[str, Any] = dict(first.get("info", {}))
     info["isolation"] = {
         "mode": "process", "start_method": _context().get_start_method(),
