@@ -30,14 +30,14 @@ import sys
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lag_probe, measure, new_loop, print_table
-
 import numpy as np
+from _common import lag_probe, measure, new_loop, print_table
 
 import aioaccel
 from aioaccel.isolation import child_pids
@@ -136,7 +136,7 @@ async def fault_scenario(kind: str, seconds: float) -> dict[str, float]:
             health = runner.health()
             load = float(runner.info.get("load_seconds", 0.0))
         stamps.sort()
-        gap = max((b - a for a, b in zip(stamps, stamps[1:], strict=False)), default=0.0)
+        gap = max((b - a for a, b in pairwise(stamps)), default=0.0)
         return {"gap": gap, "load": load, "lost": lost, "restarts": health.restarts,
                 "lag": max(lags, default=0.0), "items": len(stamps)}
 
@@ -228,7 +228,7 @@ def _snapshot() -> dict[str, int]:
             "rss_mib": rss // 2**20}
 
 
-async def soak(cycles: int) -> None:
+async def soak(cycles: int) -> tuple[set[int], set[int]]:
     restart = aioaccel.Restart(limit=cycles * 2, window=3600.0, backoff=0.0)
     seen: set[int] = set()
     async with aioaccel.open(Fault("segfault", at=0), isolation="process", maxsize=2,
@@ -247,12 +247,16 @@ async def soak(cycles: int) -> None:
         after = _snapshot()
         took = perf_counter() - started
         current = set(child_pids(runner))
-    time.sleep(0.5)  # let the last children be reaped before counting them
-    left = [p for p in seen - current if os.path.exists(f"/proc/{p}")]
     print(f"\nsoak: {cycles} segfault/restart cycles in {took:.1f} s "
           f"({took / cycles * 1e3:.0f} ms each), {len(seen)} children")
     for key in before:
         print(f"  {key:<8} after 5 cycles {before[key]:>6}   after {cycles} {after[key]:>6}")
+    return seen, current
+
+
+def report_children(seen: set[int], current: set[int]) -> None:
+    time.sleep(0.5)  # let the last children be reaped before counting them
+    left = [p for p in seen - current if os.path.exists(f"/proc/{p}")]
     print(f"  children still running: {len(left)}")
 
 
@@ -269,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     loop = new_loop(args.loop)
     if args.soak:
-        loop.run_until_complete(soak(args.soak))
+        report_children(*loop.run_until_complete(soak(args.soak)))
         return
     if args.isolation:
         isolation_faults(loop, min(args.seconds, 2.0))

@@ -53,8 +53,8 @@ import numpy as np
 
 from .models import Chain, Layer
 
-__all__ = ["MemryxSimulation", "install_in_child", "SimulatedAsyncAccl", "SimulatedMultiStreamAsyncAccl",
-           "SimulatedSyncAccl", "simulate_memryx", "write_dfp"]
+__all__ = ["MemryxSimulation", "SimulatedAsyncAccl", "SimulatedMultiStreamAsyncAccl",
+           "SimulatedSyncAccl", "install_in_child", "simulate_memryx", "write_dfp"]
 
 _MARK = "aioaccel simulated dfp v1"
 _END = object()
