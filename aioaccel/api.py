@@ -77,6 +77,10 @@ def open(
 
     def make_load(new_target: Any, new_options: dict[str, Any]) -> Callable[[], Model]:
         new_target = target if new_target is None else new_target
+        if process is not None and new_target is not target:  # [isolation] reload(target)
+            from .isolation import check_target
+
+            check_target(new_target)
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
         size: list[int | str | None] = [batch]

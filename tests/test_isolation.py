@@ -285,7 +285,7 @@ def _aioaccel_threads() -> int:
 
 async def test_crash_restart_cycles_leave_fds_threads_segments_and_processes_flat(
         tmp_path: Path) -> None:
-    cycles = 20  # benchmarks/bench_recovery.py --soak runs 200
+    cycles = 100  # benchmarks/bench_recovery.py --soak 200 runs 200
     async with aioaccel.open(Fault("exit", at=0), isolation="process", maxsize=2,
                              restart=aioaccel.Restart(limit=10 * cycles, backoff=0.0)) as runner:
         seen: set[int] = set()

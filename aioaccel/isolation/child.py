@@ -28,6 +28,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, cast
 
 from .shm import SlotRing, decode, encode
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from ..bridge import Bridge
     from ..pipeline import Job, Worker
 
-__all__ = ["ChildSpec", "main", "resolve_reference"]
+__all__ = ["SWITCH_INTERVAL", "ChildSpec", "main", "resolve_reference"]
+
+#: the child's ``sys.setswitchinterval`` (seconds)
+SWITCH_INTERVAL = 0.0005
 
 
 @dataclass(frozen=True)
@@ -128,18 +132,33 @@ def _exception(exc: BaseException) -> bytes:
 
 
 class _Reply:
-    """The reply pipe, written by several threads (workers, device completions)."""
+    """The reply pipe, written by one writer thread for everyone (workers, device
+    completions): a stage's worker only queues its reply and goes back to its next item,
+    while the pipe write (a syscall and a wake-up of the parent) happens beside it."""
 
     def __init__(self, conn: Connection):
         self._conn = conn
-        self._lock = threading.Lock()
+        self._queue: SimpleQueue[tuple[Any, ...]] = SimpleQueue()
+        self.send = self._queue.put
+        self._writer = threading.Thread(target=self._write, name="aioaccel-child-writer",
+                                        daemon=True)
+        self._writer.start()
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    def _write(self) -> None:
+        get, dumps, send = self._queue.get, pickle.dumps, self._conn.send_bytes
+        protocol = pickle.HIGHEST_PROTOCOL
+        while True:
+            message = get()
+            try:
+                send(dumps(message, protocol=protocol))
+            except OSError:  # the parent is gone
+                os._exit(0)
+
+    def send_now(self, message: tuple[Any, ...]) -> None:
+        """Send from this thread (before the writer matters: loading, failing to load)."""
         try:
-            with self._lock:
-                self._conn.send_bytes(data)
-        except OSError:  # the parent is gone
+            self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
             os._exit(0)
 
 
@@ -191,6 +210,11 @@ class ChildBridge:
 def main(requests: Connection, replies: Connection, spec: ChildSpec) -> None:
     """The child's main (the target of the ``multiprocessing.Process``)."""
     _watch_parent()
+    # A pure-Python stage holds the GIL for its whole call; the writer thread then waits for
+    # the interpreter's forced switch to send a finished item's reply. 0.5 ms instead of
+    # 5 ms keeps replies flowing (measured: a 2-stage pipeline of 1 ms Python stages in two
+    # children went from ~1.2x to ~1.8x sequential).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     # Ctrl-C reaches the whole process group: the parent decides when its children stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     reply = _Reply(replies)
@@ -199,7 +223,7 @@ def main(requests: Connection, replies: Connection, spec: ChildSpec) -> None:
             resolve_reference(spec.setup)()
         model = _load(spec)
     except BaseException as exc:
-        reply.send(("load_failed", _exception(exc)))
+        reply.send_now(("load_failed", _exception(exc)))
         return
     from ..tensors import InputValidator
 
@@ -233,7 +257,7 @@ def _serve(requests: Connection, reply: _Reply, ring: SlotRing, model: Model, sp
     pipeline.start()
     bridge.started.wait()
     if bridge.start_error is not None:
-        reply.send(("load_failed", _exception(bridge.start_error)))
+        reply.send_now(("load_failed", _exception(bridge.start_error)))
         os._exit(0)
     reply.send(("started",))
     submit = pipeline.submit
