@@ -423,3 +423,18 @@ async def test_serve_isolation_process_opens_the_model_in_a_child(tmp_path: Path
         assert np.allclose(out[chain.output_name], chain.reference(x), atol=1e-4)
     with pytest.raises(UsageError, match="max_rss only apply with isolation='process'"):
         open_runners(parser.parse_args(["serve", str(path), "--max-rss", "900"]))
+
+
+async def test_replicas_of_a_python_stage_are_children_that_share_the_work() -> None:
+    async with aioaccel.open(Work(2.0, "spin"), isolation="process", replicas=2,
+                             maxsize=8) as runner:
+        pids = child_pids(runner)
+        assert len(set(pids)) == 2
+        outs = await asyncio.gather(*(runner.infer(np.int64(i)) for i in range(40)))
+        stage = runner._model.stages[0].factory()  # type: ignore[union-attr]
+        assert stage.pids == pids
+        assert outs == list(range(40))
+        os.kill(pids[1], signal.SIGKILL)  # one replica dies: the stage is lost, named
+        with pytest.raises(aioaccel.DeviceError, match=f"{pids[1]} was killed by SIGKILL"):
+            for i in range(20):
+                await runner.infer(np.int64(i))

@@ -40,6 +40,8 @@ log = logging.getLogger("aioaccel")
 DEFAULT_LOAD_TIMEOUT = 300.0
 #: how often the reader checks the child's RSS when ``max_rss`` is set (seconds)
 RSS_PERIOD = 0.02
+#: how long a feeder whose pipe broke waits for the reader to say why the child died
+DEATH_REPORT_WAIT = 2.0
 #: how long a child asked to stop may take before it is killed (seconds)
 STOP_GRACE = 2.0
 
@@ -220,12 +222,10 @@ class ChildProcess:
         self.signal_kill()
         self.join(5.0)
 
-    def stop(self) -> None:
-        """Ask the child to finish and leave; kill it if it does not within STOP_GRACE."""
+    def ask_to_stop(self) -> None:
+        """Ask the child to finish and leave (it exits on its own)."""
         with contextlib.suppress(OSError, ValueError):
             self.requests.send_bytes(pickle.dumps(("stop",)))
-        if self.join(STOP_GRACE) is None:
-            self.kill()
 
     def release(self) -> None:
         """Close the pipes and the ring (after the child and the reader are gone)."""
@@ -239,70 +239,89 @@ class ChildProcess:
 
 
 class ProcessStage(DeviceStage):
-    """A child process as a device stage: ``submit`` ships, a reader thread completes."""
+    """Child processes as one device stage: ``submit`` ships, a reader thread per child
+    completes. Several children (replicas of a Python stage) share one pool of free slots, so
+    an item goes to whichever child has room: a slow child takes fewer."""
 
-    def __init__(self, child: ChildProcess):
-        self.child = child
-        self.name = child.spec.stage_name
-        assert child.ring is not None
-        self._ring = child.ring
-        self._free: SimpleQueue[int | None] = SimpleQueue()
-        for slot in range(child.slots):
-            self._free.put(slot)
-        self._held: list[Any] = [None] * child.slots
+    def __init__(self, children: list[ChildProcess]):
+        self.children = children
+        self.child = children[0]
+        self.name = self.child.spec.stage_name
+        self._rings: list[SlotRing] = []
+        self._free: SimpleQueue[tuple[int, int] | None] = SimpleQueue()
+        self._held: list[list[Any]] = []
+        for child in children:
+            assert child.ring is not None
+            self._rings.append(child.ring)
+            self._held.append([None] * child.slots)
+        for slot in range(self.child.slots):  # interleaved: the children take turns
+            for c in range(len(children)):
+                self._free.put((c, slot))
         self._complete: Complete | None = None
-        self._reader: threading.Thread | None = None
+        self._readers: list[threading.Thread] = []
         self._dead: DeviceError | None = None
+        self._dead_event = threading.Event()
         self._closing = False
         self._lock = threading.Lock()
         self._closed = False
         self.shipped = 0      # items whose tensors went through shared memory
         self.pickled = 0      # items that travelled pickled (did not fit / not arrays)
 
+    @property
+    def pids(self) -> list[int]:
+        return [child.pid for child in self.children]
+
     # ---- the runner's feeder thread ---------------------------------------------------------
     def start(self, complete: Complete) -> None:
         self._complete = complete
-        self._reader = threading.Thread(
-            target=self._read, daemon=True,
-            name=f"aioaccel-{self.child.spec.runner_name}-{self.name}-child")
-        self._reader.start()
+        for c, child in enumerate(self.children):
+            reader = threading.Thread(
+                target=self._read, args=(c,), daemon=True,
+                name=f"aioaccel-{child.spec.runner_name}-{self.name}-child{c}")
+            self._readers.append(reader)
+            reader.start()
 
     def submit(self, token: object, inputs: Any) -> None:
         self.submit_stream(token, inputs, 0)
 
     def submit_stream(self, token: object, inputs: Any, stream: int) -> None:
-        slot = self._free.get()  # blocks while every slot is on the child (backpressure)
-        if slot is None or self._dead is not None:
+        free = self._free.get()  # blocks while every slot is on a child (backpressure)
+        if free is None or self._dead is not None:
             self._free.put(None)  # wake the next waiter too
             raise self._dead or DeviceError(f"stage {self.name!r}: the child process is closed")
+        c, slot = free
         try:
-            header = encode(inputs, self._ring.region(slot, output=False))
+            header = encode(inputs, self._rings[c].region(slot, output=False))
         except BaseException:
-            self._free.put(slot)
+            self._free.put(free)
             raise  # a value that neither fits nor pickles fails this item only
         if header[0] == "p":
             self.pickled += 1
         else:
             self.shipped += 1
-        self._held[slot] = token
+        self._held[c][slot] = token
+        child = self.children[c]
         try:
-            self.child.requests.send_bytes(pickle.dumps(("run", slot, stream, header),
-                                                        protocol=pickle.HIGHEST_PROTOCOL))
+            child.requests.send_bytes(pickle.dumps(("run", slot, stream, header),
+                                                   protocol=pickle.HIGHEST_PROTOCOL))
         except (OSError, ValueError) as exc:
-            self._held[slot] = None
-            # the reader reports the death (with its cause) to every waiter
+            self._held[c][slot] = None
+            # The pipe broke before the reader saw the EOF: wait for it to say why (the exit
+            # status), so that the error names the cause and not just "broken pipe".
+            self._dead_event.wait(DEATH_REPORT_WAIT)
             raise self._dead or DeviceError(
-                f"stage {self.name!r} of runner {self.child.spec.runner_name!r}: the child "
-                f"process {self.child.pid} is gone ({exc})") from exc
+                f"stage {self.name!r} of runner {child.spec.runner_name!r}: the child "
+                f"process {child.pid} is gone ({exc})") from exc
 
-    # ---- the reader thread ------------------------------------------------------------------
-    def _read(self) -> None:
-        replies = self.child.replies
+    # ---- the reader threads -----------------------------------------------------------------
+    def _read(self, c: int) -> None:
+        child = self.children[c]
+        replies = child.replies
         recv, poll, loads = replies.recv_bytes, replies.poll, pickle.loads
         complete = self._complete
         assert complete is not None
-        max_rss = self.child.max_rss
-        region, free, held = self._ring.region, self._free.put, self._held
+        max_rss = child.max_rss
+        region, free, held = self._rings[c].region, self._free.put, self._held[c]
         checked = perf_counter()
         while True:
             try:
@@ -310,7 +329,7 @@ class ProcessStage(DeviceStage):
                     now = perf_counter()
                     if now - checked >= RSS_PERIOD:
                         checked = now
-                        self._check_rss(max_rss)
+                        self._check_rss(child, max_rss)
                     if not poll(RSS_PERIOD):
                         continue
                 message = loads(recv())
@@ -325,7 +344,7 @@ class ProcessStage(DeviceStage):
                 except Exception as exc:
                     outputs, error = None, exc
                 token, held[slot] = held[slot], None
-                free(slot)
+                free((c, slot))
                 complete(token, outputs, error)
             elif kind == "error":
                 slot = message[1]
@@ -334,39 +353,40 @@ class ProcessStage(DeviceStage):
                 except Exception as exc:
                     error = exc
                 token, held[slot] = held[slot], None
-                free(slot)
+                free((c, slot))
                 complete(token, None, error)
             elif kind == "fatal":
                 try:
                     cause: BaseException = loads(message[2])
                 except Exception as exc:
                     cause = exc
-                err = DeviceError(f"stage {message[1]!r} in the child process {self.child.pid} "
-                                  f"of runner {self.child.spec.runner_name!r} failed fatally: "
+                err = DeviceError(f"stage {message[1]!r} in the child process {child.pid} "
+                                  f"of runner {child.spec.runner_name!r} failed fatally: "
                                   f"{cause}")
                 err.__cause__ = cause
                 self._die(err)
                 return
-        self._died()
+        self._died(c)
 
-    def _check_rss(self, max_rss: int) -> None:
-        rss = _rss(self.child.pid)
-        if rss > max_rss and self.child.cause is None:
-            self.child.cause = (f"was killed by the parent: its resident memory reached "
-                                f"{rss / 2**20:.0f} MiB, over max_rss={max_rss / 2**20:.0f} MiB")
-            with contextlib.suppress(Exception):
-                os.kill(self.child.pid, signal.SIGKILL)
+    @staticmethod
+    def _check_rss(child: ChildProcess, max_rss: int) -> None:
+        rss = _rss(child.pid)
+        if rss > max_rss and child.cause is None:
+            child.cause = (f"was killed by the parent: its resident memory reached "
+                           f"{rss / 2**20:.0f} MiB, over max_rss={max_rss / 2**20:.0f} MiB")
+            child.signal_kill()
 
-    def _died(self) -> None:
-        """The reply pipe reached EOF: the child is gone. Say why."""
-        code = self.child.join(1.0)
+    def _died(self, c: int) -> None:
+        """A reply pipe reached EOF: that child is gone. Say why."""
+        child = self.children[c]
+        code = child.join(1.0)
         if self._closing:
             self._die(None)
             return
-        cause = self.child.cause or describe_exit(code)
-        held = sum(1 for t in self._held if t is not None)
-        err = DeviceError(f"stage {self.name!r} of runner {self.child.spec.runner_name!r}: the "
-                          f"child process {self.child.pid} {cause}; it held {held} item"
+        cause = child.cause or describe_exit(code)
+        held = sum(1 for t in self._held[c] if t is not None)
+        err = DeviceError(f"stage {self.name!r} of runner {child.spec.runner_name!r}: the "
+                          f"child process {child.pid} {cause}; it held {held} item"
                           f"{'' if held == 1 else 's'}")
         self._die(err)
 
@@ -375,32 +395,41 @@ class ProcessStage(DeviceStage):
             if self._dead is not None:
                 return
             self._dead = err or DeviceError(f"stage {self.name!r}: the child process was closed")
+            self._dead_event.set()
         self._free.put(None)  # a feeder waiting for a slot wakes and raises
         if err is not None and not self._closing and self._complete is not None:
             self._complete(None, None, err)  # breaks or restarts the runner
 
     # ---- closing ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the child (politely while it is healthy, SIGKILL otherwise), the reader, and
-        release the pipes and the ring. Idempotent; safe from any thread."""
+        """Stop the children (politely while healthy, SIGKILL otherwise), the readers, and
+        release the pipes and the rings. Idempotent; safe from any thread."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._closing = True
         if self._dead is None:
-            self.child.stop()
+            for child in self.children:  # all asked first: they finish side by side
+                child.ask_to_stop()
+            for child in self.children:
+                if child.join(STOP_GRACE) is None:
+                    child.kill()
         else:
-            self.child.kill()
-        reader = self._reader
-        if reader is not None and reader is not threading.current_thread():
-            reader.join(5.0)
+            for child in self.children:
+                child.signal_kill()
+            for child in self.children:
+                child.kill()
+        for reader in self._readers:
+            if reader is not threading.current_thread():
+                reader.join(5.0)
         self._die(None)
-        self.child.release()
+        for child in self.children:
+            child.release()
 
     def stats(self) -> dict[str, Any]:
-        return {"pid": self.child.pid, "shipped": self.shipped, "pickled": self.pickled,
-                "slots": self.child.slots, "slot_bytes": self._ring.slot_bytes}
+        return {"pids": self.pids, "shipped": self.shipped, "pickled": self.pickled,
+                "slots": self.child.slots, "slot_bytes": self._rings[0].slot_bytes}
 
 
 def _on_a_loop() -> bool:
@@ -440,8 +469,13 @@ def load(backend: str, target: Any, *, replicas: int = 1, maxsize: int = 8,
     from ..tensors import InputValidator
 
     units = _units(backend, target)
+    # Python callables: one child per replica (each has its own GIL, so they run in
+    # parallel). A model's replicas stay threads of one child: the runtime releases the GIL,
+    # and device backends number their devices per replica (one Edge TPU each).
+    per_child, copies = (1, replicas) if backend == "function" else (replicas, 1)
     # a batch, a warm-up or a retry never holds more than the runner admits, plus its warm-up
     slots = maxsize + 1
+    groups: list[list[ChildProcess]] = []
     children: list[ChildProcess] = []
     stages: list[ProcessStage] = []
     deadline = perf_counter() + load_timeout
@@ -452,20 +486,23 @@ def load(backend: str, target: Any, *, replicas: int = 1, maxsize: int = 8,
             if name in names:
                 name = f"{name}{i}"
             names.add(name)
-            spec = ChildSpec(backend, unit, runner_name, name, replicas, maxsize, batch,
+            spec = ChildSpec(backend, unit, runner_name, name, per_child, maxsize, batch,
                              dict(options), setup)
-            children.append(ChildProcess(spec, slots, max_rss, slot_bytes))
+            group = [ChildProcess(spec, slots, max_rss, slot_bytes) for _ in range(copies)]
+            groups.append(group)
+            children.extend(group)
         for child in children:  # they load in parallel
             child.wait_loaded(deadline)
-        for child in children:
-            child.attach(max(1, batch or 1), deadline)
-            stages.append(ProcessStage(child))
+        for group in groups:
+            for child in group:
+                child.attach(max(1, batch or 1), deadline)
+            stages.append(ProcessStage(group))
     except BaseException:
         for child in children:
             child.kill()
             child.release()
         raise
-    first, last = children[0].meta, children[-1].meta
+    first, last = groups[0][0].meta, groups[-1][0].meta
     inputs = first.get("inputs")
     prepare = None
     if first.get("validator") is not None:  # the child's own check, rebuilt on this side
@@ -475,7 +512,7 @@ def load(backend: str, target: Any, *, replicas: int = 1, maxsize: int = 8,
     info["isolation"] = {
         "mode": "process", "start_method": _context().get_start_method(),
         "pids": [c.pid for c in children], "slots": slots,
-        "slot_bytes": [s._ring.slot_bytes for s in stages],
+        "slot_bytes": [s.stats()["slot_bytes"] for s in stages],
         "child_stages": [c.meta.get("stages") for c in children],
         "max_rss": max_rss}
 
@@ -483,8 +520,8 @@ def load(backend: str, target: Any, *, replicas: int = 1, maxsize: int = 8,
         # On the event loop (the runner releasing a generation whose feeder hung), only
         # signal: the children die at once, and a thread reaps them and frees the ring.
         if _on_a_loop():
-            for stage in stages:
-                stage.child.signal_kill()
+            for child in children:
+                child.signal_kill()
             threading.Thread(target=close_all, daemon=True,
                              name=f"aioaccel-{runner_name}-child-reaper").start()
         else:
