@@ -240,7 +240,7 @@ async def soak(cycles: int) -> tuple[set[int], set[int]]:
                 await runner.infer(np.zeros(1024, np.float32))
             except aioaccel.DeviceError:
                 pass
-            await asyncio.wait_for(runner._recovered.wait(), 30.0)
+            await asyncio.wait_for(runner._sup.healer.recovered.wait(), 30.0)
             seen.update(child_pids(runner))
             if n == 4:
                 before = _snapshot()

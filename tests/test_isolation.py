@@ -294,7 +294,7 @@ async def test_crash_restart_cycles_leave_fds_threads_segments_and_processes_fla
             with pytest.raises(aioaccel.DeviceError, match="exited with code 3"):
                 await runner.infer(n)
             # measure between cycles, once the new child is up (the runner's own event)
-            await asyncio.wait_for(runner._recovered.wait(), 10.0)
+            await asyncio.wait_for(runner._sup.healer.recovered.wait(), 10.0)
             seen.update(child_pids(runner))
             if n == 2:
                 baseline = (_fds(), _aioaccel_threads(), _shm())

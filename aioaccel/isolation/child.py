@@ -35,8 +35,8 @@ from .shm import SlotRing, decode, encode
 
 if TYPE_CHECKING:
     from ..backends import Model
-    from ..bridge import Bridge
-    from ..pipeline import Job, Worker
+    from ..core.jobs import Job, Worker
+    from ..core.loop_bridge import Bridge
 
 __all__ = ["SWITCH_INTERVAL", "ChildSpec", "main", "resolve_reference"]
 
@@ -249,7 +249,8 @@ def main(requests: Connection, replies: Connection, spec: ChildSpec) -> None:
 
 def _serve(requests: Connection, reply: _Reply, ring: SlotRing, model: Model, spec: ChildSpec,
            prepare: Any) -> None:
-    from ..pipeline import Job, Pipeline
+    from ..core.jobs import Job
+    from ..core.stage_threads import Pipeline
 
     pipeline = Pipeline(model.stages, cast("Bridge", None), spec.runner_name, ring.slots)
     bridge = ChildBridge(reply, ring, len(pipeline.workers))

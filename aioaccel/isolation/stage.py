@@ -81,7 +81,7 @@ def _context() -> Any:
             if getattr(server, "_forkserver_pid", None) is None:
                 # the server imports these once; every child then starts with them
                 preload = list(getattr(server, "_preload_modules", []))
-                for module in ("numpy", "aioaccel.isolation.child", "aioaccel.pipeline"):
+                for module in ("numpy", "aioaccel.isolation.child", "aioaccel.core.stage_threads"):
                     if module not in preload:
                         preload.append(module)
                 ctx.set_forkserver_preload(preload)
