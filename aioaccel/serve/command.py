@@ -71,6 +71,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="restart a failed device (aioaccel.open(restart=aioaccel.Restart"
                             "(...))); optional Restart options, e.g. --restart limit=5,"
                             "backoff=0.5")
+    # [isolation] stages in child processes: a crashing runtime takes down a child, not us
+    serve.add_argument("--isolation", default="thread", choices=["thread", "process"],
+                       help="run each model's stages in a child process (process), so a "
+                            "runtime that segfaults or aborts is restarted instead of "
+                            "killing the server (default thread)")
+    serve.add_argument("--max-rss", type=_positive_int, default=None, metavar="MIB",
+                       help="with --isolation process: restart a child whose memory passes "
+                            "MIB mebibytes")
     serve.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="a backend option (JSON value, else a string), e.g. num_threads=1")
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
@@ -169,6 +177,10 @@ def open_runners(args: argparse.Namespace) -> dict[str, aioaccel.Runner]:
         options["device"] = args.device
     if args.batch is not None:
         options["batch"] = args.batch
+    if getattr(args, "isolation", "thread") != "thread":  # [isolation]
+        options["isolation"] = args.isolation
+    if getattr(args, "max_rss", None) is not None:
+        options["max_rss"] = args.max_rss * 2**20
     if args.restart is not None:
         restart = getattr(aioaccel, "Restart", None)
         if restart is None:
@@ -192,6 +204,8 @@ def open_runners(args: argparse.Namespace) -> dict[str, aioaccel.Runner]:
                                           replicas=args.replicas, name=name, **options)
         except TypeError as exc:
             raise UsageError(_unsupported(exc, args)) from None
+        except ValueError as exc:  # [isolation] e.g. --max-rss without --isolation process
+            raise UsageError(str(exc)) from None
     return runners
 
 
