@@ -1,5 +1,6 @@
-"""Every ```python block in README.md and docs/ runs, and so does every example; every test
-project the docs show (a ``pyproject.toml`` block, then a ``test_*.py`` block) passes."""
+"""Every ```python block in docs/ runs, and so does every example; every test project the docs
+show (a ``pyproject.toml`` block, then a ``test_*.py`` block) passes. README.md's blocks, shell
+commands included, are run by tests/test_readme.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ TITLED = re.compile(r'^```\w+ title="([^"]+)"\n(.*?)^```', re.MULTILINE | re.DOT
 
 def doc_blocks() -> list[object]:
     blocks = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+    for path in sorted((ROOT / "docs").rglob("*.md")):
         for n, match in enumerate(BLOCK.finditer(path.read_text())):
             name = path.relative_to(ROOT).as_posix()
             blocks.append(pytest.param(match.group(1), id=f"{name}-{n}"))
