@@ -32,7 +32,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # n
 from ..integrations.fastapi import Accel  # noqa: E402
 from ..integrations.streaming import CLOSE_NOT_FOUND, _close_reason  # noqa: E402
 from .apidocs import add_offline_docs, swagger_assets  # noqa: E402
-from .status import HEALTHY, StatusFeed, model_restarts, model_state  # noqa: E402
+from .status import (  # noqa: E402
+    HEALTHY,
+    StatusFeed,
+    StatusHistory,
+    model_restarts,
+    model_state,
+)
 from .v2_rest import add_v2_routes  # noqa: E402
 
 if TYPE_CHECKING:
@@ -70,17 +76,20 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
                   **runners)  # type: ignore[arg-type]  # names checked above
     stopping = stop if stop is not None else asyncio.Event()
     streams = OpenStreams()
+    # sampled while the app runs, so the status page draws the last minutes when it opens
+    history = StatusHistory(accel.runners, interval=status_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_runners:
-            async with accel.lifespan(app):
+            async with accel.lifespan(app), history.sampling():
                 yield
                 stopping.set()
         else:
             app.state.aioaccel = accel
-            yield
-            stopping.set()
+            async with history.sampling():
+                yield
+                stopping.set()
 
     from .. import __version__
 
@@ -146,11 +155,12 @@ def build_app(runners: Mapping[str, Runner], *, admit_timeout: float = 1.0,
 
     @app.get("/v1/status", summary="A snapshot of every model's live numbers")
     async def status() -> dict[str, Any]:
-        return StatusFeed(accel.runners).snapshot()
+        return StatusFeed(accel.runners, history).snapshot()
 
     @app.get("/v1/status/events", summary="The same snapshot once a second (Server-Sent Events)")
     async def status_events() -> StreamingResponse:
-        return StreamingResponse(_events(StatusFeed(accel.runners), status_interval, stopping),
+        return StreamingResponse(_events(StatusFeed(accel.runners, history), status_interval,
+                                         stopping),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
