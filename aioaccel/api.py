@@ -29,6 +29,7 @@ def open(
     name: str | None = None,
     call_timeout: float | None = None,
     close_timeout: float = 10.0,
+    open_timeout: float | None = 120.0,
     restart: Restart | None = None,
     retries: int = 0,
     warmup: int = 0,
@@ -43,7 +44,9 @@ def open(
     each stage's outputs are the next one's inputs). ``maxsize`` bounds the items admitted and
     not yet consumed; ``replicas`` gives each blocking stage that many worker threads;
     ``call_timeout`` (seconds) breaks the runner with :class:`~aioaccel.DeviceTimeout` when a
-    stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``.
+    stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``; ``open_timeout``
+    bounds opening (loading, making the stages, the warm-up), and the same for the reopen of
+    a restart and for :meth:`~aioaccel.Runner.reload` (:class:`~aioaccel.OpenTimeout`).
 
     Self-healing (see :mod:`aioaccel.core.healing`): ``restart=aioaccel.Restart(...)`` reopens the
     model after a fatal failure instead of breaking the runner; ``retries`` re-runs the items
@@ -83,9 +86,9 @@ def open(
         resolve_backend(target)  # a bad target is refused here, not at open
     load = make_load(target, {})
     return Runner(load, maxsize=maxsize, name=name, call_timeout=call_timeout,
-                  close_timeout=close_timeout, restart=restart, retries=retries,
-                  warmup=warmup, warmup_inputs=warmup_inputs, batch_wait=batch_wait,
-                  reopen=make_load)
+                  close_timeout=close_timeout, open_timeout=open_timeout, restart=restart,
+                  retries=retries, warmup=warmup, warmup_inputs=warmup_inputs,
+                  batch_wait=batch_wait, reopen=make_load)
 
 
 def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, runner_name: str,

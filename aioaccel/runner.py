@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.admission import Admission
 from .core.completion import Completions, Ticket
-from .core.generation import Generation, load_model
+from .core.generation import Generation, open_generation
 from .core.hang_watchdog import Watchdog
 from .core.healing import Health, HealthState, Restart, RestartBudget
 from .core.records import Lane
@@ -79,6 +79,8 @@ _HEALTH: dict[State, HealthState] = {
     State.RECOVERING: "recovering", State.BROKEN: "broken", State.CLOSING: "closed",
     State.CLOSED: "closed",
 }
+#: the longest an open (load, stages, warm-up), a restart's reopen or a reload may take (s)
+DEFAULT_OPEN_TIMEOUT = 120.0
 #: upper bounds (seconds) of the recovery-time histogram
 RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -127,6 +129,7 @@ class Runner:
 
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
                  call_timeout: float | None = None, close_timeout: float = 10.0,
+                 open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
                  restart: Restart | None = None, retries: int = 0, warmup: int = 0,
                  warmup_inputs: Any = None, batch_wait: float = 0.002,
                  reopen: Callable[..., Callable[[], Model]] | None = None):
@@ -160,6 +163,7 @@ class Runner:
         self._warmup_seconds = 0.0
         self._call_timeout = call_timeout
         self._close_timeout = close_timeout
+        self._open_timeout = open_timeout
         self._maxsize = maxsize
         self._state = State.NEW
         self._since = time()
@@ -211,18 +215,9 @@ class Runner:
         self._set_state(State.STARTING)
         loop = self._loop = asyncio.get_running_loop()
         _live.add(self)
-        gen: Generation | None = None
         try:
-            model = self._model = await load_model(self._load, self.name)
-            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize,
-                                         self._batch_wait)
-            self._prepare = model.prepare
-            self._submit = gen.pipeline.queues[0].put
-            await gen.start()
-            self._warmup_seconds = await gen.warm_up(self._warmup, self._warmup_inputs)
+            gen, self._warmup_seconds = await self._open_generation(self._load)
         except BaseException as exc:
-            if gen is not None:
-                gen.stop_soon()
             self._fail_pending(RunnerClosed(f"runner {self.name!r} failed to open"))
             self._set_state(State.CLOSED)
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
@@ -230,6 +225,7 @@ class Runner:
             raise open_error(exc, f"opening runner {self.name!r}")  # noqa: B904 - it chains
         finally:
             self._opened.set()
+        self._switch_to(gen)
         if self._closing is not None:  # aclose() was called while we were opening
             gen.stop_soon()
             self._set_state(State.CLOSED)
@@ -239,17 +235,17 @@ class Runner:
             self._watchdog = Watchdog(loop, self._call_timeout, self.name, self._on_hang)
             self._watchdog.watch(gen.pipeline)
 
+    async def _open_generation(self, load: Callable[[], Model]) -> tuple[Generation, float]:
+        """Load, start and warm up a generation, bounded by ``open_timeout`` (each warm-up
+        call by ``call_timeout``): for the open, a restart's reopen and a reload."""
+        return await open_generation(
+            load, self.name, self, self._maxsize, self._batch_wait, warmup=self._warmup,
+            warmup_inputs=self._warmup_inputs, open_timeout=self._open_timeout,
+            call_timeout=self._call_timeout)
+
     async def _start_generation(self, load: Callable[[], Model]) -> Generation:
-        """Load, start and warm up a new generation (for a restart or a reload)."""
-        model = await load_model(load, self.name)
-        gen = Generation(self.name, model, self._loop, self,  # type: ignore[arg-type]
-                         self._maxsize, self._batch_wait)
-        try:
-            await gen.start()
-            await gen.warm_up(self._warmup, self._warmup_inputs)
-        except BaseException:
-            gen.stop_soon()
-            raise
+        """A new generation for a restart or a reload."""
+        gen, _ = await self._open_generation(load)
         return gen
 
     def _switch_to(self, gen: Generation) -> None:
@@ -303,7 +299,15 @@ class Runner:
                 except asyncio.CancelledError:
                     pass
                 if self._state is State.RECOVERING:
+                    # Nothing can finish what waited for the recovery (the items the failed
+                    # device held, callers waiting to be admitted): fail it now, do not
+                    # drain for close_timeout.
                     self._set_state(State.BROKEN)
+                    self._retry_queue.clear()
+                    self._fail_pending(RunnerClosed(
+                        f"runner {self.name!r} was closed while it recovered from "
+                        f"{self._last_error}"))
+                    self._recovered.set()
             if self._state in (State.READY, State.BROKEN):
                 if self._state is State.READY:
                     self._set_state(State.CLOSING)
