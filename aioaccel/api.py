@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import get_backend, resolve_backend
 from .batching import BatchingUnsupported
 from .core.healing import Restart
+from .options import check_batch, check_count
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def open(
     warmup: int = 0,
     warmup_inputs: Any = None,
     batch: int | str | None = None,
-    batch_wait: float = 0.002,
+    batch_wait: float | None = None,
     **options: Any,
 ) -> Runner:
     """Make a runner for ``target``; open it with ``async with`` or ``await``.
@@ -60,35 +61,43 @@ def open(
 
     Other keyword options go to the backend. Nothing is loaded until the runner is opened.
     """
-    if batch is not None and batch != "auto" and (
-            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-        raise ValueError(f"batch must be None, an int >= 1 or 'auto', got {batch!r}")
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    batch, wait = check_batch(batch, batch_wait)
+    check_count("replicas", replicas, 1)
     name = name or f"runner{next(_names)}"
 
-    def make_load(new_target: Any, new_options: dict[str, Any]) -> Callable[[], Model]:
+    def make_load(new_target: Any, new_options: dict[str, Any]
+                  ) -> tuple[Callable[[], Model], float]:
+        """The load for ``target`` and ``options`` as given to open(), updated by what a
+        reload gives (``batch``, ``batch_wait``, ``replicas`` and backend options are the
+        model's; each is checked here), and the batch_wait to run it with."""
         new_target = target if new_target is None else new_target
+        new_options = dict(new_options)
+        new_batch = new_options.pop("batch", batch)
+        new_wait = new_options.pop("batch_wait", None)
+        if new_wait is None and new_batch is not None:
+            new_wait = wait
+        new_batch, new_wait = check_batch(new_batch, new_wait)
+        new_replicas = check_count("replicas", new_options.pop("replicas", replicas), 1)
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
-        size: list[int | str | None] = [batch]
+        size: list[int | str | None] = [new_batch]
 
         def load() -> Model:
             # batch="auto" measures once: a restart reopens with the size it chose
-            model = _load(chosen, new_target, replicas, maxsize, name, size[0], batch_wait,
+            model = _load(chosen, new_target, new_replicas, maxsize, name, size[0], new_wait,
                           merged)
             size[0] = model.batch
             return model
 
-        return load
+        return load, new_wait
 
     if backend is None:
         resolve_backend(target)  # a bad target is refused here, not at open
-    load = make_load(target, {})
+    load, _ = make_load(target, {})
     return Runner(load, maxsize=maxsize, name=name, call_timeout=call_timeout,
                   close_timeout=close_timeout, open_timeout=open_timeout, restart=restart,
                   retries=retries, warmup=warmup, warmup_inputs=warmup_inputs,
-                  batch_wait=batch_wait, reopen=make_load)
+                  batch_wait=wait, reopen=make_load)
 
 
 def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, runner_name: str,

@@ -49,6 +49,7 @@ from .errors import (
     device_error,
     open_error,
 )
+from .options import check_count, check_reload, check_seconds
 from .stats import BatchStats, LatencyHistogram, RunnerStats, StageStats
 from .streams import Stream
 
@@ -132,26 +133,23 @@ class Runner:
                  open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
                  restart: Restart | None = None, retries: int = 0, warmup: int = 0,
                  warmup_inputs: Any = None, batch_wait: float = 0.002,
-                 reopen: Callable[..., Callable[[], Model]] | None = None):
-        if not isinstance(maxsize, int) or isinstance(maxsize, bool) or maxsize < 1:
-            raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
-        if call_timeout is not None and call_timeout <= 0:
-            raise ValueError(f"call_timeout must be > 0 seconds or None, got {call_timeout!r}")
+                 reopen: Callable[..., tuple[Callable[[], Model], float]] | None = None):
+        check_count("maxsize", maxsize, 1)
+        check_seconds("call_timeout", call_timeout, none=True, zero=False)
+        check_seconds("close_timeout", close_timeout)
+        check_seconds("open_timeout", open_timeout, none=True, zero=False)
         if restart is not None and not isinstance(restart, Restart):
             raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        check_count("retries", retries)
+        check_count("warmup", warmup)
+        check_seconds("batch_wait", batch_wait)
         self.name = name or f"runner{next(_names)}"
         self._load = load
-        self._reopen = reopen                     # (target, options) -> load, for reload()
+        self._reopen = reopen  # (target, options) -> (load, batch_wait), for reload()
         self._restart = RestartBudget(restart) if restart is not None else None
         self._retries = retries
         self._warmup = warmup
         self._warmup_inputs = warmup_inputs
-        if not isinstance(batch_wait, (int, float)) or batch_wait < 0:
-            raise ValueError(f"batch_wait must be a number of seconds >= 0, got {batch_wait!r}")
         self._batch_wait = float(batch_wait)
         self._recovered = asyncio.Event()         # set while not recovering
         self._recovered.set()
@@ -235,17 +233,20 @@ class Runner:
             self._watchdog = Watchdog(loop, self._call_timeout, self.name, self._on_hang)
             self._watchdog.watch(gen.pipeline)
 
-    async def _open_generation(self, load: Callable[[], Model]) -> tuple[Generation, float]:
+    async def _open_generation(self, load: Callable[[], Model],
+                               batch_wait: float | None = None) -> tuple[Generation, float]:
         """Load, start and warm up a generation, bounded by ``open_timeout`` (each warm-up
         call by ``call_timeout``): for the open, a restart's reopen and a reload."""
         return await open_generation(
-            load, self.name, self, self._maxsize, self._batch_wait, warmup=self._warmup,
+            load, self.name, self, self._maxsize,
+            self._batch_wait if batch_wait is None else batch_wait, warmup=self._warmup,
             warmup_inputs=self._warmup_inputs, open_timeout=self._open_timeout,
             call_timeout=self._call_timeout)
 
-    async def _start_generation(self, load: Callable[[], Model]) -> Generation:
+    async def _start_generation(self, load: Callable[[], Model],
+                                batch_wait: float | None = None) -> Generation:
         """A new generation for a restart or a reload."""
-        gen, _ = await self._open_generation(load)
+        gen, _ = await self._open_generation(load, batch_wait)
         return gen
 
     def _switch_to(self, gen: Generation) -> None:
@@ -817,23 +818,30 @@ class Runner:
         """Replace the model while serving: open the new one (``target`` and ``options`` as
         for :func:`aioaccel.open`; by default the same target, re-read) beside the old one,
         switch admission to it, let the old one finish what it holds, then close it. No item
-        fails or is lost; results keep push order. Both models are in memory for a while."""
+        fails or is lost; results keep push order. Both models are in memory for a while.
+
+        ``batch``, ``batch_wait``, ``replicas``, ``backend`` and backend options are honoured
+        (the new model is opened with them); the runner's own options (``maxsize``,
+        ``call_timeout``, ``restart``, ...) are refused with ``ValueError``."""
+        check_reload(options)
         if self._state is not State.READY:
             raise RuntimeError(f"runner {self.name!r} can reload only while ready "
                                f"(it is {self._state.value})")
+        batch_wait = self._batch_wait
         if target is None and not options:
             load = self._load
         elif self._reopen is None:
             raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
                                f"reload only its own model")
         else:
-            load = self._reopen(target, options)
-        gen = await self._start_generation(load)
+            load, batch_wait = self._reopen(target, options)
+        gen = await self._start_generation(load, batch_wait)
         if not self._in(State.READY):  # closed or failed meanwhile
             await gen.stop(1.0)
             raise RunnerClosed(f"runner {self.name!r} closed during the reload")
         old = self._gen
         self._load = load
+        self._batch_wait = batch_wait
         self._switch_to(gen)
         if old is not None:
             old.outstanding = sum(1 for t in self._done.unfinished.values() if t.gen is old)

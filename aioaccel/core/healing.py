@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import Literal
 
+from ..options import check_count, check_seconds
+
 __all__ = ["Health", "Restart", "RestartBudget"]
 
 HealthState = Literal["starting", "ready", "recovering", "broken", "closed"]
@@ -36,12 +38,10 @@ class Restart:
     max_backoff: float = 5.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.limit, int) or self.limit < 1:
-            raise ValueError(f"Restart.limit must be an int >= 1, got {self.limit!r}")
-        for name in ("window", "backoff", "max_backoff"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"Restart.{name} must be a number >= 0, got {value!r}")
+        check_count("Restart.limit", self.limit, 1)
+        check_seconds("Restart.window", self.window, zero=False, infinite=True)
+        check_seconds("Restart.backoff", self.backoff)
+        check_seconds("Restart.max_backoff", self.max_backoff)
 
 
 class RestartBudget:
