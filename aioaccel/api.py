@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import get_backend, resolve_backend
 from .batching import BatchingUnsupported
 from .core.healing import Restart
-from .options import check_batch, check_count
+from .options import DEFAULT_OPEN_TIMEOUT, check_batch, check_count
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def open(
     name: str | None = None,
     call_timeout: float | None = None,
     close_timeout: float = 10.0,
-    open_timeout: float | None = 120.0,
+    open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
     restart: Restart | None = None,
     retries: int = 0,
     warmup: int = 0,

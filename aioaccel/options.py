@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_BATCH_WAIT",
+    "DEFAULT_OPEN_TIMEOUT",
     "RELOAD_REFUSED",
     "check_batch",
     "check_count",
@@ -23,6 +24,8 @@ __all__ = [
 
 #: ``batch_wait`` when ``batch=`` is given without it (seconds)
 DEFAULT_BATCH_WAIT = 0.002
+#: the longest an open (load, stages, warm-up), a restart's reopen or a reload may take (s)
+DEFAULT_OPEN_TIMEOUT = 120.0
 
 #: options of ``open()`` that belong to the runner itself, not to the model: ``reload()``
 #: reopens the model only, so it refuses them rather than ignore them

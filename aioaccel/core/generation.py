@@ -27,14 +27,14 @@ import numpy as np
 from ..errors import AccelError, DeviceError, DeviceTimeout, OpenTimeout, open_error
 from .hang_watchdog import Watchdog
 from .jobs import Job
-from .loop_bridge import Bridge, Receiver
+from .loop_bridge import Bridge
 from .stage_threads import Pipeline
 
 if TYPE_CHECKING:
     from ..backends import Model
     from .jobs import Worker
 
-__all__ = ["Generation", "load_model", "open_generation", "synthetic_inputs"]
+__all__ = ["Generation", "load_on_thread", "open_generation", "zero_inputs"]
 
 log = logging.getLogger("aioaccel")
 
@@ -45,11 +45,16 @@ class Generation:
     failures on to the runner."""
 
     def __init__(self, runner_name: str, model: Model, loop: asyncio.AbstractEventLoop,
-                 runner: Receiver, maxsize: int, batch_wait: float = 0.0):
+                 on_jobs: Callable[[list[Job]], None],
+                 on_fatal: Callable[[BaseException, str, Generation], None],
+                 maxsize: int, batch_wait: float = 0.0):
         self.runner_name = runner_name
         self.model = model
         self.loop = loop
-        self._runner: Callable[[], Receiver | None] = weakref.ref(runner)
+        # weak: worker threads hold the bridge, which holds this; an abandoned runner must
+        # stay collectable (to warn and stop its threads)
+        self._on_jobs = weakref.WeakMethod(on_jobs)
+        self._on_fatal = weakref.WeakMethod(on_fatal)
         self.bridge = Bridge(loop, self)
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize,
                                  batch=model.batch, batch_wait=batch_wait)
@@ -59,6 +64,7 @@ class Generation:
         #: (a reload waits for the old generation to drain), so submitting costs nothing
         self.outstanding = 0
         self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
+        self.warmup_seconds = 0.0
         self._warmups: dict[int, asyncio.Future[None]] = {}
         #: until the warm-up is over, a fatal failure fails the start (open, reopen, reload)
         #: instead of reaching the runner
@@ -76,9 +82,9 @@ class Generation:
         self.outstanding -= len(jobs)
         if self._warmups:
             jobs = [job for job in jobs if not self._warmed(job)]
-        runner = self._runner()
-        if runner is not None and jobs:
-            runner.on_jobs(jobs)
+        on_jobs = self._on_jobs()
+        if on_jobs is not None and jobs:
+            on_jobs(jobs)
         if self.outstanding <= 0 and self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
@@ -89,9 +95,9 @@ class Generation:
             failure.__cause__ = error
             self.fail_start(failure)
             return
-        runner = self._runner()
-        if runner is not None:
-            runner.on_fatal(error, stage, self)  # type: ignore[call-arg]
+        on_fatal = self._on_fatal()
+        if on_fatal is not None:
+            on_fatal(error, stage, self)
 
     def fail_start(self, error: BaseException) -> None:
         """A fatal failure (or a hang) while starting: whoever waits for the stages or the
@@ -114,7 +120,7 @@ class Generation:
             return 0.0
         if self._start_failure is not None:
             raise self._start_failure
-        sample = synthetic_inputs(self.model) if inputs is None else inputs
+        sample = zero_inputs(self.model) if inputs is None else inputs
         if self.model.prepare is not None and sample is not None:
             sample = self.model.prepare(sample)
         started = perf_counter()
@@ -159,10 +165,6 @@ class Generation:
         """Start the workers and wait until every stage object is made (or one failed)."""
         self.pipeline.start()
         await asyncio.shield(self.ready)
-
-    def started(self) -> None:
-        """The start (and warm-up) is over: fatal failures go to the runner from now on."""
-        self.starting = False
 
     def on_ready(self, worker: Worker, error: BaseException | None) -> None:
         if self.ready.done():
@@ -241,41 +243,7 @@ class Generation:
                 log.exception("runner %r: releasing the model failed", self.runner_name)
 
 
-async def open_generation(load: Callable[[], Model], runner_name: str,
-                          receiver: Receiver, maxsize: int, batch_wait: float, *,
-                          warmup: int = 0, warmup_inputs: Any = None,
-                          open_timeout: float | None = None,
-                          call_timeout: float | None = None) -> tuple[Generation, float]:
-    """Load, start and warm up one generation (an open, a restart's reopen, a reload): the
-    generation and the seconds its warm-up took.
-
-    Every step is bounded: the whole by ``open_timeout`` (:class:`~aioaccel.OpenTimeout`,
-    naming the step), each warm-up call by ``call_timeout`` (:class:`~aioaccel.DeviceTimeout`);
-    a fatal failure while starting raises at once. On any failure the generation is stopped
-    and released (a load still running is abandoned and releases its model when it ends)."""
-    loop = asyncio.get_running_loop()
-    step = "loading the model"
-    gen: Generation | None = None
-    try:
-        async with asyncio.timeout(open_timeout):
-            model = await load_model(load, runner_name)
-            gen = Generation(runner_name, model, loop, receiver, maxsize, batch_wait)
-            step = "making the stages"
-            await gen.start()
-            step = f"the warm-up ({warmup} inferences)"
-            seconds = await gen.warm_up(warmup, warmup_inputs, call_timeout)
-    except BaseException as exc:
-        if gen is not None:
-            gen.stop_soon()
-        if isinstance(exc, TimeoutError) and not isinstance(exc, AccelError):
-            raise OpenTimeout(f"opening runner {runner_name!r}: {step} did not finish within "
-                              f"open_timeout={open_timeout} s") from None
-        raise
-    gen.started()
-    return gen, seconds
-
-
-def synthetic_inputs(model: Model) -> Any:
+def zero_inputs(model: Model) -> Any:
     """Zeros shaped by the model's input spec (dynamic dimensions as 1); None without a spec."""
     specs = model.inputs
     if not specs or any(spec.shape is None for spec in specs):
@@ -284,7 +252,7 @@ def synthetic_inputs(model: Model) -> Any:
             for spec in specs}
 
 
-async def load_model(load: Callable[[], Model], runner_name: str) -> Model:
+async def load_on_thread(load: Callable[[], Model], runner_name: str) -> Model:
     """Run a backend's ``load`` on a named thread (it imports runtimes and compiles models:
     seconds of blocking work). If the caller is cancelled meanwhile, the model is closed as soon
     as the load finishes, on that thread: an abandoned load leaks nothing."""
@@ -337,3 +305,38 @@ async def load_model(load: Callable[[], Model], runner_name: str) -> Model:
     thread.join()  # it has delivered its outcome: returns at once
     model.info.setdefault("load_seconds", perf_counter() - started)
     return model
+
+
+async def open_generation(runner_name: str, load: Callable[[], Model],
+                          loop: asyncio.AbstractEventLoop,
+                          on_jobs: Callable[[list[Job]], None],
+                          on_fatal: Callable[[BaseException, str, Generation], None], *,
+                          maxsize: int, batch_wait: float, warmup: int = 0,
+                          warmup_inputs: Any = None, open_timeout: float | None = None,
+                          call_timeout: float | None = None) -> Generation:
+    """Load the model (on a thread), start its pipeline and warm it up: a runner's open, a
+    restart's reopen and a reload all go through here. Whatever fails, nothing is left
+    running (a load still running is abandoned and releases its model when it ends).
+
+    Every step is bounded: the whole by ``open_timeout`` (:class:`~aioaccel.OpenTimeout`,
+    naming the step), each warm-up call by ``call_timeout`` (:class:`~aioaccel.DeviceTimeout`);
+    a fatal failure while starting raises at once."""
+    step = "loading the model"
+    gen: Generation | None = None
+    try:
+        async with asyncio.timeout(open_timeout):
+            model = await load_on_thread(load, runner_name)
+            gen = Generation(runner_name, model, loop, on_jobs, on_fatal, maxsize, batch_wait)
+            step = "making the stages"
+            await gen.start()
+            step = f"the warm-up ({warmup} inferences)"
+            gen.warmup_seconds = await gen.warm_up(warmup, warmup_inputs, call_timeout)
+    except BaseException as exc:
+        if gen is not None:
+            gen.stop_soon()
+        if isinstance(exc, TimeoutError) and not isinstance(exc, AccelError):
+            raise OpenTimeout(f"opening runner {runner_name!r}: {step} did not finish within "
+                              f"open_timeout={open_timeout} s") from None
+        raise
+    gen.starting = False  # fatal failures go to the runner from now on
+    return gen
