@@ -82,7 +82,7 @@ class Supervisor:
                              close_timeout=close_timeout, set_state=self.set_state,
                              state=lambda: self.state, break_=self.break_,
                              open_generation=self.open_generation, switch_to=self.switch_to,
-                             current=lambda: self.gen)
+                             current=lambda: self.gen, set_submit=self._set_submit)
 
     def set_state(self, state: State) -> None:
         self.clock.enter(state)
@@ -124,6 +124,9 @@ class Supervisor:
                                warmup=warmup, warmup_inputs=warmup_inputs,
                                open_timeout=self.open_timeout,
                                call_timeout=self.call_timeout)
+
+    def _set_submit(self, submit: Callable[[Job], None]) -> None:
+        self.submit = submit
 
     def switch_to(self, gen: Generation) -> None:
         self.gen = gen
@@ -260,6 +263,8 @@ class Supervisor:
     # ---- what the generation reports (on the loop) --------------------------------------
     def on_jobs(self, jobs: list[Job]) -> None:
         self.done.on_jobs(jobs)
+        if self.healer.trial is not None:  # only on probation, after a failure
+            self.healer.check_trial()
         default = self.lane
         if default.tickets and default.tickets[0].done:
             default.wake()
