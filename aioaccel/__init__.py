@@ -19,6 +19,7 @@ from .errors import InputError as InputError
 from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelNotFound as ModelNotFound
 from .errors import OpenError as OpenError
+from .errors import OpenTimeout as OpenTimeout
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
 from .pool import pool as pool
@@ -54,6 +55,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "OpenError",
+    "OpenTimeout",
     "Restart",
     "Result",
     "Runner",

@@ -11,6 +11,7 @@ from .backends import get_backend, resolve_backend
 from .batching import BatchingUnsupported
 from .core.healing import Restart
 from .isolation import check_isolation
+from .options import DEFAULT_OPEN_TIMEOUT, check_batch, check_count
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -30,12 +31,13 @@ def open(
     name: str | None = None,
     call_timeout: float | None = None,
     close_timeout: float = 10.0,
+    open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
     restart: Restart | None = None,
     retries: int = 0,
     warmup: int = 0,
     warmup_inputs: Any = None,
     batch: int | str | None = None,
-    batch_wait: float = 0.002,
+    batch_wait: float | None = None,
     isolation: str = "thread",
     max_rss: int | None = None,
     **options: Any,
@@ -46,7 +48,9 @@ def open(
     each stage's outputs are the next one's inputs). ``maxsize`` bounds the items admitted and
     not yet consumed; ``replicas`` gives each blocking stage that many worker threads;
     ``call_timeout`` (seconds) breaks the runner with :class:`~aioaccel.DeviceTimeout` when a
-    stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``.
+    stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``; ``open_timeout``
+    bounds opening (loading, making the stages, the warm-up), and the same for the reopen of
+    a restart and for :meth:`~aioaccel.Runner.reload` (:class:`~aioaccel.OpenTimeout`).
 
     Self-healing (see :mod:`aioaccel.core.healing`): ``restart=aioaccel.Restart(...)`` reopens the
     model after a fatal failure instead of breaking the runner; ``retries`` re-runs the items
@@ -66,41 +70,49 @@ def open(
 
     Other keyword options go to the backend. Nothing is loaded until the runner is opened.
     """
-    if batch is not None and batch != "auto" and (
-            not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-        raise ValueError(f"batch must be None, an int >= 1 or 'auto', got {batch!r}")
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    batch, wait = check_batch(batch, batch_wait)
+    check_count("replicas", replicas, 1)
     # [isolation] checked here, at open: a target the child cannot load is refused now
     process = check_isolation(isolation, target, backend, batch, max_rss, options)
     name = name or f"runner{next(_names)}"
 
-    def make_load(new_target: Any, new_options: dict[str, Any]) -> Callable[[], Model]:
+    def make_load(new_target: Any, new_options: dict[str, Any]
+                  ) -> tuple[Callable[[], Model], float]:
+        """The load for ``target`` and ``options`` as given to open(), updated by what a
+        reload gives (``batch``, ``batch_wait``, ``replicas`` and backend options are the
+        model's; each is checked here), and the batch_wait to run it with."""
         new_target = target if new_target is None else new_target
         if process is not None and new_target is not target:  # [isolation] reload(target)
             from .isolation import check_target
 
             check_target(new_target)
+        new_options = dict(new_options)
+        new_batch = new_options.pop("batch", batch)
+        new_wait = new_options.pop("batch_wait", None)
+        if new_wait is None and new_batch is not None:
+            new_wait = wait
+        new_batch, new_wait = check_batch(new_batch, new_wait)
+        new_replicas = check_count("replicas", new_options.pop("replicas", replicas), 1)
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
-        size: list[int | str | None] = [batch]
+        size: list[int | str | None] = [new_batch]
 
         def load() -> Model:
             # batch="auto" measures once: a restart reopens with the size it chose
-            model = _load(chosen, new_target, replicas, maxsize, name, size[0], batch_wait,
+            model = _load(chosen, new_target, new_replicas, maxsize, name, size[0], new_wait,
                           merged, process)
             size[0] = model.batch
             return model
 
-        return load
+        return load, new_wait
 
     if backend is None:
         resolve_backend(target)  # a bad target is refused here, not at open
-    load = make_load(target, {})
+    load, _ = make_load(target, {})
     return Runner(load, maxsize=maxsize, name=name, call_timeout=call_timeout,
-                  close_timeout=close_timeout, restart=restart, retries=retries,
-                  warmup=warmup, warmup_inputs=warmup_inputs, batch_wait=batch_wait,
-                  reopen=make_load)
+                  close_timeout=close_timeout, open_timeout=open_timeout, restart=restart,
+                  retries=retries, warmup=warmup, warmup_inputs=warmup_inputs,
+                  batch_wait=wait, reopen=make_load)
 
 
 def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, runner_name: str,

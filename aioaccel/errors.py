@@ -11,6 +11,7 @@
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
      ├── WouldBlock          ``push_nowait`` on a full runner
      ├── OpenError           a backend load or stage factory failed (cause chained)
+     │    ├── OpenTimeout    opening (load, stages, warm-up) ran past ``open_timeout``
      │    └── ModelLoadError a runtime cannot read or convert a model file (also ValueError)
      │         └── ModelNotFound  no such model file, or an IR without its .bin
      │                            (also FileNotFoundError)
@@ -35,6 +36,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "OpenError",
+    "OpenTimeout",
     "RunnerClosed",
     "WouldBlock",
     "copy_for_waiter",
@@ -94,6 +96,11 @@ class OpenError(AccelError):
     """Opening a runner failed: a backend's load or a stage factory raised. The original
     exception is ``__cause__``; for the common built-in types (``ValueError``, ``OSError``,
     ``RuntimeError``, ...) the error is also an instance of that type."""
+
+
+class OpenTimeout(OpenError, TimeoutError):
+    """Opening a model (an open, the reopen of a restart, a reload) did not finish within
+    ``open_timeout``: the message says which step (loading, making the stages, the warm-up)."""
 
 
 class ModelLoadError(OpenError, ValueError):

@@ -32,6 +32,7 @@ from typing import Any
 
 from .backends import Model
 from .errors import AccelError, DeviceError, RunnerClosed, WouldBlock
+from .options import check_count, check_seconds
 from .pool_policies import FINAL, Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
 from .runner import Result, Runner
 from .stages import Complete, DeviceStage, StageSpec, made
@@ -502,8 +503,10 @@ def pool(*members: Runner, policy: str = "balance", maxsize: int | None = None,
                 raise ValueError(f"pool members {j} and {i} are the same runner "
                                  f"({member.name!r}): give each member its own aioaccel.open()")
     make_policy(policy)  # fail now on a bad name
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    check_count("retries", retries)
+    if maxsize is not None:
+        check_count("maxsize", maxsize, 1)
+    check_seconds("close_timeout", close_timeout)
     # Room for every member's queue, and as much again for results that wait for their turn
     # in push order behind an item still on a slower member.
     size = 2 * sum(m.maxsize for m in members) if maxsize is None else maxsize

@@ -34,7 +34,6 @@ from .core.completion import Completions
 from .core.healing import Health, Restart
 from .core.jobs import Job
 from .core.lifecycle import State
-from .core.options import check_options
 from .core.records import Lane, Ticket
 from .core.results import Result
 from .core.stream_table import StreamTable
@@ -45,6 +44,12 @@ from .errors import (
     InferTimeout,
     WouldBlock,
     copy_for_waiter,
+)
+from .options import (
+    DEFAULT_BATCH_WAIT,
+    DEFAULT_OPEN_TIMEOUT,
+    check_reload,
+    check_runner,
 )
 from .stats import RunnerStats
 
@@ -69,11 +74,13 @@ class Runner:
 
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
                  call_timeout: float | None = None, close_timeout: float = 10.0,
+                 open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
                  restart: Restart | None = None, retries: int = 0, warmup: int = 0,
-                 warmup_inputs: Any = None, batch_wait: float = 0.002,
-                 reopen: Callable[..., Callable[[], Model]] | None = None):
-        check_options(maxsize=maxsize, call_timeout=call_timeout, restart=restart,
-                      retries=retries, warmup=warmup, batch_wait=batch_wait)
+                 warmup_inputs: Any = None, batch_wait: float = DEFAULT_BATCH_WAIT,
+                 reopen: Callable[..., tuple[Callable[[], Model], float]] | None = None):
+        check_runner(maxsize=maxsize, call_timeout=call_timeout, close_timeout=close_timeout,
+                     open_timeout=open_timeout, restart=restart, retries=retries, warmup=warmup,
+                     batch_wait=batch_wait)
         self.name = name or f"runner{next(_names)}"
         self._maxsize = maxsize
         self._seq = count()
@@ -87,9 +94,9 @@ class Runner:
         self._done.on_lane_released = self._streams.forget_if_done
         self._sup = Supervisor(self.name, load, self._done, self._streams, maxsize=maxsize,
                                call_timeout=call_timeout, close_timeout=close_timeout,
-                               restart=restart, retries=retries, warmup=warmup,
-                               warmup_inputs=warmup_inputs, batch_wait=float(batch_wait),
-                               reopen=reopen)
+                               open_timeout=open_timeout, restart=restart, retries=retries,
+                               warmup=warmup, warmup_inputs=warmup_inputs,
+                               batch_wait=float(batch_wait), reopen=reopen)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
@@ -336,8 +343,13 @@ class Runner:
         """Replace the model while serving: open the new one (``target`` and ``options`` as
         for :func:`aioaccel.open`; by default the same target, re-read) beside the old one,
         switch admission to it, let the old one finish what it holds, then close it. No item
-        fails or is lost; results keep push order. Both models are in memory for a while."""
-        await self._sup.healer.reload(target, options)
+        fails or is lost; results keep push order. Both models are in memory for a while.
+
+        ``batch``, ``batch_wait``, ``replicas``, ``backend`` and backend options are honoured
+        (the new model is opened with them); the runner's own options (``maxsize``,
+        ``call_timeout``, ``restart``, ...) are refused with ``ValueError``. Opening the new
+        model is bounded by ``open_timeout`` (:class:`~aioaccel.OpenTimeout`)."""
+        await self._sup.reload(target, check_reload(options))
 
     # ---- introspection ------------------------------------------------------------------
     @property

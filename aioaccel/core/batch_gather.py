@@ -27,7 +27,7 @@ from ..stats import BatchStats
 if TYPE_CHECKING:
     from .jobs import Job
 
-__all__ = ["Batch", "BatchCounters", "batch_of", "gather", "run_batch"]
+__all__ = ["Batch", "BatchCounters", "batch_of", "gather", "run_alone", "run_batch"]
 
 
 class BatchCounters:
@@ -70,6 +70,27 @@ class Batch:
         self.at = 0
         self.work = 0.0
 
+    def members_at(self, stage: int) -> list[Job]:
+        """The members, each with its own rows of the batch's current value (what the batch
+        brought to ``stage``), marked to run alone from here on. If the rows cannot be split
+        out, every member carries that error instead."""
+        members = self.members
+        if stage > 0:  # at stage 0 each member still holds its own inputs
+            try:
+                parts = split(self.value, self.counts)
+            except ValueError as exc:
+                parts = None
+                for job in members:
+                    job.error = exc
+            if parts is not None:
+                for job, part in zip(members, parts, strict=True):
+                    job.value = part
+        for job in members:
+            job.solo = True
+            job.work += self.work
+            job.at = stage
+        return members
+
     def unbatch(self, now: float) -> list[Job]:
         """The members with their own rows of the outputs (or the batch's error)."""
         members = self.members
@@ -95,9 +116,9 @@ def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], l
            wait_until: float, device_busy: Callable[[], bool], claim: Callable[[Any], bool],
            shell: Callable[[Any], None], stop: object) -> tuple[list[Job], Any]:
     """``first`` (claimed) and the jobs queued behind it, up to ``limit`` rows; and the next
-    job not taken (unclaimed: the stop sentinel, or one that would overflow the batch), if
-    any. Withdrawn shells met on the way go to ``shell``. Waits for more only while
-    ``device_busy()`` and before ``wait_until``."""
+    job not taken (the stop sentinel, one that would overflow the batch, or a member of a
+    failed batch back to run alone), if any. Withdrawn shells met on the way go to
+    ``shell``. Waits for more only while ``device_busy()`` and before ``wait_until``."""
     taken = [first]
     total = _rows(first)
     while total < limit:
@@ -111,13 +132,13 @@ def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], l
                 job = get(timeout=min(remaining, 0.0005))
             except Empty:
                 continue
-        if job is stop:
+        if job is stop or job.solo:
             return taken, job
         n = _rows(job)
         if total + n > limit:
             return taken, job
         if not claim(job):
-            shell(job)
+            shell(job)  # withdrawn: only its empty shell goes back
             continue
         taken.append(job)
         total += n
@@ -173,10 +194,9 @@ def run_batch(run: Callable[[Any], Any], jobs: list[Job], stage: str,
     return [batch]
 
 
-def _solo(run: Callable[[Any], Any], job: Job, stage: str, counters: BatchCounters,
-          now: float, counted: bool = False) -> Job:
-    if not counted:
-        counters.count(1, now - job.t_admit)
+def run_alone(run: Callable[[Any], Any], job: Job, stage: str) -> None:
+    """Run one job's call in place: its outputs, or its own error. DeviceError (and anything
+    not an Exception) propagates: the device is gone."""
     t0 = perf_counter()
     try:
         job.value = run(job.value)
@@ -186,5 +206,12 @@ def _solo(run: Callable[[Any], Any], job: Job, stage: str, counters: BatchCounte
         job.error = exc
         job.failed_stage = stage
     job.work += perf_counter() - t0
+
+
+def _solo(run: Callable[[Any], Any], job: Job, stage: str, counters: BatchCounters,
+          now: float, counted: bool = False) -> Job:
+    if not counted:
+        counters.count(1, now - job.t_admit)
+    run_alone(run, job, stage)
     job.at = 1
     return job

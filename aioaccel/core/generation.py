@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import open_error
+from ..errors import AccelError, DeviceError, DeviceTimeout, OpenTimeout, open_error
+from .hang_watchdog import Watchdog
 from .jobs import Job
 from .loop_bridge import Bridge
 from .stage_threads import Pipeline
@@ -65,6 +66,10 @@ class Generation:
         self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
         self.warmup_seconds = 0.0
         self._warmups: dict[int, asyncio.Future[None]] = {}
+        #: until the warm-up is over, a fatal failure fails the start (open, reopen, reload)
+        #: instead of reaching the runner
+        self.starting = True
+        self._start_failure: BaseException | None = None
         self._ready_count = 0
         self._release_lock = threading.Lock()
         self._released = False
@@ -84,15 +89,37 @@ class Generation:
             self.drained.set_result(None)
 
     def on_fatal(self, error: BaseException, stage: str) -> None:
+        if self.starting:
+            failure = DeviceError(f"stage {stage!r} of runner {self.runner_name!r} failed "
+                                  f"fatally while it started (warm-up): {error!r}")
+            failure.__cause__ = error
+            self.fail_start(failure)
+            return
         on_fatal = self._on_fatal()
         if on_fatal is not None:
             on_fatal(error, stage, self)
 
-    async def warm_up(self, count: int, inputs: Any = None) -> float:
+    def fail_start(self, error: BaseException) -> None:
+        """A fatal failure (or a hang) while starting: whoever waits for the stages or the
+        warm-up gets ``error`` now; the workers stop."""
+        if self._start_failure is not None:
+            return
+        self._start_failure = error
+        for fut in (self.ready, *self._warmups.values()):
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: a waiter that is gone logs nothing
+        self.pipeline.stop()
+
+    async def warm_up(self, count: int, inputs: Any = None,
+                      call_timeout: float | None = None) -> float:
         """Run ``count`` inferences on ``inputs`` (default: zeros of the model's input spec)
-        before any user item; returns the seconds it took. Failures are logged, not raised."""
+        before any user item; returns the seconds it took. A per-item failure is logged; a
+        fatal one, or a call hung past ``call_timeout``, raises."""
         if count <= 0:
             return 0.0
+        if self._start_failure is not None:
+            raise self._start_failure
         sample = zero_inputs(self.model) if inputs is None else inputs
         if self.model.prepare is not None and sample is not None:
             sample = self.model.prepare(sample)
@@ -105,8 +132,23 @@ class Generation:
             futures.append(fut)
             self.outstanding += 1
             self.submit(Job(seq, sample))
-        await asyncio.gather(*futures)
+        watchdog = None
+        if call_timeout is not None:
+            watchdog = Watchdog(self.loop, call_timeout, self.runner_name, self._on_hang)
+            watchdog.watch(self.pipeline)
+        try:
+            # return_exceptions: every future's outcome is retrieved; the first failure wins
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return perf_counter() - started
+
+    def _on_hang(self, error: DeviceTimeout) -> None:
+        self.fail_start(DeviceTimeout(f"during the warm-up: {error}"))
 
     def _warmed(self, job: Job) -> bool:
         fut = self._warmups.pop(job.seq, None)
@@ -270,16 +312,31 @@ async def open_generation(runner_name: str, load: Callable[[], Model],
                           on_jobs: Callable[[list[Job]], None],
                           on_fatal: Callable[[BaseException, str, Generation], None], *,
                           maxsize: int, batch_wait: float, warmup: int = 0,
-                          warmup_inputs: Any = None) -> Generation:
+                          warmup_inputs: Any = None, open_timeout: float | None = None,
+                          call_timeout: float | None = None) -> Generation:
     """Load the model (on a thread), start its pipeline and warm it up: a runner's open, a
     restart's reopen and a reload all go through here. Whatever fails, nothing is left
-    running."""
-    model = await load_on_thread(load, runner_name)
-    gen = Generation(runner_name, model, loop, on_jobs, on_fatal, maxsize, batch_wait)
+    running (a load still running is abandoned and releases its model when it ends).
+
+    Every step is bounded: the whole by ``open_timeout`` (:class:`~aioaccel.OpenTimeout`,
+    naming the step), each warm-up call by ``call_timeout`` (:class:`~aioaccel.DeviceTimeout`);
+    a fatal failure while starting raises at once."""
+    step = "loading the model"
+    gen: Generation | None = None
     try:
-        await gen.start()
-        gen.warmup_seconds = await gen.warm_up(warmup, warmup_inputs)
-    except BaseException:
-        gen.stop_soon()
+        async with asyncio.timeout(open_timeout):
+            model = await load_on_thread(load, runner_name)
+            gen = Generation(runner_name, model, loop, on_jobs, on_fatal, maxsize, batch_wait)
+            step = "making the stages"
+            await gen.start()
+            step = f"the warm-up ({warmup} inferences)"
+            gen.warmup_seconds = await gen.warm_up(warmup, warmup_inputs, call_timeout)
+    except BaseException as exc:
+        if gen is not None:
+            gen.stop_soon()
+        if isinstance(exc, TimeoutError) and not isinstance(exc, AccelError):
+            raise OpenTimeout(f"opening runner {runner_name!r}: {step} did not finish within "
+                              f"open_timeout={open_timeout} s") from None
         raise
+    gen.starting = False  # fatal failures go to the runner from now on
     return gen

@@ -9,6 +9,13 @@ device discovery: a USB Edge TPU changes its id after a reset). Items the failed
 re-run (``retries=N``) or fail with :class:`~aioaccel.DeviceError`; ``push`` and ``infer`` wait
 meanwhile (bounded by their own timeouts). More than ``limit`` restart attempts within
 ``window`` seconds and the runner breaks as it would without a policy.
+
+Poison items. The items a failed device held are *suspects*: after the reopen they are re-run
+one at a time, in push order, with new items held back meanwhile (a short probation, only
+after a failure). A suspect that breaks the device again while it runs alone has broken it
+twice: it is failed alone as the poison item, never retried again, and the probation goes on
+with the next suspect after the next reopen. So one poison item costs two restarts and fails
+nobody else; without probation every item re-run beside it would share its fate.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError, DeviceTimeout, RunnerClosed
+from ..options import check_count, check_seconds
 from ..stats import LatencyHistogram
 from .jobs import Job
 from .lifecycle import State
@@ -54,12 +62,10 @@ class Restart:
     max_backoff: float = 5.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.limit, int) or self.limit < 1:
-            raise ValueError(f"Restart.limit must be an int >= 1, got {self.limit!r}")
-        for name in ("window", "backoff", "max_backoff"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"Restart.{name} must be a number >= 0, got {value!r}")
+        check_count("Restart.limit", self.limit, 1)
+        check_seconds("Restart.window", self.window, zero=False, infinite=True)
+        check_seconds("Restart.backoff", self.backoff)
+        check_seconds("Restart.max_backoff", self.max_backoff)
 
 
 class RestartBudget:
@@ -120,17 +126,16 @@ class Healer:
     """
 
     def __init__(self, name: str, done: Completions, load: Callable[[], Model], *,
-                 reopen: Callable[..., Callable[[], Model]] | None,
                  restart: Restart | None, retries: int, close_timeout: float,
                  set_state: Callable[[State], None],
                  state: Callable[[], State], break_: Callable[[DeviceError], None],
                  open_generation: Callable[[Callable[[], Model]], Awaitable[Generation]],
                  switch_to: Callable[[Generation], None],
-                 current: Callable[[], Generation | None]):
+                 current: Callable[[], Generation | None],
+                 set_submit: Callable[[Callable[[Job], None]], None] | None = None):
         self.name = name
         self._done = done
         self.load = load                          # a recovery reopens with it; reload replaces it
-        self.reopen = reopen                      # (target, options) -> load, for reload()
         self.budget = RestartBudget(restart) if restart is not None else None
         self.retries = retries
         self._close_timeout = close_timeout
@@ -140,11 +145,18 @@ class Healer:
         self._open_generation = open_generation
         self._switch_to = switch_to
         self._current = current
+        self._set_submit = set_submit             # where admitted jobs go (held on probation)
+        # probation (see the module docstring): suspects waiting to run alone, the one on
+        # the device now, and the new jobs held back until the probation ends
+        self._suspects: list[Ticket] = []
+        self.trial: Ticket | None = None
+        self._held: list[Job] = []
+        self._held_seqs: set[int] = set()
         self.recovered = asyncio.Event()         # set while not recovering
         self.recovered.set()
         self._task: asyncio.Task[None] | None = None
         self._retry_queue: list[Ticket] = []      # held by a failed device, re-run next
-        self.restarts = self.retried = 0
+        self.restarts = self.retried = self.poisoned = 0
         self.last_error: BaseException | None = None
         self.times = LatencyHistogram(RECOVERY_BUCKETS)
 
@@ -168,17 +180,28 @@ class Healer:
         self._task = asyncio.ensure_future(self._reopen_after(err, old))
 
     def retry_or_fail(self, err: DeviceError, gen: Generation | None) -> None:
-        """The items ``gen`` held: re-run (``retries``) on the next generation, or failed."""
+        """The items ``gen`` held: re-run (``retries``) on the next generation, or failed; a
+        suspect that broke it while on probation alone is failed as the poison item."""
         done = self._done
         retry: list[Ticket] = []
+        trial, self.trial = self.trial, None
+        waiting = {t.seq for t in self._suspects} | self._held_seqs  # never on the device
         for seq, ticket in list(done.unfinished.items()):
-            if ticket.gen is not gen and gen is not None:
+            if (ticket.gen is not gen and gen is not None) or seq in waiting:
                 continue
             if ticket.withdrawn:
                 del done.unfinished[seq]
                 done.admission.release(ticket.lane)
                 if ticket.lane is not done.default_lane and done.on_lane_released is not None:
                     done.on_lane_released(ticket.lane)  # a closed stream may be done now
+            elif ticket is trial:
+                del done.unfinished[seq]
+                poison = DeviceError(
+                    f"item {seq} broke the device twice (the second time re-run alone after "
+                    f"a failure): failed as a poison item, not retried again: {err}")
+                poison.__cause__ = err
+                done.fail_one(ticket, poison)
+                self.poisoned += 1
             elif ticket.retries < self.retries:
                 ticket.retries += 1
                 retry.append(ticket)
@@ -191,16 +214,61 @@ class Healer:
         done.check_idle()
 
     def _resubmit(self) -> None:
+        """The items a failed device held go on probation: re-run one at a time, new jobs
+        held back meanwhile (see the module docstring)."""
         queue, self._retry_queue = self._retry_queue, []
         gen = self._current()
         if gen is None:
             return
-        for ticket in sorted(queue, key=lambda t: t.seq):
+        for ticket in self._suspects:
+            ticket.gen = gen
+        for job in self._held:
+            held = self._done.unfinished.get(job.seq)
+            if held is not None:
+                held.gen = gen
+        self._suspects.extend(queue)
+        self._suspects.sort(key=lambda t: t.seq)
+        if self._suspects and self._set_submit is not None:
+            self._set_submit(self._hold)
+        self._next_trial()
+
+    def _hold(self, job: Job) -> None:
+        self._held.append(job)
+        self._held_seqs.add(job.seq)
+
+    def _next_trial(self) -> None:
+        """Run the next suspect alone, or end the probation: the held jobs go on, in order."""
+        gen = self._current()
+        if gen is None:
+            return
+        unfinished = self._done.unfinished
+        while self._suspects:
+            ticket = self._suspects.pop(0)
+            if unfinished.get(ticket.seq) is not ticket:
+                continue  # failed or settled meanwhile (a close)
             job = Job(ticket.seq, ticket.inputs, ticket.lane.index, ticket.t_admit)
             ticket.job = job
             ticket.gen = gen
             self.retried += 1
+            if self._set_submit is not None:
+                self.trial = ticket
             gen.submit(job)
+            if self._set_submit is not None:
+                return  # the next one when this one is settled (check_trial)
+        self.trial = None
+        if self._set_submit is not None:
+            self._set_submit(gen.pipeline.queues[0].put)
+        held, self._held = self._held, []
+        self._held_seqs.clear()
+        for job in held:
+            gen.submit(job)
+
+    def check_trial(self) -> None:
+        """After a burst of results: the suspect on probation settled? Then the next one."""
+        trial = self.trial
+        if trial is not None and self._done.unfinished.get(trial.seq) is not trial:
+            self.trial = None
+            self._next_trial()
 
     async def _reopen_after(self, err: DeviceError, old: Generation | None) -> None:
         started = perf_counter()
@@ -226,8 +294,6 @@ class Healer:
                     self.recovered.set()
                     return
         self._switch_to(gen)
-        for ticket in self._retry_queue:
-            ticket.gen = gen
         self.restarts += 1
         budget.recovered()
         self.times.add(perf_counter() - started)
@@ -253,24 +319,16 @@ class Healer:
     def broken(self) -> None:
         """The runner broke: nothing will be re-run, whoever waited for a recovery wakes."""
         self._retry_queue.clear()
+        self._suspects.clear()
+        self._held.clear()
+        self._held_seqs.clear()
+        self.trial = None
         self.recovered.set()
 
     # ---- reloading ----------------------------------------------------------------------
-    async def reload(self, target: Any, options: dict[str, Any]) -> None:
-        """Open the model of ``target`` and ``options`` (by default: the same one, re-read)
-        beside the current one, switch admission to it, let the old one finish what it holds
-        (bounded by ``close_timeout``), then close it."""
-        state = self._state()
-        if state is not State.READY:
-            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
-                               f"(it is {state.value})")
-        if target is None and not options:
-            load = self.load
-        elif self.reopen is None:
-            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
-                               f"reload only its own model")
-        else:
-            load = self.reopen(target, options)
+    async def reload(self, load: Callable[[], Model]) -> None:
+        """Open ``load``'s model beside the current one, switch admission to it, let the old
+        one finish what it holds (bounded by ``close_timeout``), then close it."""
         gen = await self._open_generation(load)
         if self._state() is not State.READY:  # closed or failed meanwhile
             await gen.stop(1.0)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from ..errors import DeviceError
 from ..stages import BlockingStage, DeviceStage, StageSpec
 from ..stats import StageStats
-from .batch_gather import Batch, BatchCounters, batch_of, gather, run_batch
+from .batch_gather import Batch, BatchCounters, batch_of, gather, run_alone, run_batch
 from .jobs import QUEUED, RUNNING, WITHDRAWN, Job, Worker
 from .loop_bridge import SHORT_CALL, Bridge
 
@@ -172,6 +172,11 @@ class Pipeline:
     def _fatal(self, exc: BaseException, stage: str) -> None:
         self.bridge.fatal(exc, stage)
 
+    def _return_shell(self, job: Job) -> None:
+        """A withdrawn job's empty shell goes straight back to the loop, which frees its slot
+        then: no later stage may run it (its inputs are gone)."""
+        self.bridge.deliver(job, perf_counter())
+
     def _make_stage(self, w: Worker) -> Any:
         spec = w.spec
         if not spec.shared or spec.replicas == 1:
@@ -218,15 +223,17 @@ class Pipeline:
             self.bridge.flush()
             return queue.get()
 
-    def _take(self, w: Worker, job: Any, first: bool, forward: _Forward) -> bool:
+    def _take(self, w: Worker, job: Any, first: bool) -> bool:
         """Whether ``w`` should run ``job``; a withdrawn shell goes back to free its slot."""
         if job is _STOP:
             raise _Stopped
         if self.stopping:
             return False
         if first:
+            if job.solo and job.state == RUNNING:
+                return True  # a member of a failed batch, back to run on its own
             if not self._claim(job):
-                forward(job, perf_counter())  # a withdrawn shell: the loop frees its slot
+                self._return_shell(job)
                 return False
             job.t_start = perf_counter()
         return True
@@ -236,7 +243,7 @@ class Pipeline:
         # that could be inlined (this thread competes with the loop for the GIL).
         queue = self.queues[w.index]
         get, get_nowait, pending, depth = queue.get, queue.get_nowait, queue.qsize, self.defer_depth
-        flush, claim = self.bridge.flush, self._claim
+        flush, claim, shell = self.bridge.flush, self._claim, self._return_shell
         forward = self._forward(w.index)
         first = w.index == 0
         name = w.spec.name
@@ -251,7 +258,7 @@ class Pipeline:
             if self.stopping:
                 continue
             if first and not claim(job):
-                forward(job, perf_counter())  # a withdrawn shell: the loop frees its slot
+                shell(job)
                 continue
             t0 = w.call_started = perf_counter()
             if first:
@@ -262,6 +269,13 @@ class Pipeline:
                 self._fatal(exc, name)
                 return
             except Exception as exc:
+                if type(job) is Batch:  # a batch from stage 0: its members run alone now
+                    try:
+                        self._run_members(w, run, job, forward, t0)
+                    except BaseException as fatal:  # DeviceError and the like
+                        self._fatal(fatal, name)
+                        return
+                    continue
                 job.error = exc
                 job.failed_stage = name
             except BaseException as exc:  # SystemExit, KeyboardInterrupt: nothing sane remains
@@ -275,6 +289,25 @@ class Pipeline:
             job.at = w.index + 1
             forward(job, t1, t1 - t0 < SHORT_CALL and pending() > depth)
 
+    def _run_members(self, w: Worker, run: Callable[[Any], Any], batch: Batch,
+                     forward: _Forward, t0: float) -> None:
+        """A batched call of a later stage failed: run each member on its own rows, so only
+        the members that fail on their own fail (and the others keep their results)."""
+        if self.batching is not None:
+            self.batching.fallbacks += 1
+        batch.work += perf_counter() - t0  # the failed call counts as the members' work
+        members = batch.members_at(w.index)
+        for member in members:
+            if member.error is None:
+                run_alone(run, member, w.spec.name)
+            w.calls += 1
+            member.at = w.index + 1
+        now = perf_counter()
+        w.call_started = 0.0
+        w.busy += now - t0
+        for member in members:
+            forward(member, now)
+
     def _run_batched(self, w: Worker, run: Callable[[Any], Any]) -> None:
         """Stage 0 with batching: each call takes what is queued, up to ``batch`` rows."""
         queue = self.queues[0]
@@ -284,8 +317,7 @@ class Pipeline:
         assert counters is not None
         siblings = [o for o in self.workers if o.index == 0 and o is not w]
 
-        def shell(job: Job) -> None:
-            forward(job, perf_counter())
+        shell = self._return_shell
 
         def device_busy() -> bool:
             return any(o.call_started for o in siblings)
@@ -334,26 +366,20 @@ class Pipeline:
         name = w.spec.name
         by_stream = type(device).submit_stream is not DeviceStage.submit_stream
         following: Any = None
-
-        def shell(job: Job) -> None:
-            forward(job, perf_counter())
-
         try:
             while True:
                 if following is not None:
                     job, following = following, None
                 else:
                     job = self._next(w, queue)
-                if batching and job is not _STOP and job.solo and job.state == RUNNING:
-                    pass  # a member of a failed batch, back to run on its own
-                elif not self._take(w, job, first, forward):
+                if not self._take(w, job, first):
                     continue
                 tokens: list[Any] = [job]
                 if batching and not job.solo:
                     jobs, following = gather(
                         job, queue.get_nowait, queue.get, self.batch,
                         job.t_admit + self.batch_wait, lambda: w.in_device > 0, self._claim,
-                        shell, _STOP)
+                        self._return_shell, _STOP)
                     tokens = batch_of(jobs, self.batching, perf_counter())  # type: ignore[arg-type]
                 for token in tokens:
                     if not self._submit_one(w, device, token, by_stream, forward, name):
@@ -378,6 +404,9 @@ class Pipeline:
             now = perf_counter()
             if w.leave_device(job, now):
                 job.work += now
+                if type(job) is Batch:  # only the members that fail on their own fail
+                    self._rerun_alone(w, job)
+                    return True
                 job.error = exc
                 job.failed_stage = name
                 forward(job, now)
@@ -405,7 +434,7 @@ class Pipeline:
                     return
                 job.work += now
                 if error is not None and type(job) is Batch and not self.stopping:
-                    self._rerun_alone(job)  # only the items that fail on their own fail
+                    self._rerun_alone(w, job)  # only the items that fail on their own fail
                     return
                 if error is not None:
                     job.error = error
@@ -423,13 +452,19 @@ class Pipeline:
         return complete
 
 
-    def _rerun_alone(self, batch: Batch) -> None:
-        """A batched device call failed: its members go back to stage 0, each to run alone."""
+    def _rerun_alone(self, w: Worker, batch: Batch) -> None:
+        """A batched device call failed: its members go back to the same stage's queue, each
+        with its own rows of what the batch brought to this stage, to run alone."""
         if self.batching is not None:
             self.batching.fallbacks += 1
-        for member in batch.members:
-            member.solo = True
-            self.queues[0].put(member)
+        forward = self._forward(w.index)
+        now = perf_counter()
+        for member in batch.members_at(w.index):
+            if member.error is not None:  # its rows could not be split out: it fails here
+                member.failed_stage = w.spec.name
+                forward(member, now)
+            else:
+                self.queues[w.index].put(member)
 
 
 class _Stopped(Exception):

@@ -67,8 +67,8 @@ class Supervisor:
     def __init__(self, name: str, load: Callable[[], Model], done: Completions,
                  streams: StreamTable, *, maxsize: int, call_timeout: float | None,
                  close_timeout: float, restart: Restart | None, retries: int, warmup: int,
-                 warmup_inputs: Any, batch_wait: float,
-                 reopen: Callable[..., Callable[[], Model]] | None):
+                 warmup_inputs: Any, batch_wait: float, open_timeout: float | None = None,
+                 reopen: Callable[..., tuple[Callable[[], Model], float]] | None = None):
         self.name = name
         self.done = done
         self.admission = done.admission
@@ -77,6 +77,7 @@ class Supervisor:
         self.maxsize = maxsize
         self.call_timeout = call_timeout
         self.close_timeout = close_timeout
+        self.open_timeout = open_timeout
         self.warmup = (warmup, warmup_inputs)
         self.batch_wait = batch_wait
         self.state = State.STARTING
@@ -92,19 +93,42 @@ class Supervisor:
         self.watchdog: Watchdog | None = None
         self.closing: asyncio.Future[None] | None = None  # set once aclose() started
         self.opened = asyncio.Event()            # open() finished, either way
+        self.reopen = reopen  # (target, options) -> (load, batch_wait), for reload()
         # weakly: no reference cycle, so a dropped runner is freed (and its devices released)
         # at once, not at the next garbage collection
-        self.healer = Healer(name, done, load, reopen=reopen, restart=restart, retries=retries,
+        self.healer = Healer(name, done, load, restart=restart, retries=retries,
                              close_timeout=close_timeout, set_state=weakly(self.set_state),
                              state=weakly(self._state), break_=weakly(self.break_),
                              open_generation=weakly(self.open_generation),
-                             switch_to=weakly(self.switch_to), current=weakly(self._current))
+                             switch_to=weakly(self.switch_to), current=weakly(self._current),
+                             set_submit=weakly(self._set_submit))
 
     def _state(self) -> State:
         return self.state
 
     def _current(self) -> Generation | None:
         return self.gen
+
+    async def reload(self, target: Any, options: dict[str, Any]) -> None:
+        """``runner.reload``: the new model's load (and batch_wait), then the healer's switch."""
+        state = self.state
+        if state is not State.READY:
+            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
+                               f"(it is {state.value})")
+        batch_wait = self.batch_wait
+        if target is None and not options:
+            load = self.healer.load
+        elif self.reopen is None:
+            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
+                               f"reload only its own model")
+        else:
+            load, batch_wait = self.reopen(target, options)
+        previous, self.batch_wait = self.batch_wait, batch_wait  # the new model runs with it
+        try:
+            await self.healer.reload(load)
+        except BaseException:
+            self.batch_wait = previous
+            raise
 
     def set_state(self, state: State) -> None:
         self.clock.enter(state)
@@ -137,11 +161,18 @@ class Supervisor:
             self.watchdog.watch(gen.pipeline)
 
     def open_generation(self, load: Callable[[], Model]) -> Any:
+        """Load, start and warm up a generation, bounded by ``open_timeout`` (each warm-up
+        call by ``call_timeout``): for the open, a restart's reopen and a reload."""
         assert self.loop is not None
         warmup, warmup_inputs = self.warmup
         return open_generation(self.name, load, self.loop, self.on_jobs, self.on_fatal,
                                maxsize=self.maxsize, batch_wait=self.batch_wait,
-                               warmup=warmup, warmup_inputs=warmup_inputs)
+                               warmup=warmup, warmup_inputs=warmup_inputs,
+                               open_timeout=self.open_timeout,
+                               call_timeout=self.call_timeout)
+
+    def _set_submit(self, submit: Callable[[Job], None]) -> None:
+        self.submit = submit
 
     def switch_to(self, gen: Generation) -> None:
         self.gen = gen
@@ -278,6 +309,8 @@ class Supervisor:
     # ---- what the generation reports (on the loop) --------------------------------------
     def on_jobs(self, jobs: list[Job]) -> None:
         self.done.on_jobs(jobs)
+        if self.healer.trial is not None:  # only on probation, after a failure
+            self.healer.check_trial()
         default = self.lane
         if default.tickets and default.tickets[0].done:
             default.wake()
