@@ -51,7 +51,7 @@ from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import SegmentIO, Wiring, build_model, check_file, loading, model_paths, plan
+from ._segments import SegmentIO, Wiring, build_model, ir_read_error, model_paths, plan
 
 __all__ = ["LayerTimes", "LegacyIEStage", "LegacyRequestFailed", "LegacySyncStage", "ie_api",
            "load"]
@@ -280,9 +280,12 @@ def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
 
 
 def _read(core: Any, path: Path) -> Any:
-    weights = check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
-    with loading(path, "OpenVINO (legacy Inference Engine API)"):
-        return core.read_network(model=str(path), weights=str(weights))
+    # The weights are read from the .bin beside the .xml. Whether the graph needs any is
+    # the runtime's call: one without constants has an empty .bin (or none), and loads.
+    try:
+        return core.read_network(model=str(path))
+    except Exception as exc:
+        raise ir_read_error(path, "OpenVINO (legacy Inference Engine API)", exc) from exc
 
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",
