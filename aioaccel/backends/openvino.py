@@ -534,8 +534,10 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
     io = [_segment(_label(i, item), c, m, item)
           for i, (c, m, item) in enumerate(zip(compiled, models, items, strict=True))]
     wirings = plan(io)
-    holders = [Recompiling(c, lambda m=m, item=item: _compile(core, m, item, device,
-                                                              properties, ov))
+    def recompile(model: Any, item: Any) -> Callable[[], Any]:
+        return lambda: _compile(core, model, item, device, properties, ov)
+
+    holders = [Recompiling(c, recompile(m, item))
                for c, m, item in zip(compiled, models, items, strict=True)]
     del compiled  # the holders own them (and compile anew after a failure)
     specs = []

