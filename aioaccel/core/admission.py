@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from .lanes import Lane
+from .records import Lane
 
 __all__ = ["Admission"]
 
@@ -45,6 +46,10 @@ class Admission:
         self.ring: dict[Lane, None] = {}
 
     # ---- lanes ------------------------------------------------------------------------------
+    def counters(self) -> dict[str, Any]:
+        """Occupancy, as :class:`~aioaccel.RunnerStats` fields."""
+        return {"in_flight": self.admitted, "peak_admitted": self.peak, "waiting": self.waiting}
+
     def add_lane(self, lane: Lane) -> None:
         if lane.reserve:
             if self.reserved + lane.reserve > self.maxsize:

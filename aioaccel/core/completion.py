@@ -1,10 +1,11 @@
 """Completion routing and failure fan-out (loop side).
 
-Each admitted item has a :class:`Ticket` on the loop (seq, tag, lane, future) and a
-:class:`~aioaccel.pipeline.Job` on the threads (inputs, outputs, error, timing). When the bridge
-hands finished jobs over, :meth:`Completions.on_jobs` finds each job's ticket by seq and
-settles it: an ``infer`` future gets its value or error and frees its slot at once; a streamed
-item is marked done in its lane's outbox and keeps its slot until ``async for`` consumes it.
+Each admitted item has a :class:`~aioaccel.core.records.Ticket` on the loop (seq, tag, lane,
+future) and a :class:`~aioaccel.core.jobs.Job` on the threads (inputs, outputs, error, timing).
+When the bridge hands finished jobs over, :meth:`Completions.on_jobs` finds each job's ticket
+by seq and settles it: an ``infer`` future gets its value or error and frees its slot at once;
+a streamed item is marked done in its lane's outbox and keeps its slot until ``async for``
+consumes it.
 
 A fatal failure or a close fails every unfinished ticket (:meth:`Completions.fail_pending`).
 """
@@ -14,56 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from time import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import AccelError, InferenceError, copy_for_waiter, inference_error
-from .stats import LatencyHistogram, LatencyWindow
+from ..errors import AccelError, InferenceError, copy_for_waiter, inference_error
+from ..stats import LatencyHistogram, LatencyWindow
+from .records import Lane, Ticket
 
 if TYPE_CHECKING:
     from .admission import Admission
-    from .lanes import Lane
-    from .pipeline import Job
+    from .jobs import Job
 
-__all__ = ["Completions", "Ticket"]
+__all__ = ["Completions", "Ticket"]  # Ticket: re-exported from .records
 
 log = logging.getLogger("aioaccel")
-
-
-class Ticket:
-    """The loop-side half of one admitted item (only ever touched on the loop)."""
-
-    __slots__ = (
-        "done",
-        "error",
-        "future",
-        "gen",
-        "inputs",
-        "job",
-        "lane",
-        "released",
-        "retries",
-        "seq",
-        "t_admit",
-        "tag",
-        "withdrawn",
-    )
-
-    def __init__(self, seq: int, tag: Any, lane: Lane, future: asyncio.Future[Any] | None,
-                 job: Job, t_admit: float):
-        self.seq = seq
-        self.tag = tag
-        self.lane = lane
-        self.future = future          # infer(): resolved with the outputs; None for streams
-        self.job = job                # the thread-side half (the loop reads it once delivered)
-        self.t_admit = t_admit
-        self.done = False             # streamed: its result is ready in the lane's outbox
-        self.error: InferenceError | None = None
-        self.withdrawn = False        # infer() gave up before a worker took it
-        self.released = False         # its slot was freed before it was consumed
-        self.retries = 0              # times re-run after a device failure
-        self.gen: Any = None          # the generation (model + pipeline) it was submitted to
-        self.inputs: Any = None       # kept only when it may be re-run (retries > 0)
 
 
 class Completions:
@@ -80,6 +46,9 @@ class Completions:
         self.histogram = LatencyHistogram()
         self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
         self.last_completion: float | None = None      # wall-clock time of the last result
+        #: called with a stream's lane when a withdrawn item's shell gives its last slot back
+        #: (the runner then forgets a closed stream with nothing left: its key is free again)
+        self.on_lane_released: Callable[[Lane], None] | None = None
 
     # ---- settling ---------------------------------------------------------------------------
     def on_jobs(self, jobs: list[Job]) -> None:
@@ -103,6 +72,8 @@ class Completions:
         lane = ticket.lane
         if ticket.withdrawn:  # the empty shell of a withdrawn infer: its slot is free now
             self.admission.release(lane)
+            if lane is not self.default_lane and self.on_lane_released is not None:
+                self.on_lane_released(lane)
             return
         if job.error is None:
             self.completed += 1
@@ -134,6 +105,33 @@ class Completions:
             else:
                 fut.set_result(job.value)
             self.admission.release(lane)
+
+    def give_up(self, ticket: Ticket) -> None:
+        """The ``infer`` waiting for ``ticket`` is gone (cancelled, timed out): withdraw the
+        item if no worker took it yet, else mark its result as nobody's."""
+        fut = ticket.future
+        if fut is not None and fut.done() and not fut.cancelled():
+            fut.exception()  # retrieved: no "never retrieved" log
+            self.discarded += 1  # it arrived, but nobody is left to take it
+        elif (self.unfinished.get(ticket.seq) is ticket and ticket.gen is not None
+              and ticket.gen.pipeline.withdraw(ticket.job)):
+            # Its empty shell comes back when a worker reaches it and frees the slot then,
+            # so the hand-off never holds more than maxsize jobs.
+            ticket.withdrawn = True
+            self.withdrawn += 1
+        else:
+            ticket.job.abandoned = True  # a device stage may cancel its remote work
+
+    def counters(self) -> dict[str, Any]:
+        """The item counters and latency figures, as :class:`~aioaccel.RunnerStats` fields."""
+        p50, p99 = self.latency.percentiles()
+        q50, q99 = self.queued.percentiles()
+        w50, w99 = self.working.percentiles()
+        return {"pushed": self.pushed, "completed": self.completed, "failed": self.failed,
+                "discarded": self.discarded, "withdrawn": self.withdrawn,
+                "latency_p50": p50, "latency_p99": p99, "queue_p50": q50, "queue_p99": q99,
+                "device_p50": w50, "device_p99": w99,
+                "latency_buckets": self.histogram.cumulative(), "latency_sum": self.histogram.sum}
 
     def free(self, ticket: Ticket) -> None:
         """Give back the slot of a streamed ticket, once: when it is consumed, or earlier when
@@ -196,6 +194,8 @@ class Completions:
             for ticket in tickets:
                 if not ticket.released:
                     self.admission.release(lane)
+            if tickets:  # its consumer gets the failure after the finished prefix
+                lane.failure = failure
             lane.tickets = kept
             lane.wake()
         self.check_idle()
