@@ -1,5 +1,5 @@
 """What backends do at open: no runtime import on the event loop, helper threads named after
-the runner."""
+the runner, OpenVINO IR weights judged by OpenVINO."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import aioaccel
 from aioaccel.backends import get_backend, resolve_backend
 from aioaccel.testing.coral import simulate_coral
 from aioaccel.testing.models import dense_chain
@@ -56,3 +58,73 @@ def test_coral_helper_threads_are_named_after_the_runner(tmp_path: Path) -> None
             stage.close()  # type: ignore[union-attr]
             if model.close is not None:
                 model.close()
+
+
+# ---- OpenVINO IR and its weights -------------------------------------------------------------
+def relu_ir(directory: Path) -> Path:
+    """A valid IR with no constants: ``openvino.save_model`` writes a 0-byte ``.bin``."""
+    ov = pytest.importorskip("openvino")
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 4], np.float32, name="x")
+    path = directory / "relu.xml"
+    ov.save_model(ov.Model([ops.relu(x)], [x], "relu"), str(path))
+    return path
+
+
+def weighted_ir(directory: Path) -> Path:
+    """An IR whose graph needs its weights (a MatMul by a constant)."""
+    ov = pytest.importorskip("openvino")
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 4], np.float32, name="x")
+    w = ops.constant(np.arange(16, dtype=np.float32).reshape(4, 4))
+    path = directory / "weighted.xml"
+    ov.save_model(ov.Model([ops.matmul(x, w, False, False)], [x], "weighted"), str(path))
+    return path
+
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["sync", "async"])
+async def test_an_ir_without_weights_loads_with_its_empty_bin_and_without_one(
+        api: str, tmp_path: Path) -> None:
+    path = relu_ir(tmp_path)
+    assert path.with_suffix(".bin").stat().st_size == 0  # what this test is about
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    for _ in ("empty .bin", "no .bin"):
+        async with aioaccel.open(path, api=api) as runner:
+            out = await runner.infer(x)
+        assert np.array_equal(next(iter(out.values())), np.maximum(x, 0))
+        path.with_suffix(".bin").unlink(missing_ok=True)  # OpenVINO needs none: loads too
+
+
+@pytest.mark.anyio
+async def test_an_ir_that_needs_its_weights_names_them_when_missing_or_empty(
+        tmp_path: Path) -> None:
+    path = weighted_ir(tmp_path)
+    weights = path.with_suffix(".bin")
+    data = weights.read_bytes()
+    weights.write_bytes(b"")  # empty, but the graph has a constant: OpenVINO refuses
+    with pytest.raises(aioaccel.ModelLoadError) as info:
+        async with aioaccel.open(path):
+            pass
+    message = str(info.value)
+    assert not isinstance(info.value, aioaccel.ModelNotFound)
+    assert "weighted.xml" in message and "weighted.bin" in message and "0 bytes" in message
+    assert "OpenVINO" in message and "weights" in message.lower()  # OpenVINO's own reason
+    assert isinstance(info.value.__cause__, RuntimeError) and "\n" not in message
+    weights.unlink()
+    with pytest.raises(aioaccel.ModelNotFound, match=r"weights file of weighted\.xml not found"):
+        async with aioaccel.open(path):
+            pass
+    weights.mkdir()
+    with pytest.raises(aioaccel.ModelLoadError, match="not a regular file"):
+        async with aioaccel.open(path):
+            pass
+    weights.rmdir()
+    weights.write_bytes(data)
+    async with aioaccel.open(path) as runner:  # and the real thing loads
+        out = await runner.infer(np.ones((1, 4), np.float32))
+    assert np.array_equal(next(iter(out.values())),
+                          np.ones((1, 4), np.float32) @ np.arange(16.0).reshape(4, 4))

@@ -5,6 +5,7 @@ fails at open naming file, runtime and cause."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,74 @@ def test_bench_on_a_tflite_vision_model() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "inputs: input float32 (1, 128, 128, 3)" in proc.stderr
     assert "raw vendor loop" in proc.stdout
+
+
+# ---- OpenVINO after a failed item (the CPU plugin keeps the failed call's state) -------------
+def openvino_reference(path: Path, x: np.ndarray) -> np.ndarray:
+    """A fresh compiled model's answer (f32, as aioaccel compiles on the CPU)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.array(compiled.create_infer_request().infer({0: x})[0])
+
+
+@pytest.mark.parametrize("api,replicas", [("sync", 1), ("sync", 2), ("async", 1)])
+async def test_openvino_answers_good_inputs_right_after_one_failed_inside_the_graph(
+        api: str, replicas: int) -> None:
+    """PP-OCRv4's detector needs H and W in multiples of 32: (1, 3, 33, 47) fails inside the
+    CPU plugin. Raw OpenVINO then fails every later (1, 3, 320, 320) with the same error, on
+    new requests too, and answers another shape wrongly; aioaccel answers both right."""
+    path = real("ocr-detector")
+    good, other, bad = image((1, 3, 320, 320)), image((1, 3, 64, 96), 2), image((1, 3, 33, 47), 1)
+    async with aioaccel.open(path, backend="openvino", api=api, replicas=replicas) as runner:
+        first = await runner.infer({"x": good})
+        with pytest.raises(aioaccel.InferenceError) as info:
+            await runner.infer({"x": bad})
+        assert isinstance(info.value.__cause__, RuntimeError)
+        again = [await runner.infer({"x": good}) for _ in range(3)]
+        shaped = await runner.infer({"x": other})  # the shape raw OpenVINO gets wrong
+        both = await asyncio.gather(runner.infer({"x": good}), runner.infer({"x": other}))
+        assert runner.stats().failed == 1
+    expected, expected_other = openvino_reference(path, good), openvino_reference(path, other)
+    for out in (first, *again, both[0]):
+        assert np.allclose(next(iter(out.values())), expected, rtol=1e-4, atol=1e-6)
+    for out in (shaped, both[1]):
+        assert np.allclose(next(iter(out.values())), expected_other, rtol=1e-4, atol=1e-6)
+
+
+# ---- the same names on every backend (Silero VAD's OpenVINO export: an If graph) ------------
+def vad16k_inputs(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": rng.uniform(-0.5, 0.5, (1, 576)).astype(np.float32),
+            "state": np.zeros((2, 1, 128), np.float32)}
+
+
+@pytest.mark.parametrize("form", ["onnx file", "openvino.Model", "IR"])
+async def test_an_output_out_of_an_if_keeps_its_declared_name_on_every_backend(
+        form: str, tmp_path: Path) -> None:
+    import openvino as ov
+
+    path = real("vad-openvino")
+    model = ov.Core().read_model(str(path))
+    port = ov.Core().compile_model(model, "CPU").outputs[0]
+    assert port.get_any_name() != "output" and "output" in port.get_names()  # the trap
+    target: object = path
+    if form == "openvino.Model":
+        target = model
+    elif form == "IR":
+        target = tmp_path / "vad.xml"
+        ov.save_model(model, str(target), compress_to_fp16=False)  # the same weights
+    feed = vad16k_inputs()
+    names, outs = {}, {}
+    for backend, options in (("onnx", {}), ("openvino", {"api": "sync"}),
+                             ("openvino", {"api": "async"})):
+        label = f"{backend}-{options.get('api', '')}"
+        async with aioaccel.open(path if backend == "onnx" else target, backend=backend,
+                                 **options) as runner:
+            names[label] = ([s.name for s in runner.inputs], [s.name for s in runner.outputs])
+            outs[label] = await runner.infer(feed)
+    assert all(n == (["input", "state"], ["output", "stateN"]) for n in names.values()), names
+    for label, out in outs.items():
+        assert list(out) == ["output", "stateN"], label
+        for key, value in out.items():
+            assert np.allclose(value, outs["onnx-"][key], rtol=1e-3, atol=1e-5), (label, key)

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from ..stages import StageSpec
     from . import Model
 
-__all__ = ["SegmentIO", "Wiring", "build_model", "check_file", "loading", "model_paths", "plan",
-           "validator"]
+__all__ = ["SegmentIO", "Wiring", "build_model", "check_file", "ir_read_error", "loading",
+           "model_paths", "plan", "validator"]
 
 
 def model_paths(target: Any, suffixes: Sequence[str]) -> list[Path]:
@@ -71,6 +71,33 @@ def check_file(path: Path, what: str = "model file") -> Path:
 _WHERE = re.compile(r"^(Exception from |Check '.*' failed at )")
 
 
+def native_reason(exc: BaseException) -> str:
+    """A runtime's message on one line, without the lines that say where in its sources it
+    was raised."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return " ".join(ln for ln in lines if not _WHERE.match(ln)) or type(exc).__name__
+
+
+def ir_read_error(xml: Path, runtime: str, exc: BaseException) -> ModelLoadError:
+    """What a failed read of an OpenVINO IR means for the user. Only the runtime knows whether
+    the graph needs weights (a graph without constants has an empty ``.bin``, or none, and
+    loads), so the weights file is looked at only once the read has failed: a missing one is
+    ModelNotFound, one that is not a readable file says so, else the runtime's reason."""
+    weights = xml.with_suffix(".bin")
+    reason = native_reason(exc)
+    if not weights.exists():
+        return ModelNotFound(f"weights file of {xml.name} not found: {str(weights)!r} "
+                             f"({runtime}: {reason})")
+    if not weights.is_file():
+        return ModelLoadError(f"weights file of {xml.name}, {str(weights)!r}, is not a "
+                              f"regular file ({runtime}: {reason})")
+    if not os.access(weights, os.R_OK):
+        return ModelLoadError(f"weights file of {xml.name}, {str(weights)!r}, is not "
+                              f"readable ({runtime}: {reason})")
+    return ModelLoadError(f"{runtime} cannot read {str(xml)!r} (weights {weights.name}, "
+                          f"{weights.stat().st_size} bytes): {reason}")
+
+
 @contextmanager
 def loading(path: Any, runtime: str, doing: str = "open") -> Iterator[None]:
     """Turn what a runtime raises while reading ``path`` into a ModelLoadError that names the
@@ -80,9 +107,8 @@ def loading(path: Any, runtime: str, doing: str = "open") -> Iterator[None]:
     except AccelError:
         raise
     except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        gist = " ".join(ln for ln in lines if not _WHERE.match(ln)) or type(exc).__name__
-        raise ModelLoadError(f"{runtime} cannot {doing} {str(path)!r}: {gist}") from exc
+        raise ModelLoadError(f"{runtime} cannot {doing} {str(path)!r}: "
+                             f"{native_reason(exc)}") from exc
 
 
 @dataclass(frozen=True)

