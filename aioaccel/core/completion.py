@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from time import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,9 @@ class Completions:
         self.histogram = LatencyHistogram()
         self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
         self.last_completion: float | None = None      # wall-clock time of the last result
+        #: told when a closed or dropped stream's last withdrawn shell came back (the stream
+        #: table forgets the stream then, if nothing else is left in it)
+        self.shell_returned: Callable[[Lane], None] | None = None
 
     # ---- settling ---------------------------------------------------------------------------
     def on_jobs(self, jobs: list[Job]) -> None:
@@ -68,6 +72,8 @@ class Completions:
         lane = ticket.lane
         if ticket.withdrawn:  # the empty shell of a withdrawn infer: its slot is free now
             self.admission.release(lane)
+            if (lane.closed or lane.orphaned) and self.shell_returned is not None:
+                self.shell_returned(lane)
             return
         if job.error is None:
             self.completed += 1
