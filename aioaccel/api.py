@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import get_backend, resolve_backend
 from .batching import BatchingUnsupported
 from .core.healing import Restart
+from .isolation import check_isolation
 from .options import DEFAULT_OPEN_TIMEOUT, check_batch, check_count
 from .runner import Runner
 
@@ -37,6 +38,8 @@ def open(
     warmup_inputs: Any = None,
     batch: int | str | None = None,
     batch_wait: float | None = None,
+    isolation: str = "thread",
+    max_rss: int | None = None,
     **options: Any,
 ) -> Runner:
     """Make a runner for ``target``; open it with ``async with`` or ``await``.
@@ -48,6 +51,8 @@ def open(
     stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``; ``open_timeout``
     bounds opening (loading, making the stages, the warm-up), and the same for the reopen of
     a restart and for :meth:`~aioaccel.Runner.reload` (:class:`~aioaccel.OpenTimeout`).
+    Every option is checked at once (:mod:`aioaccel.options`): a bad one (NaN seconds
+    included) is refused with an error naming it.
 
     Self-healing (see :mod:`aioaccel.core.healing`): ``restart=aioaccel.Restart(...)`` reopens the
     model after a fatal failure instead of breaking the runner; ``retries`` re-runs the items
@@ -57,12 +62,21 @@ def open(
     Dynamic batching (see :mod:`aioaccel.core.batch_gather`): ``batch=N`` groups up to N
     admitted items into one call of the first stage (inputs joined along axis 0, outputs split
     back per item); ``batch="auto"`` measures the model at open and picks a size;
-    ``batch_wait`` is the longest a partial batch waits for more items while the device is busy.
+    ``batch_wait`` is the longest a partial batch waits for more items while the device is busy
+    (default 2 ms; refused without ``batch``, where it would do nothing).
+
+    Process isolation (see :mod:`aioaccel.isolation`): ``isolation="process"`` runs the
+    stages in child processes, so a runtime that segfaults, aborts or hangs holding the GIL
+    takes down one child, not the service; ``max_rss`` (bytes) kills a child whose resident
+    memory grows past it. The target must be loadable in the child: a model path or a
+    callable importable by reference.
 
     Other keyword options go to the backend. Nothing is loaded until the runner is opened.
     """
     batch, wait = check_batch(batch, batch_wait)
     check_count("replicas", replicas, 1)
+    # [isolation] checked here, at open: a target the child cannot load is refused now
+    process = check_isolation(isolation, target, backend, batch, max_rss, options)
     name = name or f"runner{next(_names)}"
 
     def make_load(new_target: Any, new_options: dict[str, Any]
@@ -78,6 +92,10 @@ def open(
             new_wait = wait
         new_batch, new_wait = check_batch(new_batch, new_wait)
         new_replicas = check_count("replicas", new_options.pop("replicas", replicas), 1)
+        if process is not None and new_target is not target:  # [isolation] reload(target)
+            from .isolation import check_target
+
+            check_target(new_target)
         merged = {**options, **new_options}
         chosen = merged.pop("backend", None) or (backend if new_target is target else None)
         size: list[int | str | None] = [new_batch]
@@ -85,7 +103,7 @@ def open(
         def load() -> Model:
             # batch="auto" measures once: a restart reopens with the size it chose
             model = _load(chosen, new_target, new_replicas, maxsize, name, size[0], new_wait,
-                          merged)
+                          merged, process)
             size[0] = model.batch
             return model
 
@@ -101,10 +119,16 @@ def open(
 
 
 def _load(backend_name: str | None, target: Any, replicas: int, maxsize: int, runner_name: str,
-          batch: int | str | None, batch_wait: float, options: dict[str, Any]) -> Model:
+          batch: int | str | None, batch_wait: float, options: dict[str, Any],
+          process: dict[str, Any] | None = None) -> Model:
     """Runs on the runner's load thread: deciding the backend may import a runtime."""
     name = backend_name or resolve_backend(target)
-    load = get_backend(name).load
+    if process is not None:  # [isolation] the backend loads in child processes instead
+        from .isolation import process_loader
+
+        load = process_loader(name, **process)
+    else:
+        load = get_backend(name).load
     accepted = inspect.signature(load).parameters
     if "maxsize" in accepted:  # it bounds the vendor's own queues
         options = {**options, "maxsize": maxsize}

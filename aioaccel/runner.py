@@ -34,6 +34,7 @@ from .core.completion import Completions
 from .core.healing import Health, Restart
 from .core.jobs import Job
 from .core.lifecycle import State
+from .core.options import check_options
 from .core.records import Lane, Ticket
 from .core.results import Result
 from .core.stream_table import StreamTable
@@ -45,13 +46,7 @@ from .errors import (
     WouldBlock,
     copy_for_waiter,
 )
-from .options import (
-    DEFAULT_BATCH_WAIT,
-    DEFAULT_OPEN_TIMEOUT,
-    check_count,
-    check_reload,
-    check_seconds,
-)
+from .options import DEFAULT_BATCH_WAIT, DEFAULT_OPEN_TIMEOUT
 from .stats import RunnerStats
 
 if TYPE_CHECKING:
@@ -79,30 +74,26 @@ class Runner:
                  restart: Restart | None = None, retries: int = 0, warmup: int = 0,
                  warmup_inputs: Any = None, batch_wait: float = DEFAULT_BATCH_WAIT,
                  reopen: Callable[..., tuple[Callable[[], Model], float]] | None = None):
-        check_count("maxsize", maxsize, 1)
-        check_seconds("call_timeout", call_timeout, none=True, zero=False)
-        check_seconds("close_timeout", close_timeout)
-        check_seconds("open_timeout", open_timeout, none=True, zero=False)
-        if restart is not None and not isinstance(restart, Restart):
-            raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
-        check_count("retries", retries)
-        check_count("warmup", warmup)
-        check_seconds("batch_wait", batch_wait)
+        check_options(maxsize=maxsize, call_timeout=call_timeout, restart=restart,
+                      retries=retries, warmup=warmup, batch_wait=batch_wait,
+                      close_timeout=close_timeout, open_timeout=open_timeout)
         self.name = name or f"runner{next(_names)}"
-        self._reopen = reopen  # (target, options) -> (load, batch_wait), for reload()
         self._maxsize = maxsize
         self._seq = count()
         self._admission = Admission(maxsize)
         self._lane = Lane(None, 0, maxsize)       # plain push / infer / async for
         self._done = Completions(self._admission, self._lane)
         self._streams = StreamTable(self.name, maxsize, self._admission, self._done, self._lane,
-                                    push=self._push_lane, push_nowait=self._push_lane_nowait,
+                                    self, push=self._push_lane, push_nowait=self._push_lane_nowait,
                                     next=self._next)
+        # a closed stream is forgotten (its key free) when its last withdrawn item comes back
+        self._done.on_lane_released = self._streams.forget_if_done
         self._sup = Supervisor(self.name, load, self._done, self._streams, maxsize=maxsize,
                                call_timeout=call_timeout, close_timeout=close_timeout,
-                               open_timeout=open_timeout, restart=restart, retries=retries,
-                               warmup=warmup, warmup_inputs=warmup_inputs,
-                               batch_wait=float(batch_wait))
+                               open_timeout=open_timeout,
+                               restart=restart, retries=retries, warmup=warmup,
+                               warmup_inputs=warmup_inputs, batch_wait=float(batch_wait),
+                               reopen=reopen)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
@@ -349,32 +340,8 @@ class Runner:
         """Replace the model while serving: open the new one (``target`` and ``options`` as
         for :func:`aioaccel.open`; by default the same target, re-read) beside the old one,
         switch admission to it, let the old one finish what it holds, then close it. No item
-        fails or is lost; results keep push order. Both models are in memory for a while.
-
-        ``batch``, ``batch_wait``, ``replicas``, ``backend`` and backend options are honoured
-        (the new model is opened with them); the runner's own options (``maxsize``,
-        ``call_timeout``, ``restart``, ...) are refused with ``ValueError``. Opening the new
-        model is bounded by ``open_timeout`` (:class:`~aioaccel.OpenTimeout`)."""
-        check_reload(options)
-        sup = self._sup
-        state = sup.state
-        if state is not State.READY:
-            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
-                               f"(it is {state.value})")
-        batch_wait = sup.batch_wait
-        if target is None and not options:
-            load = sup.healer.load
-        elif self._reopen is None:
-            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
-                               f"reload only its own model")
-        else:
-            load, batch_wait = self._reopen(target, options)
-        previous, sup.batch_wait = sup.batch_wait, batch_wait  # the new model runs with it
-        try:
-            await sup.healer.reload(load)
-        except BaseException:
-            sup.batch_wait = previous
-            raise
+        fails or is lost; results keep push order. Both models are in memory for a while."""
+        await self._sup.healer.reload(target, options)
 
     # ---- introspection ------------------------------------------------------------------
     @property

@@ -61,8 +61,11 @@ class StageStats:
     in_device: int       #: device stages: items on the device right now
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RunnerStats:
+    """A snapshot of a runner. ``print(stats)`` (and ``repr``) shows it on a few labelled
+    lines; every number is also a field, for programs."""
+
     name: str
     pushed: int          #: items admitted (push, push_nowait and infer)
     completed: int       #: items whose stages all succeeded
@@ -109,6 +112,51 @@ class RunnerStats:
     def throughput(self) -> float:
         """Completed items per second since the runner opened."""
         return self.completed / self.elapsed if self.elapsed else 0.0
+
+    def __repr__(self) -> str:
+        return "\n".join(_runner_lines(self))
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def _runner_lines(s: RunnerStats) -> list[str]:
+    """The labelled lines of ``repr(RunnerStats)``: one topic a line, then a line per stage
+    and per stream."""
+    lines = [
+        f"RunnerStats({s.name!r}, state={s.state!r}, open {s.elapsed:.3g} s, "
+        f"{s.throughput:.4g} items/s)",
+        f"  items     pushed {s.pushed}, completed {s.completed}, failed {s.failed}, "
+        f"withdrawn {s.withdrawn}, discarded {s.discarded}"
+        + (f", duplicates {s.duplicates}" if s.duplicates else ""),
+        f"  capacity  in flight {s.in_flight}/{s.maxsize} (peak {s.peak_admitted}), "
+        f"waiting {s.waiting}",
+        f"  latency   p50 {_ms(s.latency_p50)}, p99 {_ms(s.latency_p99)} (admission to "
+        f"result)",
+        f"    queued  p50 {_ms(s.queue_p50)}, p99 {_ms(s.queue_p99)}; on the device p50 "
+        f"{_ms(s.device_p50)}, p99 {_ms(s.device_p99)}",
+    ]
+    if s.restarts or s.retried or s.warmup_seconds:
+        lines.append(f"  recovery  restarts {s.restarts}, retried {s.retried}, warm-up "
+                     f"{s.warmup_seconds:.3g} s")
+    if s.batching is not None:
+        b = s.batching
+        lines.append(f"  batching  size {b.size}, {b.batches} calls for {b.items} items "
+                     f"(fill {b.fill:.0%}), fallbacks {b.fallbacks}, wait {_ms(b.wait_mean)}")
+    for stage in s.stages:
+        lines.append(f"  stage     {stage.name!r} ({stage.kind}, {stage.workers} worker"
+                     f"{'s' if stage.workers != 1 else ''}): busy {stage.busy:.0%}, "
+                     f"queue {stage.queue_depth}, calls {stage.calls}"
+                     + (f", on the device {stage.in_device}" if stage.kind == "device" else ""))
+    for stream in s.streams:
+        lines.append(f"  stream    {stream.key!r}: pushed {stream.pushed}, completed "
+                     f"{stream.completed}, failed {stream.failed}, in flight "
+                     f"{stream.in_flight}/{stream.maxsize}, waiting {stream.waiting}, p50 "
+                     f"{_ms(stream.latency_p50)}")
+    if s.profile:
+        lines.append(f"  profile   {len(s.profile)} entries (see .profile)")
+    return lines
 
 
 class LatencyHistogram:

@@ -53,11 +53,12 @@ class Stream:
     ``async with runner.stream(key) as s:`` closes it on exit.
     """
 
-    __slots__ = ("__weakref__", "_lane", "_ops")
+    __slots__ = ("__weakref__", "_lane", "_ops", "_owner")
 
-    def __init__(self, ops: LaneOps, lane: Lane):
+    def __init__(self, ops: LaneOps, lane: Lane, owner: object = None):
         self._ops = ops
         self._lane = lane
+        self._owner = owner  # the runner: alive while its streams are held
 
     @property
     def key(self) -> Any:

@@ -15,6 +15,13 @@ import aioaccel
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs these async tests
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    # anyio runs on every backend installed unless told; aioaccel runs on asyncio (and uvloop:
+    # ("asyncio", {"use_uvloop": True}))
+    return "asyncio"
+
+
 async def classify(runner: aioaccel.Runner, frames: list[int]) -> list[str]:
     """The code under test: a label per frame, "error" for frames the model failed on."""
     results = await asyncio.gather(*(runner.infer(f, timeout=1.0) for f in frames),

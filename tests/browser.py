@@ -32,8 +32,11 @@ def find_chromium() -> str | None:
 class Chromium:
     """``async with Chromium(profile_dir) as page:`` one page of a headless browser."""
 
-    def __init__(self, profile: Path, width: int = 1100, height: int = 900):
+    def __init__(self, profile: Path, width: int = 1100, height: int = 900, *,
+                 offline: bool = False):
         self.profile = profile
+        #: resolve no host but 127.0.0.1: a page that needs the network shows it
+        self.offline = offline
         self.size = (width, height)
         self._ids = itertools.count(1)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -62,7 +65,9 @@ class Chromium:
             [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-extensions", "--disable-dev-shm-usage", "--remote-debugging-port=0",
              "--remote-debugging-address=127.0.0.1", f"--user-data-dir={self.profile}",
-             f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
+             f"--window-size={self.size[0]},{self.size[1]}",
+             *(["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
+               if self.offline else []), "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     async def _port(self) -> int:

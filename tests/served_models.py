@@ -28,3 +28,12 @@ slow_double = SimulatedStage(_double, latency=LATENCY, name="slow_double")
 picky_double = SimulatedStage(_fail_negative, latency=LATENCY, name="picky_double")
 #: the same, but its third call is a fatal device failure (the runner breaks, or restarts)
 flaky_double = SimulatedStage(_double, latency=LATENCY, fatal_at=2, name="flaky_double")
+
+
+def _two(x: np.ndarray) -> dict[str, np.ndarray]:
+    x = np.asarray(x)
+    return {"scaled": (x * 2).astype(np.float32), "count": np.array([x.size], np.int64)}
+
+
+#: two outputs of different dtypes (float32 and int64), for the binary result tests
+two_outputs = SimulatedStage(_two, latency=LATENCY, name="two_outputs")

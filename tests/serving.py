@@ -18,6 +18,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 _URL = re.compile(r"aioaccel serve: (http://127\.0\.0\.1:(\d+))")
+_GRPC = re.compile(r"aioaccel serve: grpc://(127\.0\.0\.1:\d+)")
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Served:
     port: int
     proc: subprocess.Popen[str]
     log: Path  #: the server's stderr (a file: a pipe nobody reads could fill and stall it)
+    banner: str = ""  #: the line the server printed once it listened
+    grpc: str | None = None  #: host:port of the gRPC server (with --grpc-port)
 
     def stderr(self) -> str:
         return self.log.read_text()
@@ -69,8 +72,13 @@ def serve(*args: str, latency: float = 0.005, timeout: float = 60.0) -> Iterator
             proc.kill()
             proc.wait(timeout=10)
             raise AssertionError(f"aioaccel serve did not start: {line!r} {log.read_text()}")
+        grpc = None
+        if "--grpc-port" in args:  # its address follows the URL
+            found = _GRPC.search(proc.stdout.readline())
+            assert found is not None, log.read_text()
+            grpc = found.group(1)
         assert time.monotonic() < deadline
-        yield Served(match.group(1), int(match.group(2)), proc, log)
+        yield Served(match.group(1), int(match.group(2)), proc, log, line, grpc)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

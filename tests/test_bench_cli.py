@@ -81,3 +81,31 @@ def test_bench_reports_the_latency_split_three_ways() -> None:
     split = json.loads(proc.stdout[proc.stdout.index("{"):])["latency_split"]
     assert set(split) == {"queue_ms", "device_ms", "end_to_end_ms"}
     assert 0 < split["device_ms"]["p50"] <= split["end_to_end_ms"]["p99"]
+
+
+def test_bench_batch_passes_through_and_the_loop_is_uvloop_unless_turned_off(
+        tmp_path: Path) -> None:
+    path = dense_chain(16, 2, inputs=8, dynamic_batch=True).write_onnx(tmp_path / "m.onnx")
+    common = ("bench", str(path), "--shape", "input=1,8", "--count", "64", "--rounds", "2",
+              "--concurrency", "8", "--json")
+    proc = cli(*common, "--batch", "4")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["batch"] == 4 and report["loop"] == "uvloop"  # uvloop is in the test extra
+    assert report["results"]["aioaccel"]["items_per_s"] > 0
+    for flag in (("--loop", "asyncio"), ("--no-uvloop",)):
+        off = cli(*common, *flag)
+        assert off.returncode == 0, off.stderr
+        assert json.loads(off.stdout)["loop"] == "asyncio"
+    refused = cli("bench", str(path), "--shape", "input=1,8", "--batch", "0")
+    assert refused.returncode == 2 and "--batch" in refused.stderr
+
+
+def test_bench_prints_one_p50_figure_for_aioaccel() -> None:
+    proc = cli("bench", "builtin", "--count", "40", "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    row = next(line for line in text.splitlines() if "aioaccel (" in line)
+    assert len([cell for cell in row.split("│") if cell.strip()]) == 5  # mode, items/s, x, p50, p99
+    assert "end to end" not in text  # the table's p50 is the only end-to-end figure
+    assert "queued" in text and "on the device" in text

@@ -1,4 +1,6 @@
-"""Every ```python block in README.md and docs/ runs, and so does every example."""
+"""Every ```python block in docs/ runs, and so does every example; every test project the docs
+show (a ``pyproject.toml`` block, then a ``test_*.py`` block) passes. README.md's blocks, shell
+commands included, are run by tests/test_readme.py."""
 
 from __future__ import annotations
 
@@ -11,15 +13,53 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# a block with a file name: ```toml title="pyproject.toml"
+TITLED = re.compile(r'^```\w+ title="([^"]+)"\n(.*?)^```', re.MULTILINE | re.DOTALL)
 
 
 def doc_blocks() -> list[object]:
     blocks = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+    for path in sorted((ROOT / "docs").rglob("*.md")):
         for n, match in enumerate(BLOCK.finditer(path.read_text())):
             name = path.relative_to(ROOT).as_posix()
             blocks.append(pytest.param(match.group(1), id=f"{name}-{n}"))
     return blocks
+
+
+def doc_test_projects() -> list[tuple[str, str, str, str]]:
+    """(id, pyproject.toml, test file name, test code) for each test file the docs show
+    after its pyproject.toml."""
+    projects = []
+    for path in sorted((ROOT / "docs").rglob("*.md")):
+        ini = None
+        for n, match in enumerate(TITLED.finditer(path.read_text())):
+            name, text = match.groups()
+            if name == "pyproject.toml":
+                ini = text
+            elif re.fullmatch(r"test_\w+\.py", name):
+                assert ini is not None, f"{path}: {name} has no pyproject.toml before it"
+                projects.append((f"{path.relative_to(ROOT).as_posix()}-{n}", ini, name, text))
+                ini = None
+    return projects
+
+
+@pytest.mark.parametrize("ini, name, code",
+                         [pytest.param(*rest, id=ident) for ident, *rest in doc_test_projects()])
+def test_doc_test_project_passes(pytester: pytest.Pytester, ini: str, name: str,
+                                 code: str) -> None:
+    pytester.makefile(".toml", pyproject=ini)
+    pytester.makepyfile(**{name.removesuffix(".py"): code})
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0 and outcomes.get("passed", 0) >= 1, result.stdout.str()
+    assert set(outcomes) <= {"passed"}, result.stdout.str()  # no skip, error or warning
+
+
+def test_the_docs_show_a_first_test_for_each_async_plugin() -> None:
+    projects = doc_test_projects()
+    assert any('asyncio_mode = "strict"' in ini for _, ini, _, _ in projects)
+    assert any('asyncio_mode = "auto"' in ini for _, ini, _, _ in projects)
+    assert any("pytest.mark.anyio" in code for _, _, _, code in projects)
 
 
 @pytest.mark.parametrize("code", doc_blocks())

@@ -323,14 +323,14 @@ async def test_healthz_reports_starting_then_ready_and_never_a_runner_not_opened
     runner = aioaccel.Runner(load, name="hz")
     accel = Accel(default=runner)
     status, body = accel._health()
-    assert status == 503 and body["runners"]["default"]["state"] == "starting"
+    assert status == 503 and body["models"]["default"]["state"] == "starting"
     opening = asyncio.create_task(runner.__aenter__())
     await asyncio.sleep(0.01)
-    assert accel._health()[1]["runners"]["default"]["state"] == "starting"
+    assert accel._health()[1]["models"]["default"]["state"] == "starting"
     gate.set()
     await opening
     status, body = accel._health()
-    assert status == 200 and body["runners"]["default"]["state"] == "ready"
+    assert status == 200 and body["models"]["default"]["state"] == "ready"
     await runner.aclose()
     assert accel._health() == (503, accel._health()[1])
-    assert accel._health()[1]["runners"]["default"]["state"] == "closed"
+    assert accel._health()[1]["models"]["default"]["state"] == "closed"

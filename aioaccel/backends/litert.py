@@ -37,6 +37,7 @@ from ..stages import BlockingStage, StageSpec
 from ..tensors import TensorSpec
 from . import Model, require
 from ._exit import NativeCalls
+from ._native_log import quiet_info
 from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
 __all__ = ["LiteRTStage", "interpreter_module", "interpreter_name", "load", "probe",
@@ -127,7 +128,8 @@ class LiteRTStage(BlockingStage):
                 delegates = [load_edgetpu_delegate(delegate_device)]
             interpreter = module.Interpreter(model_path=str(path), num_threads=num_threads,
                                              experimental_delegates=delegates)
-            interpreter.allocate_tensors()
+            with quiet_info():  # LiteRT's one-time XNNPACK INFO line
+                interpreter.allocate_tensors()
             return interpreter
 
         return cls(make(), wiring, None if batch is None else (batch, make))
@@ -169,7 +171,8 @@ def _check_batchable(module: Any, path: Path, batch: int) -> None:
     try:
         for d in details:
             probe.resize_tensor_input(d["index"], (2, *d["shape"][1:]))
-        probe.allocate_tensors()
+        with quiet_info():
+            probe.allocate_tensors()
     except (RuntimeError, ValueError) as exc:
         shapes = ", ".join(str(tensor_spec(d)) for d in details)
         raise BatchingUnsupported(

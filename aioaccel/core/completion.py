@@ -46,9 +46,9 @@ class Completions:
         self.histogram = LatencyHistogram()
         self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
         self.last_completion: float | None = None      # wall-clock time of the last result
-        #: told when a closed or dropped stream's last withdrawn shell came back (the stream
-        #: table forgets the stream then, if nothing else is left in it)
-        self.shell_returned: Callable[[Lane], None] | None = None
+        #: called with a stream's lane when a withdrawn item's shell gives its last slot back
+        #: (the runner then forgets a closed stream with nothing left: its key is free again)
+        self.on_lane_released: Callable[[Lane], None] | None = None
 
     # ---- settling ---------------------------------------------------------------------------
     def on_jobs(self, jobs: list[Job]) -> None:
@@ -72,8 +72,8 @@ class Completions:
         lane = ticket.lane
         if ticket.withdrawn:  # the empty shell of a withdrawn infer: its slot is free now
             self.admission.release(lane)
-            if (lane.closed or lane.orphaned) and self.shell_returned is not None:
-                self.shell_returned(lane)
+            if lane is not self.default_lane and self.on_lane_released is not None:
+                self.on_lane_released(lane)
             return
         if job.error is None:
             self.completed += 1

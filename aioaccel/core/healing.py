@@ -29,7 +29,7 @@ from time import monotonic, perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError, DeviceTimeout, RunnerClosed
-from ..options import check_count, check_seconds
+from ..options import check_count, check_reload, check_seconds
 from ..stats import LatencyHistogram
 from .jobs import Job
 from .lifecycle import State
@@ -126,16 +126,20 @@ class Healer:
     """
 
     def __init__(self, name: str, done: Completions, load: Callable[[], Model], *,
+                 reopen: Callable[..., tuple[Callable[[], Model], float]] | None,
                  restart: Restart | None, retries: int, close_timeout: float,
                  set_state: Callable[[State], None],
                  state: Callable[[], State], break_: Callable[[DeviceError], None],
                  open_generation: Callable[[Callable[[], Model]], Awaitable[Generation]],
                  switch_to: Callable[[Generation], None],
                  current: Callable[[], Generation | None],
-                 set_submit: Callable[[Callable[[Job], None]], None] | None = None):
+                 set_submit: Callable[[Callable[[Job], None]], None] | None = None,
+                 batch_wait: Callable[..., float] | None = None):
         self.name = name
         self._done = done
         self.load = load                          # a recovery reopens with it; reload replaces it
+        self.reopen = reopen  # (target, options) -> (load, batch_wait), for reload()
+        self._batch_wait = batch_wait  # () -> the current batch_wait; (x) sets it
         self.budget = RestartBudget(restart) if restart is not None else None
         self.retries = retries
         self._close_timeout = close_timeout
@@ -192,6 +196,8 @@ class Healer:
             if ticket.withdrawn:
                 del done.unfinished[seq]
                 done.admission.release(ticket.lane)
+                if ticket.lane is not done.default_lane and done.on_lane_released is not None:
+                    done.on_lane_released(ticket.lane)  # a closed stream may be done now
             elif ticket is trial:
                 del done.unfinished[seq]
                 poison = DeviceError(
@@ -324,10 +330,35 @@ class Healer:
         self.recovered.set()
 
     # ---- reloading ----------------------------------------------------------------------
-    async def reload(self, load: Callable[[], Model]) -> None:
-        """Open ``load``'s model beside the current one, switch admission to it, let the old
-        one finish what it holds (bounded by ``close_timeout``), then close it."""
-        gen = await self._open_generation(load)
+    async def reload(self, target: Any, options: dict[str, Any]) -> None:
+        """Open the model of ``target`` and ``options`` (by default: the same one, re-read)
+        beside the current one, switch admission to it, let the old one finish what it holds
+        (bounded by ``close_timeout``), then close it. ``batch``, ``batch_wait``,
+        ``replicas`` and backend options are honoured; the runner's own options are refused
+        (:func:`aioaccel.options.check_reload`)."""
+        check_reload(options)
+        state = self._state()
+        if state is not State.READY:
+            raise RuntimeError(f"runner {self.name!r} can reload only while ready "
+                               f"(it is {state.value})")
+        wait = None
+        if target is None and not options:
+            load = self.load
+        elif self.reopen is None:
+            raise RuntimeError(f"runner {self.name!r} was not made by aioaccel.open(): it can "
+                               f"reload only its own model")
+        else:
+            load, wait = self.reopen(target, options)
+        previous = None
+        if wait is not None and self._batch_wait is not None:
+            previous = self._batch_wait()
+            self._batch_wait(wait)  # the new model runs with it
+        try:
+            gen = await self._open_generation(load)
+        except BaseException:
+            if previous is not None and self._batch_wait is not None:
+                self._batch_wait(previous)
+            raise
         if self._state() is not State.READY:  # closed or failed meanwhile
             await gen.stop(1.0)
             raise RunnerClosed(f"runner {self.name!r} closed during the reload")

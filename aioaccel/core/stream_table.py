@@ -33,7 +33,8 @@ __all__ = ["StreamTable"]
 
 class StreamTable:
     def __init__(self, name: str, maxsize: int, admission: Admission, done: Completions,
-                 default: Lane, *, push: Callable[[Lane, Any, Any], Awaitable[int]],
+                 default: Lane, owner: object, *,
+                 push: Callable[[Lane, Any, Any], Awaitable[int]],
                  push_nowait: Callable[[Lane, Any, Any], int],
                  next: Callable[[Lane], Awaitable[Result]]):
         self.name = name
@@ -41,15 +42,16 @@ class StreamTable:
         self._admission = admission
         self._done = done
         self.default = default
-        # LaneOps: the runner's front does these (bound methods: no extra frame per item)
-        self.push = push
-        self.push_nowait = push_nowait
-        self.next = next
+        # LaneOps: the runner's front does these. Held weakly (the runner holds this table);
+        # each Stream handle holds the runner, so a runner lives as long as its streams.
+        self._owner = weakref.ref(owner)
+        self._push = weakref.WeakMethod(push)
+        self._push_nowait = weakref.WeakMethod(push_nowait)
+        self._next = weakref.WeakMethod(next)
         self.loop: asyncio.AbstractEventLoop | None = None  # set at open
         self._lanes: dict[Any, Lane] = {}
         self._free_indices: list[int] = []   # indices given back, smallest first
         self._next_index = 0
-        done.shell_returned = self.forget_if_done  # a stream closed while shells travelled
 
     # ---- making and finding -------------------------------------------------------------
     def find(self, key: Any, maxsize: int | None) -> Stream | None:
@@ -96,7 +98,7 @@ class StreamTable:
         return self._new_handle(lane)
 
     def _new_handle(self, lane: Lane) -> Stream:
-        stream = Stream(self, lane)
+        stream = Stream(self, lane, self._owner())
         loop = self.loop
         table = weakref.ref(self)
 
@@ -119,6 +121,15 @@ class StreamTable:
         self.forget_if_done(lane)
 
     # ---- what a Stream asks (LaneOps) ---------------------------------------------------
+    def push(self, lane: Lane, inputs: Any, tag: Any) -> Awaitable[int]:
+        return self._push()(lane, inputs, tag)  # type: ignore[misc]
+
+    def push_nowait(self, lane: Lane, inputs: Any, tag: Any) -> int:
+        return self._push_nowait()(lane, inputs, tag)  # type: ignore[misc]
+
+    def next(self, lane: Lane) -> Awaitable[Result]:
+        return self._next()(lane)  # type: ignore[misc]
+
     def close(self, lane: Lane) -> None:
         if lane.closed:
             return

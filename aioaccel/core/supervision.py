@@ -15,6 +15,7 @@ import asyncio
 import logging
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -49,11 +50,26 @@ def _not_open(job: Job) -> None:
     raise RuntimeError("the runner is not open")
 
 
+def weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, without keeping its object alive (it must still be alive when called)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        if bound is None:
+            raise RuntimeError("the runner is gone")
+        return bound(*args)
+
+    return call
+
+
 class Supervisor:
     def __init__(self, name: str, load: Callable[[], Model], done: Completions,
                  streams: StreamTable, *, maxsize: int, call_timeout: float | None,
                  close_timeout: float, restart: Restart | None, retries: int, warmup: int,
-                 warmup_inputs: Any, batch_wait: float, open_timeout: float | None = None):
+                 warmup_inputs: Any, batch_wait: float,
+                 reopen: Callable[..., tuple[Callable[[], Model], float]] | None,
+                 open_timeout: float | None = None):
         self.name = name
         self.done = done
         self.admission = done.admission
@@ -78,11 +94,30 @@ class Supervisor:
         self.watchdog: Watchdog | None = None
         self.closing: asyncio.Future[None] | None = None  # set once aclose() started
         self.opened = asyncio.Event()            # open() finished, either way
-        self.healer = Healer(name, done, load, restart=restart, retries=retries,
-                             close_timeout=close_timeout, set_state=self.set_state,
-                             state=lambda: self.state, break_=self.break_,
-                             open_generation=self.open_generation, switch_to=self.switch_to,
-                             current=lambda: self.gen, set_submit=self._set_submit)
+        # weakly: no reference cycle, so a dropped runner is freed (and its devices released)
+        # at once, not at the next garbage collection
+        self.healer = Healer(name, done, load, reopen=reopen, restart=restart, retries=retries,
+                             close_timeout=close_timeout, set_state=weakly(self.set_state),
+                             state=weakly(self._state), break_=weakly(self.break_),
+                             open_generation=weakly(self.open_generation),
+                             switch_to=weakly(self.switch_to), current=weakly(self._current),
+                             set_submit=weakly(self._set_submit),
+                             batch_wait=weakly(self._batch_wait))
+
+    def _set_submit(self, submit: Callable[[Job], None]) -> None:
+        self.submit = submit
+
+    def _batch_wait(self, value: float | None = None) -> float:
+        """The batch_wait new generations run with (a reload may set a new one)."""
+        if value is not None:
+            self.batch_wait = value
+        return self.batch_wait
+
+    def _state(self) -> State:
+        return self.state
+
+    def _current(self) -> Generation | None:
+        return self.gen
 
     def set_state(self, state: State) -> None:
         self.clock.enter(state)
@@ -124,9 +159,6 @@ class Supervisor:
                                warmup=warmup, warmup_inputs=warmup_inputs,
                                open_timeout=self.open_timeout,
                                call_timeout=self.call_timeout)
-
-    def _set_submit(self, submit: Callable[[Job], None]) -> None:
-        self.submit = submit
 
     def switch_to(self, gen: Generation) -> None:
         self.gen = gen

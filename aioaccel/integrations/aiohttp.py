@@ -27,12 +27,29 @@ runner's streams (protocol: :mod:`.streaming`).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
-from .streaming import Socket, serve_stream
+from .http import (
+    AccelBase,
+    NotAcceptable,
+    acceptable,
+    decode_inputs_off_loop,
+    encode_outputs,
+    log,
+    problem_for,
+)
+from .streaming import (
+    CLOSE_POLICY,
+    Refused,
+    Socket,
+    open_stream,
+    origin_allowed,
+    result_format,
+    serve_stream,
+)
 
 need("aiohttp", "aiohttp", "aioaccel.integrations.aiohttp")
 
@@ -50,9 +67,15 @@ DISCONNECT_POLL = 0.05
 
 #: the statuses ``problem_for`` gives (413 is raised where the body is read)
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    408: web.HTTPRequestTimeout, 422: web.HTTPUnprocessableEntity,
+    406: web.HTTPNotAcceptable, 408: web.HTTPRequestTimeout, 422: web.HTTPUnprocessableEntity,
     500: web.HTTPInternalServerError,
     503: web.HTTPServiceUnavailable, 504: web.HTTPGatewayTimeout,
+}
+
+#: the handshake refusals of ``Accel.ws``
+_REFUSALS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest, 403: web.HTTPForbidden, 409: web.HTTPConflict,
+    503: web.HTTPServiceUnavailable,
 }
 
 
@@ -104,6 +127,10 @@ class Accel(AccelBase):
 
     async def infer(self, request: web.Request, runner: Runner, inputs: Any) -> web.Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        try:
+            acceptable(request.headers.get("Accept"))  # a 406 costs the device nothing
+        except NotAcceptable as exc:
+            self._raise(exc)
         work = await self._infer_while_connected(runner, inputs, _disconnected(request))
         if work is None:
             return web.Response(status=CLIENT_CLOSED)
@@ -123,12 +150,30 @@ class Accel(AccelBase):
         raise cls(text=problem.message, headers=dict(problem.headers)) from exc
 
     async def ws(self, request: web.Request, runner: Runner, *, key: str | None = None,
-                 maxsize: int | None = None,
-                 stop: asyncio.Event | None = None) -> web.WebSocketResponse:
+                 maxsize: int | None = None, stop: asyncio.Event | None = None,
+                 results: str | None = None) -> web.WebSocketResponse:
         """A WebSocket handler body: serve the connection as ``runner.stream(key)`` until it
-        ends. ``key`` defaults to the ``?stream=`` query parameter, else a fresh one."""
+        ends. ``key`` defaults to the ``?stream=`` query parameter, else a fresh one;
+        ``results`` (``"json"`` or ``"npy"``) to ``?results=``. A key in use, a bad key or an
+        ``Origin`` not in ``allowed_origins`` is refused at the handshake (HTTP 409, 400,
+        403) with the reason."""
+        try:
+            if not origin_allowed(request.headers.get("Origin"), request.headers.get("Host"),
+                                  self.allowed_origins):
+                raise Refused(403, CLOSE_POLICY, f"origin {request.headers['Origin']!r} is "
+                                                 f"not allowed to stream here")
+            fmt = result_format(results or request.query.get("results"))
+            opened = open_stream(runner, key or request.query.get("stream"), maxsize=maxsize)
+        except Refused as refused:
+            refusal = _REFUSALS.get(refused.status, web.HTTPBadRequest)
+            raise refusal(text=json.dumps({"detail": refused.reason}),
+                          content_type="application/json") from None
         websocket = web.WebSocketResponse(max_msg_size=self.max_body)
-        await websocket.prepare(request)
+        try:
+            await websocket.prepare(request)
+        except BaseException:
+            opened.close()  # never used: forgotten at once, its key free
+            raise
 
         async def receive() -> bytes | str | None:
             message = await websocket.receive()
@@ -139,9 +184,10 @@ class Accel(AccelBase):
         async def close(code: int, reason: str) -> None:
             await websocket.close(code=code, message=reason.encode())
 
-        await serve_stream(runner, Socket(receive, websocket.send_str, close),
-                           key=key or request.query.get("stream"), maxsize=maxsize,
-                           retry_after=self.retry_after, stop=stop)
+        await serve_stream(runner, Socket(receive, websocket.send_str, close,
+                                          websocket.send_bytes),
+                           stream=opened, maxsize=maxsize, retry_after=self.retry_after,
+                           stop=stop, results=fmt)
         return websocket
 
     def ws_handler(self, name: str = "default", *, maxsize: int | None = None) -> Any:

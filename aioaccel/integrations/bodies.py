@@ -29,10 +29,11 @@ import numpy as np
 
 from ..errors import InputError
 from ..tensors import DEFAULT_MAX_INPUT_BYTES, TensorSpec
+from .negotiation import JSON, NPY, NotAcceptable, acceptable
 
-__all__ = ["NPY", "decode_json", "decode_npy", "encode_outputs", "jsonable", "value_limit"]
+__all__ = ["NPY", "decode_json", "decode_npy", "encode_npy", "encode_outputs", "jsonable",
+           "value_limit"]
 
-NPY = "application/x-npy"
 #: room for the keys of ``{"inputs": {"name": ...}}`` in the value count
 _KEY_SLACK = 4
 #: JSON bodies at least this big, for a float input, are parsed straight into an array
@@ -238,9 +239,13 @@ def decode_npy(body: bytes | bytearray) -> np.ndarray:
             shape, fortran, dtype = fmt.read_array_header_2_0(stream)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
-        raise InputError(f"body is not a .npy array ({exc}); send np.save() output with "
-                         f"Content-Type: {NPY}") from None
+    except Exception as exc:  # any header NumPy cannot parse (its parser
+        # raises ValueError, SyntaxError, tokenize.TokenError, ... for hostile headers)
+        raise InputError(f"body is not a .npy array ({type(exc).__name__}: {exc}); send "
+                         f"np.save() output with Content-Type: {NPY}") from None
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(f".npy header has shape {shape!r}: dimensions must be integers "
+                         f">= 0")
     if dtype.hasobject:
         raise InputError(".npy body holds Python objects (a pickle), which are never accepted: "
                          "send a numeric array")
@@ -256,19 +261,28 @@ def decode_npy(body: bytes | bytearray) -> np.ndarray:
 
 
 def encode_outputs(outputs: Any, accept: str | None) -> tuple[bytes, str]:
-    """(body, content type) of one item's outputs: strict JSON, or ``.npy`` when accepted."""
-    if NPY in (accept or ""):
-        array = outputs
-        if isinstance(outputs, Mapping):
-            if len(outputs) != 1:
-                raise InputError(f"Accept: {NPY} needs a one-output model; this one has "
-                                 f"{sorted(outputs)}: ask for application/json")
-            array = next(iter(outputs.values()))
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(array), allow_pickle=False)
-        return buffer.getvalue(), NPY
+    """(body, content type) of one item's outputs: strict JSON, or ``.npy`` when ``accept``
+    prefers it (:mod:`.negotiation`; ``.npy`` holds one array, so a model with several
+    outputs answers JSON if the client takes it). Raises :class:`NotAcceptable` (406)."""
+    wanted = acceptable(accept)
+    several = isinstance(outputs, Mapping) and len(outputs) != 1
+    if wanted[0] == NPY and several and JSON in wanted:
+        wanted = [JSON]
+    if wanted[0] == NPY:
+        if several:
+            raise NotAcceptable(f"Accept: {NPY} needs a one-output model; this one has "
+                                f"{sorted(outputs)}: ask for {JSON}")
+        return encode_npy(next(iter(outputs.values())) if isinstance(outputs, Mapping)
+                          else outputs), NPY
     body = json.dumps({"outputs": jsonable(outputs)}, allow_nan=False, separators=(",", ":"))
-    return body.encode(), "application/json"
+    return body.encode(), JSON
+
+
+def encode_npy(array: Any) -> bytes:
+    """One array as ``.npy`` bytes (dtype and shape exactly; never a pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def jsonable(value: Any) -> Any:

@@ -34,8 +34,24 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
-from .http import AccelBase, decode_inputs_off_loop, encode_outputs, log, problem_for
-from .streaming import Socket, serve_stream
+from .http import (
+    AccelBase,
+    NotAcceptable,
+    acceptable,
+    decode_inputs_off_loop,
+    encode_outputs,
+    log,
+    problem_for,
+)
+from .streaming import (
+    CLOSE_POLICY,
+    Refused,
+    Socket,
+    open_stream,
+    origin_allowed,
+    result_format,
+    serve_stream,
+)
 
 need("fastapi", "fastapi", "aioaccel.integrations.fastapi")
 
@@ -46,7 +62,7 @@ from starlette.requests import ClientDisconnect  # noqa: E402
 if TYPE_CHECKING:
     from ..runner import Runner
 
-__all__ = ["CLIENT_CLOSED", "Accel"]
+__all__ = ["CLIENT_CLOSED", "Accel", "deny"]
 
 #: status logged for a request whose client went away (nginx's convention; never sent)
 CLIENT_CLOSED = 499
@@ -102,6 +118,10 @@ class Accel(AccelBase):
 
     async def infer(self, request: Request, runner: Runner, inputs: Any) -> Response:
         """Run ``inputs`` and answer with the outputs (JSON, or ``.npy`` if accepted)."""
+        try:
+            acceptable(request.headers.get("accept"))  # a 406 costs the device nothing
+        except NotAcceptable as exc:
+            self._raise(exc)
         work = await self._infer_while_connected(runner, inputs, _disconnected(request))
         if work is None:
             return Response(status_code=CLIENT_CLOSED)
@@ -123,14 +143,32 @@ class Accel(AccelBase):
 
     # ---- WebSocket streaming -----------------------------------------------------------------
     async def stream(self, websocket: WebSocket, runner: Runner, *, key: str | None = None,
-                     maxsize: int | None = None, stop: asyncio.Event | None = None) -> int:
+                     maxsize: int | None = None, stop: asyncio.Event | None = None,
+                     results: str | None = None) -> int:
         """Accept ``websocket`` and serve it as ``runner.stream(key)`` until it ends; returns
         the frames answered. ``key`` defaults to the ``?stream=`` query parameter, else a fresh
-        one; ``stop`` (set on shutdown) ends it gracefully (close code 1001)."""
-        await websocket.accept()
-        return await serve_stream(runner, _socket(websocket),
-                                  key=key or websocket.query_params.get("stream"),
-                                  maxsize=maxsize, retry_after=self.retry_after, stop=stop)
+        one; ``results`` (``"json"`` or ``"npy"``) to ``?results=``, else JSON; ``stop`` (set
+        on shutdown) ends it gracefully (close code 1001). A key in use, a bad key or an
+        ``Origin`` not in ``allowed_origins`` is refused at the handshake (HTTP 409, 400,
+        403) with the reason."""
+        try:
+            if not origin_allowed(websocket.headers.get("origin"),
+                                  websocket.headers.get("host"), self.allowed_origins):
+                raise Refused(403, CLOSE_POLICY, f"origin {websocket.headers['origin']!r} is "
+                                                 f"not allowed to stream here")
+            fmt = result_format(results or websocket.query_params.get("results"))
+            opened = open_stream(runner, key or websocket.query_params.get("stream"),
+                                 maxsize=maxsize)
+        except Refused as refused:
+            await deny(websocket, refused)
+            return 0
+        try:
+            await websocket.accept()
+        except BaseException:
+            opened.close()  # never used: forgotten at once, its key free
+            raise
+        return await serve_stream(runner, _socket(websocket), stream=opened, maxsize=maxsize,
+                                  retry_after=self.retry_after, stop=stop, results=fmt)
 
     # ---- health and metrics ----------------------------------------------------------------
     def health(self) -> Response:
@@ -149,6 +187,16 @@ def _peer(request: Request) -> str:
     return f"{client.host}:{client.port}" if client else "?"
 
 
+async def deny(websocket: WebSocket, refused: Refused) -> None:
+    """Refuse a WebSocket handshake with an HTTP status and a JSON reason where the server
+    supports it (uvicorn does), else by closing before accepting (a bare 403)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(
+            JSONResponse({"detail": refused.reason}, status_code=refused.status))
+    else:
+        await websocket.close(refused.code, refused.reason)
+
+
 def _socket(websocket: WebSocket) -> Socket:
     async def receive() -> bytes | str | None:
         message = await websocket.receive()
@@ -163,7 +211,7 @@ def _socket(websocket: WebSocket) -> Socket:
         except RuntimeError:  # already closed by the client
             pass
 
-    return Socket(receive, websocket.send_text, close)
+    return Socket(receive, websocket.send_text, close, websocket.send_bytes)
 
 
 async def _disconnected(request: Request) -> None:

@@ -8,9 +8,10 @@ Bodies:
 * ``application/x-npy`` (or ``application/octet-stream``): one ``.npy`` array, loaded with
   ``allow_pickle=False``; its dtype must be the model's (no silent casts).
 
-Responses are JSON (``{"outputs": {name: nested list}}``) unless the client asks for
-``application/x-npy`` (a single output) in ``Accept``. JSON out is strict (RFC 8259): NaN and
-infinities in outputs are written as ``null``.
+Responses are JSON (``{"outputs": {name: nested list}}``) unless the client prefers
+``application/x-npy`` (a single output) in ``Accept``, weights (``;q=``) honoured
+(:mod:`.negotiation`; a header that refuses both gets 406 before the model runs). JSON out
+is strict (RFC 8259): NaN and infinities in outputs are written as ``null``.
 
 Hostile bodies get a 4xx, never a 500 (see :mod:`.bodies`): bodies are read within
 ``body_timeout`` seconds (else 408), bodies over ``OFF_LOOP_BYTES`` are decoded on a thread so
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from ..errors import (
     WouldBlock,
 )
 from . import bodies
+from .negotiation import NotAcceptable, acceptable
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -48,6 +50,8 @@ __all__ = [
     "NPY",
     "OFF_LOOP_BYTES",
     "HTTPProblem",
+    "NotAcceptable",
+    "acceptable",
     "decode_inputs",
     "decode_inputs_off_loop",
     "encode_outputs",
@@ -80,7 +84,8 @@ class AccelBase:
 
     def __init__(self, *, admit_timeout: float = 1.0, retry_after: float = 1.0,
                  max_body: int = DEFAULT_MAX_BODY, timeout: float | None = None,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT, **runners: Runner):
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 allowed_origins: Collection[str] | None = None, **runners: Runner):
         if not runners:
             raise ValueError("Accel needs at least one runner, e.g. Accel(default=aioaccel."
                              "open(...))")
@@ -91,6 +96,12 @@ class AccelBase:
         self.timeout = timeout
         #: seconds a client has to send its whole request body; then 408
         self.body_timeout = body_timeout
+        #: browser origins allowed to open WebSocket streams besides the server's own
+        #: (``["*"]``: any; None: the server's own only); see :mod:`.streaming`
+        if isinstance(allowed_origins, str):
+            raise TypeError("allowed_origins takes a list of origins, e.g. "
+                            "['https://example.com'], not a string")
+        self.allowed_origins = None if allowed_origins is None else tuple(allowed_origins)
         self._collector: Any = None
 
     @asynccontextmanager
@@ -128,7 +139,8 @@ class AccelBase:
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         """(status, body): 200 when every runner is ready, else 503 with each one's state
-        (starting, recovering, broken, closed)."""
+        (starting, recovering, broken, closed) under ``models`` (the word ``aioaccel serve``
+        uses too)."""
         state = {}
         for name, r in self.runners.items():
             health = r.health()
@@ -136,7 +148,7 @@ class AccelBase:
                            "restarts": health.restarts, "in_flight": r.stats().in_flight,
                            "maxsize": r.maxsize}
         ok = all(s["open"] for s in state.values())
-        return (200 if ok else 503), {"ok": ok, "runners": state}
+        return (200 if ok else 503), {"ok": ok, "models": state}
 
     def _metrics(self) -> tuple[bytes, str]:
         """(body, content type) of the runners' Prometheus metrics (``aioaccel[metrics]``)."""
@@ -157,6 +169,8 @@ def problem_for(exc: BaseException, retry_after: float) -> HTTPProblem | None:
     retry = {"Retry-After": str(max(1, round(retry_after)))}
     if isinstance(exc, WouldBlock):
         return HTTPProblem(503, f"overloaded: {exc}", retry)
+    if isinstance(exc, NotAcceptable):
+        return HTTPProblem(406, str(exc), {})
     if isinstance(exc, InputError):
         return HTTPProblem(422, str(exc), {})
     if isinstance(exc, InferTimeout):

@@ -4,7 +4,8 @@ Each ``MODEL`` is a model file, several files joined by ``,`` (a pipeline of seg
 ``module:attribute`` naming a Python callable or stage (as uvicorn names apps). The runners
 open before the server binds, so a model that fails to load is reported before anything
 listens. SIGTERM or SIGINT: stop accepting, answer what was accepted (bounded by
-``--drain-timeout``), close the runners, exit 0.
+``--drain-timeout``), close the runners, exit 0; a second signal exits at once (what is left
+is failed, not drained). Runs on uvloop when it is installed (``--loop asyncio`` not).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import aioaccel
 
 from .._optional import need
 from ..backends import BACKENDS
+from ..loops import add_loop_arguments, resolve_loop
+from ..loops import run as run_on_loop
+from .limits import DEFAULT_HEADER_TIMEOUT
 
 __all__ = ["UsageError", "add_parser", "open_runners", "run"]
 
@@ -56,17 +60,42 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)")
     serve.add_argument("--port", type=int, default=8000,
                        help="port (default 8000; 0 picks a free one, printed at start)")
+    serve.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                       help="also serve the Open Inference Protocol (KServe v2) over gRPC on "
+                            "this port, e.g. 8001 (0 picks a free one; default: no gRPC)")
     serve.add_argument("--admit-timeout", type=float, default=1.0, metavar="S",
                        help="seconds a request waits for space before 503 (default 1.0)")
-    serve.add_argument("--batch", type=_batch, default=None, metavar="N|auto",
+    serve.add_argument("--batch", type=batch_option, default=None, metavar="N|auto",
                        help="batch items for the device (aioaccel.open(batch=...))")
     serve.add_argument("--restart", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
                        help="restart a failed device (aioaccel.open(restart=aioaccel.Restart"
-                            "(...))); optional Restart options, e.g. max_restarts=5")
+                            "(...))); optional Restart options, e.g. --restart limit=5,"
+                            "backoff=0.5")
+    # [isolation] stages in child processes: a crashing runtime takes down a child, not us
+    serve.add_argument("--isolation", default="thread", choices=["thread", "process"],
+                       help="run each model's stages in a child process (process), so a "
+                            "runtime that segfaults or aborts is restarted instead of "
+                            "killing the server (default thread)")
+    serve.add_argument("--max-rss", type=_positive_int, default=None, metavar="MIB",
+                       help="with --isolation process: restart a child whose memory passes "
+                            "MIB mebibytes")
     serve.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="a backend option (JSON value, else a string), e.g. num_threads=1")
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                        help="on SIGTERM, seconds to answer accepted requests (default 10)")
+    serve.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                       help="a browser origin (https://host[:port]) allowed to open WebSocket "
+                            "streams besides the server's own; repeatable; '*' allows any "
+                            "(default: the server's own origin only; clients that send no "
+                            "Origin, which are not browsers, are always allowed)")
+    serve.add_argument("--header-timeout", type=_positive_float, default=DEFAULT_HEADER_TIMEOUT,
+                       metavar="S", help="seconds a client has to send a request's headers, "
+                                         "from connecting or from its previous response "
+                                         f"(default {DEFAULT_HEADER_TIMEOUT:g}); then the "
+                                         "connection is closed")
+    serve.add_argument("--keep-alive-timeout", type=_positive_float, default=5.0, metavar="S",
+                       help="seconds an idle keep-alive connection is kept (default 5)")
+    add_loop_arguments(serve)
     serve.add_argument("--log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default warning; info logs each request)")
@@ -80,7 +109,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _batch(text: str) -> int | str:
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text!r}")
+    return value
+
+
+def batch_option(text: str) -> int | str:
     if text == "auto":
         return text
     try:
@@ -138,6 +177,10 @@ def open_runners(args: argparse.Namespace) -> dict[str, aioaccel.Runner]:
         options["device"] = args.device
     if args.batch is not None:
         options["batch"] = args.batch
+    if getattr(args, "isolation", "thread") != "thread":  # [isolation]
+        options["isolation"] = args.isolation
+    if getattr(args, "max_rss", None) is not None:
+        options["max_rss"] = args.max_rss * 2**20
     if args.restart is not None:
         restart = getattr(aioaccel, "Restart", None)
         if restart is None:
@@ -147,7 +190,9 @@ def open_runners(args: argparse.Namespace) -> dict[str, aioaccel.Runner]:
         try:
             options["restart"] = restart(**_key_values(pairs, "--restart"))
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"--restart: {exc}") from None
+            fields = getattr(restart, "__dataclass_fields__", None)
+            known = f" (Restart's options: {', '.join(fields)})" if fields else ""
+            raise UsageError(f"--restart: {exc}{known}") from None
     runners: dict[str, aioaccel.Runner] = {}
     for index, spec in enumerate(args.model):
         target, default_name = _target(spec)
@@ -159,6 +204,8 @@ def open_runners(args: argparse.Namespace) -> dict[str, aioaccel.Runner]:
                                           replicas=args.replicas, name=name, **options)
         except TypeError as exc:
             raise UsageError(_unsupported(exc, args)) from None
+        except ValueError as exc:  # [isolation] e.g. --max-rss without --isolation process
+            raise UsageError(str(exc)) from None
     return runners
 
 
@@ -175,17 +222,20 @@ def run(args: argparse.Namespace) -> int:
     """``aioaccel serve``: returns the exit code."""
     need("uvicorn", "serve", "aioaccel serve")
     try:
+        resolve_loop(args.loop)
         runners = open_runners(args)
-    except UsageError as exc:
+    except (UsageError, ValueError) as exc:
         print(f"aioaccel serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_serve(runners, args))
+    return run_on_loop(_serve(runners, args), args.loop)
 
 
 async def _serve(runners: dict[str, aioaccel.Runner], args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from .app import build_app
+    from .limits import guarded
     from .server import Server
 
     stop = asyncio.Event()
@@ -197,12 +247,26 @@ async def _serve(runners: dict[str, aioaccel.Runner], args: argparse.Namespace) 
                 print(f"aioaccel serve: {_unsupported(exc, args)}", file=sys.stderr)
                 return EXIT_USAGE
         app = build_app(runners, admit_timeout=args.admit_timeout, manage_runners=False,
-                        stop=stop)
+                        stop=stop, allowed_origins=args.allow_origin)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 lifespan="on", ws="websockets-sansio",
+                                http=guarded(AutoHTTPProtocol, args.header_timeout),
+                                timeout_keep_alive=args.keep_alive_timeout,
                                 timeout_graceful_shutdown=args.drain_timeout)
         server = Server(config, stop, list(runners), app.state.streams)
+        if getattr(args, "grpc_port", None) is not None:
+            from .v2_serve import start_grpc
+
+            try:
+                server.announce = await stack.enter_async_context(
+                    start_grpc(runners, args, stop, app.state.v2_requests))
+            except OSError as exc:
+                print(f"aioaccel serve: {exc}", file=sys.stderr)
+                return EXIT_FAILED
         await server.serve()
+        if server.forced.is_set():  # a second signal: fail what is left instead of draining
+            for runner in runners.values():
+                await runner.aclose(timeout=0)
         if not server.started:
             return EXIT_FAILED
     return EXIT_OK

@@ -44,7 +44,10 @@ from typing import Any
 import numpy as np
 
 __all__ = ["INTERNAL_QUEUE_SIZE", "CoralSimulation", "SimulatedAbort",
-           "SimulatedPipelinedModelRunner", "simulate_coral"]
+           "SimulatedPipelinedModelRunner", "install_in_child", "simulate_coral"]
+
+#: set by :func:`install_in_child`: libcoral's CHECK failures abort the process for real
+_REAL_ABORT = False
 
 
 class CoralSimulation:
@@ -108,6 +111,18 @@ class CoralSimulation:
             time.sleep(self.latency)
         if index in self.fail_at:
             raise RuntimeError(f"simulated Edge TPU failure on request {index}")
+
+
+def _check_failed(message: str) -> SimulatedAbort:
+    """What libcoral's ``CHECK`` does: in a child installed with :func:`install_in_child`
+    it writes the message and aborts the process, as libcoral does; else the exception."""
+    if _REAL_ABORT:
+        import os
+
+        sys.stderr.write(f"F coral/pipeline: {message}\n")
+        sys.stderr.flush()
+        os.abort()
+    return SimulatedAbort(message)
 
 
 class SimulatedAbort(RuntimeError):
@@ -351,7 +366,7 @@ class SimulatedPipelinedModelRunner:
                      for d in after.get_input_details()}
             for d in interpreter.get_output_details():
                 if d["name"] not in later:
-                    raise SimulatedAbort(f"Check failed: Output tensor {d['name']} must be "
+                    raise _check_failed(f"Check failed: Output tensor {d['name']} must be "
                                          f"consumed by subsequent segment. (segment {index}; "
                                          f"libcoral aborts the process here)")
         self._sim = _sim
@@ -401,7 +416,7 @@ class SimulatedPipelinedModelRunner:
             # with the dict in insertion order (the pybind wrapper iterates it)
             order = [d["name"] for d in self._input_details]
             if list(request) != order:
-                raise SimulatedAbort(f"Check failed: input tensors given in order "
+                raise _check_failed(f"Check failed: input tensors given in order "
                                      f"{list(request)}, the first segment takes {order} "
                                      f"(libcoral aborts the process here)")
         if not self._dicts:
@@ -474,3 +489,17 @@ def simulate_coral(tpus: int | Iterable[str] = 2, *, version: str = "2.0.0",
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def install_in_child(tpus: int = 2) -> None:
+    """Install the simulated pycoral for the rest of this process, with libcoral's aborts
+    real: the ``child_setup`` of ``aioaccel.open(..., backend="coral",
+    isolation="process", child_setup="aioaccel.testing.coral:install_in_child")``."""
+    global _REAL_ABORT
+    _REAL_ABORT = True
+    installed = simulate_coral(tpus)
+    installed.__enter__()
+    _installed.append(installed)  # kept: collecting it would uninstall the simulation
+
+
+_installed: list[Any] = []

@@ -54,7 +54,7 @@ import numpy as np
 from .models import Chain, Layer
 
 __all__ = ["MemryxSimulation", "SimulatedAsyncAccl", "SimulatedMultiStreamAsyncAccl",
-           "SimulatedSyncAccl", "simulate_memryx", "write_dfp"]
+           "SimulatedSyncAccl", "install_in_child", "simulate_memryx", "write_dfp"]
 
 _MARK = "aioaccel simulated dfp v1"
 _END = object()
@@ -491,3 +491,15 @@ def simulate_memryx(groups: int = 1, *, buffer: int = 2, latency: float = 0.0,
             sys.modules.pop("memryx", None)
         else:
             sys.modules["memryx"] = saved
+
+
+def install_in_child(groups: int = 1) -> None:
+    """Install the simulated ``memryx`` module for the rest of this process: the
+    ``child_setup`` of ``aioaccel.open("model.dfp", isolation="process",
+    child_setup="aioaccel.testing.memryx:install_in_child")``."""
+    installed = simulate_memryx(groups)
+    installed.__enter__()
+    _installed.append(installed)  # kept: collecting it would uninstall the simulation
+
+
+_installed: list[Any] = []

