@@ -29,11 +29,15 @@ from .records import Lane
 
 __all__ = ["Admission"]
 
+#: virtual time past which the clock is shifted back to 0 (:meth:`Admission._rebase`)
+_REBASE_AT = 1e6
+
 
 class Admission:
     """The capacity bound over every lane of a runner (internal; loop-side only)."""
 
-    __slots__ = ("_unused_reserve", "_vclock", "admitted", "maxsize", "peak", "reserved", "ring")
+    __slots__ = ("_lanes", "_unused_reserve", "_vclock", "admitted", "maxsize", "peak",
+                 "reserved", "ring")
 
     def __init__(self, maxsize: int):
         self.maxsize = maxsize
@@ -42,6 +46,7 @@ class Admission:
         self.reserved = 0          #: sum of every lane's reserve (0: the plain fast path holds)
         self._unused_reserve = 0   # sum over lanes of reserve slots they do not hold yet
         self._vclock = 0.0         # virtual time of the last slot handed over
+        self._lanes: dict[Lane, None] = {}  # every lane with a virtual time (for _rebase)
         #: lanes with waiters, in the order they started waiting (ties go to the oldest)
         self.ring: dict[Lane, None] = {}
 
@@ -51,20 +56,34 @@ class Admission:
         return {"in_flight": self.admitted, "peak_admitted": self.peak, "waiting": self.waiting}
 
     def add_lane(self, lane: Lane) -> None:
+        self._lanes[lane] = None
         if lane.reserve:
-            if self.reserved + lane.reserve > self.maxsize:
+            if self.reserved + lane.reserve >= self.maxsize:
+                # at least one slot stays for everyone without a reserve (plain push and
+                # infer, streams without one): reserving it all would starve them
+                del self._lanes[lane]
                 raise ValueError(
                     f"reserve={lane.reserve} for stream {lane.key!r} does not fit: "
-                    f"{self.reserved} of maxsize={self.maxsize} slots are already reserved")
+                    f"{self.reserved} of maxsize={self.maxsize} slots are already reserved, "
+                    f"and reserves may take at most {self.maxsize - 1} in all (one slot stays "
+                    f"for streams without a reserve)")
             self.reserved += lane.reserve
             self._unused_reserve += lane.unused_reserve()
 
-    def remove_lane(self, lane: Lane) -> None:
+    def drop_reserve(self, lane: Lane) -> None:
+        """``lane`` gives its reserve up (it is closed or dropped: it cannot push any more),
+        so the slots kept for it go back to everyone at once."""
         if lane.reserve:
             self.reserved -= lane.reserve
             self._unused_reserve -= lane.unused_reserve()
             lane.reserve = 0
+            if self.ring:
+                self.dispatch()
+
+    def remove_lane(self, lane: Lane) -> None:
+        self.drop_reserve(lane)
         self.ring.pop(lane, None)
+        self._lanes.pop(lane, None)
 
     # ---- taking and freeing slots -----------------------------------------------------------
     def may_take(self, lane: Lane) -> bool:
@@ -112,6 +131,7 @@ class Admission:
         fut: asyncio.Future[None] = loop.create_future()
         if not lane.waiters:
             lane.vtime = max(lane.vtime, self._vclock)  # no credit for the time it was idle
+            self._lanes.setdefault(lane)
         lane.waiters.append(fut)
         self.ring.setdefault(lane)
         try:
@@ -149,8 +169,19 @@ class Admission:
                 continue
             self._vclock = best.vtime
             best.vtime += 1.0 / best.weight
+            if self._vclock > _REBASE_AT:
+                self._rebase()
             self.take(best)
             fut.set_result(None)
+
+    def _rebase(self) -> None:
+        """Shift every virtual time back by the clock's: only their differences matter, and
+        left to grow (a weight of 1e-9 adds 1e9 per slot) they would reach magnitudes where
+        adding ``1 / weight`` rounds away, and every later weighting with it."""
+        shift = self._vclock
+        for lane in self._lanes:
+            lane.vtime -= shift
+        self._vclock = 0.0
 
     def fail_waiters(self, lanes: Iterable[Lane], make_error: Callable[[], BaseException]) -> None:
         """Every waiting ``push`` of ``lanes`` raises ``make_error()``."""

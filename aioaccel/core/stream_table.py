@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -69,8 +70,11 @@ class StreamTable:
         if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= self._maxsize:
             raise ValueError(f"a stream's maxsize must be an int from 1 to the runner's "
                              f"maxsize ({self._maxsize}), got {maxsize!r}")
-        if not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"a stream's weight must be a number > 0, got {weight!r}")
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                or not 0 < weight < math.inf or math.isinf(1.0 / weight)):
+            # its share is 1 / weight per slot: both must be finite numbers
+            raise ValueError(f"a stream's weight must be a finite number > 0 (and not so "
+                             f"small that 1 / weight overflows), got {weight!r}")
         if not isinstance(priority, int):
             raise ValueError(f"a stream's priority must be an int, got {priority!r}")
         if not isinstance(reserve, int) or not 0 <= reserve <= cap:
@@ -165,9 +169,11 @@ class StreamTable:
             self.release_closed(lane)
 
     def release_closed(self, lane: Lane) -> None:
-        """A closed or dropped stream cannot grow: its finished results stop holding slots."""
+        """A closed or dropped stream cannot grow: its reserve is given up and its finished
+        results stop holding slots."""
         if lane is self.default:
             return
+        self._admission.drop_reserve(lane)
         for ticket in lane.tickets:
             if ticket.done:
                 self._done.free(ticket)
