@@ -34,7 +34,7 @@ need("grpc", "serve", "aioaccel serve --grpc-port")
 import grpc  # noqa: E402
 
 from ..errors import InputError, RunnerClosed  # noqa: E402
-from . import grpc_service_pb2 as pb  # noqa: E402
+from ._grpc import grpc_service_pb2 as pb  # noqa: E402
 from .status import HEALTHY, model_state  # noqa: E402
 from .v2_infer import UnknownModel, problem, run_request  # noqa: E402
 from .v2_metrics import V2Requests  # noqa: E402
