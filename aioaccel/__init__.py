@@ -22,9 +22,13 @@ from .errors import OpenError as OpenError
 from .errors import OpenTimeout as OpenTimeout
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
+from .pool import MemberLost as MemberLost
+from .pool import MemberStats as MemberStats
+from .pool import Pool as Pool
 from .pool import pool as pool
 from .runner import Result as Result
 from .runner import Runner as Runner
+from .runner import State as State
 from .stages import BlockingStage as BlockingStage
 from .stages import DeviceStage as DeviceStage
 from .stages import StageSpec as StageSpec
@@ -51,11 +55,14 @@ __all__ = [
     "InferTimeout",
     "InferenceError",
     "InputError",
+    "MemberLost",
+    "MemberStats",
     "Model",
     "ModelLoadError",
     "ModelNotFound",
     "OpenError",
     "OpenTimeout",
+    "Pool",
     "Restart",
     "Result",
     "Runner",
@@ -63,6 +70,7 @@ __all__ = [
     "RunnerStats",
     "StageSpec",
     "StageStats",
+    "State",
     "Stream",
     "StreamStats",
     "TensorSpec",
