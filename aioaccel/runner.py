@@ -29,13 +29,14 @@ from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .core import bulk
 from .core.admission import Admission
 from .core.completion import Completions
 from .core.healing import Health, Restart
 from .core.jobs import Job
 from .core.lifecycle import State
 from .core.options import check_options
-from .core.records import Lane, Ticket
+from .core.records import Lane, Outcome, Ticket
 from .core.results import Result
 from .core.stream_table import StreamTable
 from .core.supervision import Supervisor
@@ -153,8 +154,7 @@ class Runner:
             self._admission.release(lane)
             self._sup.check_accepting(lane)
 
-    def _enqueue(self, lane: Lane, inputs: Any, tag: Any,
-                 future: asyncio.Future[Any] | None) -> Ticket:
+    def _enqueue(self, lane: Lane, inputs: Any, tag: Any, future: Outcome | None) -> Ticket:
         seq = next(self._seq)
         now = perf_counter()
         job = Job(seq, inputs, lane.index, now)
@@ -266,6 +266,11 @@ class Runner:
         except asyncio.CancelledError:
             self._done.give_up(ticket)
             raise
+
+    # bulk: infer_many(inputs), push_many(inputs, tags), results(max_items) (core/bulk.py)
+    infer_many = bulk.infer_many
+    push_many = bulk.push_many
+    results = bulk.results
 
     # ---- streams ------------------------------------------------------------------------
     def stream(self, key: Any, *, maxsize: int | None = None, weight: float = 1,

@@ -104,7 +104,7 @@ class Completions:
         """The ``infer`` waiting for ``ticket`` is gone (cancelled, timed out): withdraw the
         item if no worker took it yet, else mark its result as nobody's."""
         fut = ticket.future
-        if fut is not None and fut.done() and not fut.cancelled():
+        if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
             fut.exception()  # retrieved: no "never retrieved" log
             self.discarded += 1  # it arrived, but nobody is left to take it
         elif (self.unfinished.get(ticket.seq) is ticket and ticket.gen is not None
