@@ -178,6 +178,15 @@ def join(inputs: list[Any]) -> tuple[Any, list[int]]:
 def rows(inputs: Any) -> int:
     """The rows one item brings: the leading dimension of its (first) input array. ValueError
     for anything without one (a scalar, a non-array), which the runner then runs on its own."""
+    # the hot cases first (once per item on the batching worker, holding the GIL)
+    kind = type(inputs)
+    if kind is np.ndarray:
+        if inputs.ndim:
+            return int(inputs.shape[0])
+    elif kind is dict and inputs:
+        head = next(iter(inputs.values()))
+        if type(head) is np.ndarray and head.ndim:
+            return int(head.shape[0])
     if isinstance(inputs, np.ndarray):
         first = inputs
     elif isinstance(inputs, Mapping) and inputs:

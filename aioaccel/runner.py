@@ -29,12 +29,13 @@ from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .core import bulk
 from .core.admission import Admission
 from .core.completion import Completions
 from .core.healing import Health, Restart
 from .core.jobs import Job
 from .core.lifecycle import State
-from .core.records import Lane, Ticket
+from .core.records import Lane, Outcome, Ticket
 from .core.results import Result
 from .core.stream_table import StreamTable
 from .core.supervision import Supervisor
@@ -90,8 +91,7 @@ class Runner:
         self._streams = StreamTable(self.name, maxsize, self._admission, self._done, self._lane,
                                     self, push=self._push_lane, push_nowait=self._push_lane_nowait,
                                     next=self._next)
-        # a closed stream is forgotten (its key free) when its last withdrawn item comes back
-        self._done.on_lane_released = self._streams.forget_if_done
+        self._done.on_lane_released = self._streams.forget_if_done  # its key is free once done
         self._sup = Supervisor(self.name, load, self._done, self._streams, maxsize=maxsize,
                                call_timeout=call_timeout, close_timeout=close_timeout,
                                open_timeout=open_timeout, restart=restart, retries=retries,
@@ -133,13 +133,11 @@ class Runner:
             sup.collected(self)
 
     def stop_now(self, timeout: float = 5.0) -> None:
-        """Without a loop (it is gone): stop and join the worker threads, release the model.
-        For test teardown and interpreter exit; items still pending are dropped."""
+        """With no loop left (test teardown, exit): stop, join, release; drop what is left."""
         self._sup.stop_now(timeout)
 
     @property
-    def threads_alive(self) -> bool:
-        """Whether any of the runner's worker threads is still running."""
+    def threads_alive(self) -> bool:  # any of its worker threads still running
         return self._sup.threads_alive
 
     # ---- admission ----------------------------------------------------------------------
@@ -162,8 +160,7 @@ class Runner:
             self._admission.release(lane)
             self._sup.check_accepting(lane)
 
-    def _enqueue(self, lane: Lane, inputs: Any, tag: Any,
-                 future: asyncio.Future[Any] | None) -> Ticket:
+    def _enqueue(self, lane: Lane, inputs: Any, tag: Any, future: Outcome | None) -> Ticket:
         seq = next(self._seq)
         now = perf_counter()
         job = Job(seq, inputs, lane.index, now)
@@ -265,9 +262,8 @@ class Runner:
             except TimeoutError as exc:
                 if isinstance(exc, AccelError):
                     raise
-                raise WouldBlock(f"runner {self.name!r} stayed full for {admit_timeout} s "
-                                 f"(maxsize={self._maxsize}, {len(lane.waiters)} waiting)"
-                                 ) from None
+                raise WouldBlock(f"runner {self.name!r} stayed full for {admit_timeout} s (maxsize"
+                                 f"={self._maxsize}, {len(lane.waiters)} waiting)") from None
         future: asyncio.Future[Any] = self._sup.loop.create_future()  # type: ignore[union-attr]
         ticket = self._enqueue(lane, inputs, None, future)
         try:
@@ -275,6 +271,11 @@ class Runner:
         except asyncio.CancelledError:
             self._done.give_up(ticket)
             raise
+
+    # bulk: infer_many(inputs), push_many(inputs, tags), results(max_items) (core/bulk.py)
+    infer_many = bulk.infer_many
+    push_many = bulk.push_many
+    results = bulk.results
 
     # ---- streams ------------------------------------------------------------------------
     def stream(self, key: Any, *, maxsize: int | None = None, weight: float = 1,

@@ -20,7 +20,7 @@ never wedge the runner; a stream nobody references is reclaimed once it is idle.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +43,9 @@ class LaneOps(Protocol):
     def next(self, lane: Lane) -> Awaitable[Result]: ...
     def close(self, lane: Lane) -> None: ...
     def withdraw(self, lane: Lane) -> int: ...
+    def push_many(self, lane: Lane, inputs: Iterable[Any],
+                  tags: Iterable[Any] | None) -> Awaitable[list[int]]: ...
+    def results(self, lane: Lane, max_items: int | None) -> AsyncIterator[list[Result]]: ...
 
 
 class Stream:
@@ -76,6 +79,17 @@ class Stream:
     async def push(self, inputs: Any, *, tag: Any = None) -> int:
         """Admit one input for this stream; waits for this stream's fair share of space."""
         return await self._ops.push(self._lane, inputs, tag)
+
+    async def push_many(self, inputs: Iterable[Any], tags: Iterable[Any] | None = None
+                        ) -> list[int]:
+        """Admit many inputs for this stream, in order, as this stream's share of room allows;
+        see :meth:`aioaccel.Runner.push_many`."""
+        return await self._ops.push_many(self._lane, inputs, tags)
+
+    def results(self, max_items: int | None = None) -> AsyncIterator[list[Result]]:
+        """Lists of this stream's ready results (1..``max_items``), in its push order; see
+        :meth:`aioaccel.Runner.results`."""
+        return self._ops.results(self._lane, max_items)
 
     def push_nowait(self, inputs: Any, *, tag: Any = None) -> int:
         """Like :meth:`push`, but raise :class:`~aioaccel.WouldBlock` instead of waiting."""

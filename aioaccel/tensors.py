@@ -73,8 +73,27 @@ class InputValidator:
         self._fixed = [None if s.shape is None or dtype.hasobject or dtype.kind in "OUSVMm" else
                        (len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d is not None))
                        for s, dtype in zip(self.specs, self._dtypes, strict=True)]
+        # One input given as an ndarray is the hot case (one check per item on the loop):
+        # its name, dtype, rank and fixed dimensions are cached, so the check is a handful of
+        # attribute reads and compares, and everything else takes the full path below.
+        self._one: tuple[str, np.dtype[Any], int, tuple[tuple[int, int], ...], bool] | None = None
+        if len(self.specs) == 1 and self._fixed[0] is not None:
+            rank, fixed = self._fixed[0]
+            self._one = (self.names[0], self._dtypes[0], rank, fixed, self._dynamic[0])
 
     def __call__(self, inputs: Any) -> dict[str, np.ndarray]:
+        one = self._one
+        if one is not None and type(inputs) is np.ndarray:
+            name, want_dtype, rank, want_dims, dynamic = one
+            shape = inputs.shape
+            if (inputs.dtype == want_dtype and len(shape) == rank
+                    and (not dynamic or inputs.nbytes <= self.max_bytes)
+                    and inputs.flags.c_contiguous):
+                for axis, size in want_dims:
+                    if shape[axis] != size:
+                        break
+                else:
+                    return {name: inputs}
         specs = self.specs
         if isinstance(inputs, Mapping):
             given = set(inputs)

@@ -113,6 +113,40 @@ class Admission:
             return True
         return False
 
+    def take_many(self, lane: Lane, want: int) -> int:
+        """Take up to ``want`` slots for ``lane`` at once, as many as are free for it now and
+        none while somebody of that lane waits before it; returns how many (bulk admission)."""
+        if lane.waiters:
+            return 0
+        if self._unused_reserve or lane.reserve:  # reserves: slot by slot, as try_take does
+            taken = 0
+            while taken < want and self.may_take(lane):
+                self.take(lane)
+                taken += 1
+            return taken
+        free = min(self.maxsize - self.admitted, lane.cap - lane.admitted, want)
+        if free <= 0:
+            return 0
+        lane.admitted += free
+        self.admitted += free
+        if self.admitted > self.peak:
+            self.peak = self.admitted
+        return free
+
+    def release_many(self, lane: Lane, count: int) -> None:
+        """``lane`` gives ``count`` slots back at once."""
+        if count <= 0:
+            return
+        if lane.reserve:
+            before = lane.unused_reserve()
+            lane.admitted -= count
+            self._unused_reserve += lane.unused_reserve() - before
+        else:
+            lane.admitted -= count
+        self.admitted -= count
+        if self.ring:
+            self.dispatch()
+
     def release(self, lane: Lane) -> None:
         """``lane`` gives a slot back (its item was consumed, withdrawn or failed)."""
         if lane.reserve:

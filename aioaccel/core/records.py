@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..stats import LatencyWindow, StreamStats
 
@@ -23,7 +23,17 @@ if TYPE_CHECKING:
     from ..errors import AccelError, InferenceError
     from .jobs import Job
 
-__all__ = ["Lane", "Ticket"]
+__all__ = ["Lane", "Outcome", "Ticket"]
+
+
+class Outcome(Protocol):
+    """Where a settled ``infer``-style item goes: an ``asyncio.Future``, or one item's place
+    in an ``infer_many`` call (:class:`aioaccel.core.bulk.Slot`)."""
+
+    def done(self) -> bool: ...
+    def cancelled(self) -> bool: ...
+    def set_result(self, value: Any, /) -> None: ...
+    def set_exception(self, error: BaseException, /) -> None: ...
 
 
 class Lane:
@@ -118,7 +128,7 @@ class Ticket:
         "withdrawn",
     )
 
-    def __init__(self, seq: int, tag: Any, lane: Lane, future: asyncio.Future[Any] | None,
+    def __init__(self, seq: int, tag: Any, lane: Lane, future: Outcome | None,
                  job: Job, t_admit: float):
         self.seq = seq
         self.tag = tag

@@ -16,11 +16,12 @@ import asyncio
 import heapq
 import math
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RunnerClosed
 from ..streams import Stream
+from . import bulk
 from .records import Lane
 
 if TYPE_CHECKING:
@@ -129,6 +130,13 @@ class StreamTable:
 
     def next(self, lane: Lane) -> Awaitable[Result]:
         return self._next()(lane)  # type: ignore[misc]
+
+    def push_many(self, lane: Lane, inputs: Iterable[Any],
+                  tags: Iterable[Any] | None) -> Awaitable[list[int]]:
+        return bulk.push_many_lane(self._owner(), lane, inputs, tags)
+
+    def results(self, lane: Lane, max_items: int | None) -> bulk.ResultBatches:
+        return bulk.ResultBatches(self._owner(), lane, max_items)
 
     def close(self, lane: Lane) -> None:
         if lane.closed:

@@ -1,0 +1,415 @@
+"""The framework's cost per item on the event loop, and where it goes.
+
+For each way of feeding a runner -- ``infer`` from 64 persistent callers, ``push`` +
+``async for``, ``stream.push`` + ``async for`` on a stream, and the bulk APIs (``infer_many``,
+``push_many`` + ``results()``, ``stream.push_many`` + ``stream.results()``) where the runner has
+them -- batching off and on, this prints in one run with interleaved rounds:
+
+* items/s (median of the rounds) and the ratio to the raw per-item and raw batched loops;
+* **loop CPU per item**: CPU time of the event-loop thread (``time.thread_time``) over the
+  round divided by the items -- what the framework and the caller cost the loop, without the
+  device (it runs on worker threads) and without idle time in ``epoll``;
+* **workers us/item**: CPU time of the runner's worker threads per item (the runtime's own
+  work, plus the framework's Python on those threads, which competes with the loop for the GIL);
+* with ``--profile``, that loop time split (cProfile with a CPU-time clock, one extra round per
+  mode) into *admission* (capacity, waiting for room), *validation* (checking inputs against
+  the spec), *hand-off* (tickets, jobs, the stage-0 queue), *completion* (the bridge's drain,
+  settling futures and outboxes), *result delivery* (``async for`` / ``results()``, Result
+  records), *event loop* (asyncio's own scheduling, tasks, wake-ups) and *caller* (this
+  benchmark's own coroutines).
+
+The model is ONNX Runtime's 4-layer dense MLP of ``--width`` (64 by default: ~0.01 ms per item,
+where the framework, not the device, sets the speed), one runtime thread on both sides. The
+``stage30`` section is a ~30 us GIL-releasing NumPy stage streamed without batching, against
+its raw loop.
+
+Targets (issue 21): <= 7 us of loop CPU per batched item, <= 12 us unbatched.
+
+Run: ``python benchmarks/bench_overhead.py [--loop asyncio|uvloop] [--rounds 3] [--width 64]
+[--batch 16] [--seconds 0.3] [--only onnx,stage30] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import new_loop
+from bench_core import make_work
+
+import aioaccel
+from aioaccel.testing.models import dense_chain
+
+CALLERS = 64
+BATCH_WAIT = 0.002
+BULK = 64  # rows per infer_many / push_many call
+
+#: one round: process ``n`` items
+Mode = Callable[[int], Awaitable[None]]
+
+
+# ---- attribution ------------------------------------------------------------------------------
+CATEGORIES = ("admission", "validation", "hand-off", "completion", "result delivery",
+              "event loop", "caller", "other")
+
+# (substring of the file, function names or None for any) -> category; first match wins.
+_RULES: list[tuple[str, frozenset[str] | None, str]] = [
+    ("tensors.py", None, "validation"),
+    ("aioaccel/backends", None, "validation"),
+    ("admission.py", None, "admission"),
+    ("bridge.py", None, "completion"),
+    ("completion.py", None, "completion"),
+    ("lanes.py", frozenset({"wake"}), "completion"),
+    ("pipeline.py", None, "hand-off"),
+    ("batcher.py", None, "hand-off"),
+    ("aioaccel", frozenset({
+        "_admit", "_check_accepting", "_take_room", "_admit_many", "_wait_room", "push",
+        "_push_lane", "push_nowait", "_push_lane_nowait", "push_many", "_push_many",
+        "_admit_rows", "infer", "_infer", "infer_many", "_infer_many", "_in"}), "admission"),
+    ("aioaccel", frozenset({"_enqueue", "_enqueue_many", "_submit", "put"}), "hand-off"),
+    ("aioaccel", frozenset({"_next", "__anext__", "results", "_results", "_take_ready",
+                            "__init__", "outputs", "ok"}), "result delivery"),
+    ("aioaccel", None, "other"),
+    ("bench_overhead.py", None, "caller"),
+    ("asyncio", None, "event loop"),
+    ("uvloop", None, "event loop"),
+    ("selectors.py", None, "event loop"),
+    ("socket.py", None, "event loop"),
+]
+# built-ins (no file): by their name
+_BUILTINS: list[tuple[str, str]] = [
+    ("set_result", "completion"), ("set_exception", "completion"),
+    ("SimpleQueue", "hand-off"), ("put", "hand-off"),
+    ("numpy", "validation"), ("ascontiguousarray", "validation"),
+    ("isinstance", "other"),
+]
+
+
+def _category(filename: str, function: str) -> str:
+    if filename == "~" or filename.startswith("<"):
+        for needle, cat in _BUILTINS:
+            if needle in function:
+                return cat
+        return "event loop"
+    for needle, names, cat in _RULES:
+        if needle in filename and (names is None or function in names):
+            return cat
+    return "caller" if "benchmarks" in filename else "other"
+
+
+def attribute(stats: pstats.Stats) -> dict[str, float]:
+    """Own CPU time per category, as fractions of the total."""
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    raw: Any = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, function), (_cc, _nc, tottime, _ct, _callers) in raw.items():
+        totals[_category(filename, function)] += tottime
+    whole = sum(totals.values()) or 1.0
+    return {cat: value / whole for cat, value in totals.items()}
+
+
+# ---- measuring --------------------------------------------------------------------------------
+@dataclass
+class Figures:
+    rates: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # loop-thread CPU seconds per item
+    workers: list[float] = field(default_factory=list)  # worker threads' CPU seconds per item
+    split: dict[str, float] | None = None
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def cpu_per_item(self) -> float:
+        return statistics.median(self.cpu)
+
+    @property
+    def worker_cpu_per_item(self) -> float:
+        return statistics.median(self.workers) if self.workers else 0.0
+
+
+def worker_cpu() -> float:
+    """CPU seconds used so far by every aioaccel worker thread alive (the stages' threads:
+    the runtime's own work plus the framework's per-item Python on them)."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("aioaccel-") and thread.ident is not None:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, ProcessLookupError):
+                pass  # it just exited
+    return total
+
+
+def measure(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int, rounds: int,
+            profile: bool) -> dict[str, Figures]:
+    """Warm every mode up, then ``rounds`` rounds with the modes interleaved; with ``profile``,
+    one more profiled round per mode (not counted in the rates)."""
+    figures = {name: Figures() for name in modes}
+    for mode in modes.values():
+        loop.run_until_complete(mode(max(CALLERS * 4, count // 10)))
+    for _ in range(rounds):
+        for name, mode in modes.items():
+            w0, cpu0, started = worker_cpu(), time.thread_time(), perf_counter()
+            loop.run_until_complete(mode(count))
+            wall, cpu = perf_counter() - started, time.thread_time() - cpu0
+            figures[name].rates.append(count / wall)
+            figures[name].cpu.append(cpu / count)
+            figures[name].workers.append((worker_cpu() - w0) / count)
+    if profile:
+        for name, mode in modes.items():
+            if name.startswith("raw"):
+                continue
+            profiler = cProfile.Profile(time.thread_time_ns, 1e-9)
+            profiler.enable()
+            loop.run_until_complete(mode(count))
+            profiler.disable()
+            figures[name].split = attribute(pstats.Stats(profiler))
+    return figures
+
+
+def report(title: str, figures: dict[str, Figures], baselines: list[str], load: str) -> None:
+    print(f"\n{title}\n  load before the run: {load}")
+    heads = "".join(f" {'vs ' + b.split(' (')[0].removeprefix('raw '):>16}" for b in baselines)
+    print(f"  {'mode':<46} {'items/s':>10}{heads} {'loop us/item':>13} {'workers us':>11}")
+    for name, fig in figures.items():
+        ratios = "".join(f" {fig.rate / figures[b].rate:>15.2f}x" for b in baselines)
+        raw = name.startswith("raw")
+        cpu = "-" if raw else f"{fig.cpu_per_item * 1e6:.2f}"
+        wcpu = "-" if raw else f"{fig.worker_cpu_per_item * 1e6:.2f}"
+        print(f"  {name:<46} {fig.rate:>10.0f}{ratios} {cpu:>13} {wcpu:>11}")
+    split = {n: f for n, f in figures.items() if f.split is not None}
+    if split:
+        print("\n  loop us/item by part (cProfile, CPU clock; shares applied to the unprofiled "
+              "figure):")
+        short = [c.replace("result delivery", "results").replace("event loop", "loop")
+                 for c in CATEGORIES]
+        print(f"  {'mode':<46}" + "".join(f" {c:>10}" for c in short))
+        for name, fig in split.items():
+            assert fig.split is not None
+            us = fig.cpu_per_item * 1e6
+            print(f"  {name:<46}" + "".join(f" {fig.split[c] * us:>10.2f}" for c in CATEGORIES))
+
+
+# ---- the modes --------------------------------------------------------------------------------
+def raw_modes(call: Callable[[np.ndarray], Any], xs: list[np.ndarray],
+              batch: int) -> dict[str, Mode]:
+    joined = np.concatenate(xs[:batch])
+
+    async def per_item(n: int) -> None:
+        for i in range(n):
+            call(xs[i % len(xs)])
+
+    async def batched(n: int) -> None:
+        for _ in range(n // batch):
+            call(joined)
+
+    return {"raw per-item loop": per_item, f"raw batched loop (batch {batch})": batched}
+
+
+def runner_modes(runner: aioaccel.Runner, xs: list[Any], label: str) -> dict[str, Mode]:
+    async def infer(n: int) -> None:
+        async def caller(k: int) -> None:
+            for i in range(k, n, CALLERS):
+                await runner.infer(xs[i % len(xs)])
+
+        await asyncio.gather(*(caller(k) for k in range(CALLERS)))
+
+    async def streaming(n: int) -> None:
+        async def produce() -> None:
+            for i in range(n):
+                await runner.push(xs[i % len(xs)])
+
+        producer = asyncio.create_task(produce())
+        for _ in range(n):
+            await anext(runner)
+        await producer
+
+    async def stream_push(n: int) -> None:
+        async with runner.stream("bench") as stream:
+            async def produce() -> None:
+                for i in range(n):
+                    await stream.push(xs[i % len(xs)])
+
+            producer = asyncio.create_task(produce())
+            for _ in range(n):
+                await anext(stream)
+            await producer
+
+    modes: dict[str, Mode] = {f"infer, {CALLERS} callers, {label}": infer,
+                              f"push + async for, {label}": streaming,
+                              f"stream.push + async for, {label}": stream_push}
+    if hasattr(runner, "infer_many"):
+        block = [xs[i % len(xs)] for i in range(BULK)]
+
+        async def infer_many(n: int) -> None:
+            for _ in range(n // BULK):
+                await runner.infer_many(block)
+
+        async def bulk_stream(n: int) -> None:
+            async def produce() -> None:
+                for _ in range(n // BULK):
+                    await runner.push_many(block)
+
+            producer = asyncio.create_task(produce())
+            got = 0
+            async for results in runner.results(max_items=BULK):
+                got += len(results)
+                if got >= n // BULK * BULK:
+                    break
+            await producer
+
+        async def stream_bulk(n: int) -> None:
+            async with runner.stream("bench-bulk") as stream:
+                async def produce() -> None:
+                    for _ in range(n // BULK):
+                        await stream.push_many(block)
+
+                producer = asyncio.create_task(produce())
+                got = 0
+                async for results in stream.results(max_items=BULK):
+                    got += len(results)
+                    if got >= n // BULK * BULK:
+                        break
+                await producer
+
+        modes.update({f"infer_many({BULK}), 1 caller, {label}": infer_many,
+                      f"push_many({BULK}) + results(), {label}": bulk_stream,
+                      f"stream.push_many + results(), {label}": stream_bulk})
+    return modes
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3]) + " (1, 5, 15 min; 2 cores)"
+    except OSError:
+        return "unknown"
+
+
+async def _open(target: Any, **options: Any) -> aioaccel.Runner:
+    return await aioaccel.open(target, maxsize=CALLERS, **options)
+
+
+async def _open_sized(target: Any, maxsize: int) -> aioaccel.Runner:
+    return await aioaccel.open(target, maxsize=maxsize)
+
+
+# ---- the sections -----------------------------------------------------------------------------
+def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds: int,
+                 seconds: float, profile: bool) -> None:
+    import onnxruntime as ort
+
+    chain = dense_chain(width, 4, dynamic_batch=True, seed=width)
+    xs = [chain.random_input(s) for s in range(64)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = chain.write_onnx(Path(tmp) / "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def call(x: np.ndarray) -> Any:
+            return session.run(None, {"input": x})
+
+        for _ in range(50):
+            call(xs[0])
+        started = perf_counter()
+        for i in range(300):
+            call(xs[i % 64])
+        per_item = (perf_counter() - started) / 300
+        unit = CALLERS * batch
+        count = max(unit, int(seconds / per_item) // unit * unit)
+        load = load_average()
+        off = loop.run_until_complete(_open(path, num_threads=1))
+        on = loop.run_until_complete(_open(path, num_threads=1, batch=batch,
+                                           batch_wait=BATCH_WAIT))
+        modes = {**raw_modes(call, xs, batch), **runner_modes(off, xs, "batching off"),
+                 **runner_modes(on, xs, f"batch={batch}")}
+        try:
+            figures = measure(loop, modes, count, rounds, profile)
+        finally:
+            for runner in (off, on):
+                loop.run_until_complete(runner.aclose())
+    report(f"ONNX Runtime, dense MLP width {width} ({per_item * 1e3:.3f} ms per item, "
+           f"num_threads=1), {count} items per round, {rounds} rounds",
+           figures, ["raw per-item loop", f"raw batched loop (batch {batch})"], load)
+    budgets = {"batching off": 12e-6, f"batch={batch}": 7e-6}
+    for name, fig in figures.items():
+        for label, budget in budgets.items():
+            if name.endswith(label):
+                verdict = "met" if fig.cpu_per_item <= budget else "missed"
+                print(f"  budget {budget * 1e6:.0f} us/item, {name}: "
+                      f"{fig.cpu_per_item * 1e6:.2f} us ({verdict})")
+
+
+def stage30_section(loop: asyncio.AbstractEventLoop, rounds: int, profile: bool) -> None:
+    work = make_work(30e-6)
+    started = perf_counter()
+    for i in range(300):
+        work(i)
+    per_item = (perf_counter() - started) / 300
+    count = 6400
+    load = load_average()
+    xs = [np.zeros(1, np.float32)]
+
+    async def raw(n: int) -> None:
+        for i in range(n):
+            work(i)
+
+    runner = loop.run_until_complete(_open_sized(work, 8))
+    wide = loop.run_until_complete(_open_sized(work, 32))
+    modes: dict[str, Mode] = {"raw loop (one thread)": raw}
+    for r, label in ((runner, "maxsize=8"), (wide, "maxsize=32")):
+        picked = runner_modes(r, xs, label)
+        modes.update({k: v for k, v in picked.items() if not k.startswith(("infer,", "stream."))})
+    try:
+        figures = measure(loop, modes, count, rounds, profile)
+    finally:
+        for r in (runner, wide):
+            loop.run_until_complete(r.aclose())
+    report(f"~30 us GIL-releasing stage (measured {per_item * 1e6:.0f} us), no batching, "
+           f"{count} items per round, {rounds} rounds", figures, ["raw loop (one thread)"], load)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=0.3,
+                        help="about how long the raw per-item loop takes per round")
+    parser.add_argument("--only", default="onnx,stage30")
+    parser.add_argument("--profile", action="store_true",
+                        help="split each mode's loop time into parts (one more round each)")
+    args = parser.parse_args()
+    loop = new_loop(args.loop)
+    print(f"bench_overhead: loop={args.loop}, rounds={args.rounds}, aioaccel from "
+          f"{Path(aioaccel.__file__).parent}")
+    try:
+        parts = args.only.split(",")
+        if "onnx" in parts:
+            onnx_section(loop, args.width, args.batch, args.rounds, args.seconds, args.profile)
+        if "stage30" in parts:
+            stage30_section(loop, args.rounds, args.profile)
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()
