@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core import bulk
 from .core.admission import Admission
+from .core.calls import infer_bounded
 from .core.completion import Completions
 from .core.healing import Health, Restart
 from .core.jobs import Job
@@ -40,9 +41,7 @@ from .core.results import Result
 from .core.stream_table import StreamTable
 from .core.supervision import Supervisor
 from .errors import (
-    AccelError,
     DeviceError,
-    InferTimeout,
     WouldBlock,
     copy_for_waiter,
 )
@@ -237,34 +236,22 @@ class Runner:
         If the call is cancelled or times out before a worker took the item, it is withdrawn;
         after that its result is discarded.
         """
-        if timeout is None:
-            return await self._infer(inputs, admit_timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._infer(inputs, admit_timeout)
-        except TimeoutError as exc:
-            if isinstance(exc, AccelError):
-                raise
-            raise InferTimeout(f"no result within {timeout} s from runner {self.name!r}") from None
-
-    async def _infer(self, inputs: Any, admit_timeout: float | None = None) -> Any:
+        sup = self._sup
+        if timeout is not None or admit_timeout is not None or not sup.accepting:
+            return await infer_bounded(self, inputs, timeout, admit_timeout)
+        # the common call, inlined (no inner coroutine, no call while there is room)
         lane = self._lane
-        self._sup.check_accepting(lane)
-        prepare = self._sup.prepare
-        if prepare is not None:
-            inputs = prepare(inputs)
-        if admit_timeout is None:
-            await self._admit(lane)
+        adm = self._admission
+        if sup.prepare is not None:
+            inputs = sup.prepare(inputs)
+        if adm.admitted < adm.maxsize and not lane.waiters and not adm.reserved:
+            lane.admitted += 1
+            adm.admitted += 1
+            if adm.admitted > adm.peak:
+                adm.peak = adm.admitted
         else:
-            try:
-                async with asyncio.timeout(admit_timeout):
-                    await self._admit(lane)
-            except TimeoutError as exc:
-                if isinstance(exc, AccelError):
-                    raise
-                raise WouldBlock(f"runner {self.name!r} stayed full for {admit_timeout} s (maxsize"
-                                 f"={self._maxsize}, {len(lane.waiters)} waiting)") from None
-        future: asyncio.Future[Any] = self._sup.loop.create_future()  # type: ignore[union-attr]
+            await self._admit(lane)
+        future: asyncio.Future[Any] = sup.loop.create_future()  # type: ignore[union-attr]
         ticket = self._enqueue(lane, inputs, None, future)
         try:
             return await future

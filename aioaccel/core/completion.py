@@ -80,8 +80,13 @@ class Completions:
                 ticket.done = True
                 streamed = True
                 continue
-            if (fut is not None and job.error is None and ticket.lane is default
-                    and not ticket.withdrawn and not fut.done()):
+            try:
+                inline = (fut is not None and job.error is None and ticket.lane is default
+                          and not ticket.withdrawn and not fut.done())
+            except Exception:  # never lose the rest of the burst
+                log.exception("aioaccel: settling item %s failed", job.seq)
+                continue
+            if inline and fut is not None:
                 # the common case of an infer-style item, inlined (the loop's hot path)
                 took = job.t_done - ticket.t_admit
                 latency(took)
