@@ -342,7 +342,8 @@ def test_a_killed_parent_leaves_no_child_and_no_segment(tmp_path: Path,
         assert _shm() - before == set(), "the slot ring should be unlinked once attached"
         parent.kill()
         parent.wait(10)
-        assert wait_gone(pid, 10.0), f"child {pid} outlived its killed parent ({child_state})"
+        # generous: on a loaded machine the forkserver's own exit (the child's parent) can lag
+        assert wait_gone(pid, 30.0), f"child {pid} outlived its killed parent ({child_state})"
     finally:
         if parent.poll() is None:
             parent.kill()
