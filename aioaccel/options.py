@@ -88,15 +88,13 @@ def check_batch(batch: Any, batch_wait: Any) -> tuple[int | str | None, float]:
 
 
 def check_runner(*, maxsize: Any, call_timeout: Any, close_timeout: Any, open_timeout: Any,
-                 restart: Any, retries: Any, warmup: Any, batch_wait: Any) -> None:
-    """The options of a :class:`~aioaccel.Runner` (what ``open`` passes on to it); ``restart``
-    is an ``aioaccel.Restart``, which checks its own fields."""
+                 retries: Any, warmup: Any, batch_wait: Any) -> None:
+    """The numeric options of a :class:`~aioaccel.Runner` (``restart``'s type is checked by the
+    runner: ``Restart`` checks its own fields with these helpers)."""
     check_count("maxsize", maxsize, 1)
     check_seconds("call_timeout", call_timeout, none=True, zero=False)
     check_seconds("close_timeout", close_timeout)
     check_seconds("open_timeout", open_timeout, none=True, zero=False)
-    if restart is not None and type(restart).__name__ != "Restart":
-        raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
     check_count("retries", retries)
     check_count("warmup", warmup)
     check_seconds("batch_wait", batch_wait)

@@ -79,8 +79,10 @@ class Runner:
                  warmup_inputs: Any = None, batch_wait: float = DEFAULT_BATCH_WAIT,
                  reopen: Callable[..., tuple[Callable[[], Model], float]] | None = None):
         check_runner(maxsize=maxsize, call_timeout=call_timeout, close_timeout=close_timeout,
-                     open_timeout=open_timeout, restart=restart, retries=retries, warmup=warmup,
+                     open_timeout=open_timeout, retries=retries, warmup=warmup,
                      batch_wait=batch_wait)
+        if restart is not None and not isinstance(restart, Restart):
+            raise TypeError(f"restart must be an aioaccel.Restart or None, got {restart!r}")
         self.name = name or f"runner{next(_names)}"
         self._maxsize = maxsize
         self._seq = count()
