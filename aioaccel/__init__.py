@@ -1,9 +1,12 @@
 """aioaccel: asyncio-native inference on edge accelerators."""
 
+from . import _legacy_paths  # noqa: F401 - old core module paths (aioaccel.pipeline, ...)
 from .api import open as open
 from .backends import Model as Model
 from .backends import available_backends as available_backends
 from .batching import BatchingUnsupported as BatchingUnsupported
+from .core.healing import Health as Health
+from .core.healing import Restart as Restart
 from .devices import Device as Device
 from .devices import devices as devices
 from .errors import AccelError as AccelError
@@ -19,8 +22,6 @@ from .errors import OpenError as OpenError
 from .errors import RunnerClosed as RunnerClosed
 from .errors import WouldBlock as WouldBlock
 from .pool import pool as pool
-from .recovery import Health as Health
-from .recovery import Restart as Restart
 from .runner import Result as Result
 from .runner import Runner as Runner
 from .stages import BlockingStage as BlockingStage

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import get_backend, resolve_backend
 from .batching import BatchingUnsupported
-from .recovery import Restart
+from .core.healing import Restart
 from .runner import Runner
 
 if TYPE_CHECKING:
@@ -45,15 +45,15 @@ def open(
     ``call_timeout`` (seconds) breaks the runner with :class:`~aioaccel.DeviceTimeout` when a
     stage call hangs; ``close_timeout`` bounds the drain in ``aclose()``.
 
-    Self-healing (see :mod:`aioaccel.recovery`): ``restart=aioaccel.Restart(...)`` reopens the
+    Self-healing (see :mod:`aioaccel.core.healing`): ``restart=aioaccel.Restart(...)`` reopens the
     model after a fatal failure instead of breaking the runner; ``retries`` re-runs the items
     the failed device held (up to that many times each); ``warmup`` runs that many inferences
     on synthetic inputs of the model's spec (or ``warmup_inputs``) before admitting work.
 
-    Dynamic batching (see :mod:`aioaccel.batcher`): ``batch=N`` groups up to N admitted items
-    into one call of the first stage (inputs joined along axis 0, outputs split back per
-    item); ``batch="auto"`` measures the model at open and picks a size; ``batch_wait`` is the
-    longest a partial batch waits for more items while the device is busy.
+    Dynamic batching (see :mod:`aioaccel.core.batch_gather`): ``batch=N`` groups up to N
+    admitted items into one call of the first stage (inputs joined along axis 0, outputs split
+    back per item); ``batch="auto"`` measures the model at open and picks a size;
+    ``batch_wait`` is the longest a partial batch waits for more items while the device is busy.
 
     Other keyword options go to the backend. Nothing is loaded until the runner is opened.
     """

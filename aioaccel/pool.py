@@ -4,7 +4,7 @@
 :class:`~aioaccel.Runner`: push / push_nowait / ``async for`` in push order / infer / stream /
 close / aclose / stats all keep their contracts. Underneath, the pool's pipeline has one
 device stage (:class:`_Dispatch`) that hands each admitted item to a member runner, chosen by a
-policy from :mod:`aioaccel.routing`, and reports the member's result back as the device's
+policy from :mod:`aioaccel.pool_policies`, and reports the member's result back as the device's
 completion. The pool's own reordering puts results back in push order.
 
 Threads and the loop: the stage's ``submit`` runs on the pool's feeder thread and only counts
@@ -32,7 +32,7 @@ from typing import Any
 
 from .backends import Model
 from .errors import AccelError, DeviceError, RunnerClosed, WouldBlock
-from .routing import FINAL, Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
+from .pool_policies import FINAL, Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
 from .runner import Result, Runner
 from .stages import Complete, DeviceStage, StageSpec, made
 from .tensors import InputValidator, TensorSpec

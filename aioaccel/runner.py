@@ -3,8 +3,8 @@
 Everything here runs on the event loop and never blocks. The runner is a thin front over
 loop-side parts, each in its own module:
 
-* :mod:`aioaccel.admission`  -- maxsize, lanes, fair hand-over of slots, waiters;
-* :mod:`aioaccel.lanes`      -- a lane's share and its ordered outbox (re-ordering);
+* :mod:`aioaccel.core.admission`  -- maxsize, lanes, fair hand-over of slots, waiters;
+* :mod:`aioaccel.core.records`      -- a lane's share and its ordered outbox (re-ordering);
 * :mod:`aioaccel.completion` -- tickets, completion routing, failure fan-out, counters;
 * :mod:`aioaccel.watchdog`   -- ``call_timeout``;
 * :mod:`aioaccel.supervisor` -- loading the model, starting, stopping and releasing it.
@@ -30,8 +30,13 @@ from time import perf_counter, time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .admission import Admission
-from .completion import Completions, Ticket
+from .core.admission import Admission
+from .core.completion import Completions, Ticket
+from .core.generation import Generation, load_model
+from .core.hang_watchdog import Watchdog
+from .core.healing import Health, HealthState, Restart, RestartBudget
+from .core.records import Lane
+from .core.stage_threads import Job
 from .errors import (
     AccelError,
     DeviceError,
@@ -44,17 +49,12 @@ from .errors import (
     device_error,
     open_error,
 )
-from .lanes import Lane
-from .pipeline import Job
-from .recovery import Health, HealthState, Restart, RestartBudget
 from .stats import BatchStats, LatencyHistogram, RunnerStats, StageStats
 from .streams import Stream
-from .supervisor import Generation, load_model
-from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .backends import Model
-    from .pipeline import Worker
+    from .core.stage_threads import Worker
     from .tensors import TensorSpec
 
 __all__ = ["Result", "Runner", "State"]
@@ -533,7 +533,7 @@ class Runner:
         ``maxsize`` caps what this stream may hold admitted (default: the runner's maxsize).
         When the runner is full, freed slots go to the waiting stream of highest ``priority``;
         within a priority, in proportion to ``weight``; ``reserve`` slots are kept free for
-        this stream alone. See :mod:`aioaccel.admission`. A stream nobody references any
+        this stream alone. See :mod:`aioaccel.core.admission`. A stream nobody references any
         more is reclaimed once it is idle.
         """
         lane = self._streams.get(key)

@@ -7,12 +7,12 @@ runner's capacity (``maxsize``) and its stages.
 Fairness: when the runner is full, freed slots go to the streams that are waiting: the highest
 ``priority`` first, and within a priority in proportion to ``weight`` (equal weights take turns,
 FIFO within a stream), so a stream that floods cannot starve the others; ``reserve`` keeps
-slots free for a critical stream (see :mod:`aioaccel.admission`). A slot stays taken until
+slots free for a critical stream (see :mod:`aioaccel.core.admission`). A slot stays taken until
 its result is consumed; so that one stream's slow consumer cannot hold the whole runner, give
 the stream a ``maxsize`` of its own (``runner.stream(key, maxsize=2)``).
 
 Internally every runner has a default lane (plain ``runner.push`` / ``infer`` / ``async for``);
-a stream is one more lane (:mod:`aioaccel.lanes`). A closed stream's finished results stop
+a stream is one more lane (:mod:`aioaccel.core.records`). A closed stream's finished results stop
 holding the runner's slots (it cannot grow any more), so streams closed with results unread
 never wedge the runner; a stream nobody references is reclaimed once it is idle.
 """
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .stats import StreamStats
 
 if TYPE_CHECKING:
-    from .lanes import Lane
+    from .core.records import Lane
     from .runner import Result, Runner
 
 __all__ = ["Stream", "StreamStats"]

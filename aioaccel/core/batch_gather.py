@@ -20,11 +20,11 @@ from queue import Empty
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from .batching import join, rows, split
-from .errors import DeviceError
+from ..batching import join, rows, split
+from ..errors import DeviceError
 
 if TYPE_CHECKING:
-    from .pipeline import Job
+    from .jobs import Job
 
 __all__ = ["Batch", "BatchCounters", "batch_of", "gather", "run_batch"]
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from .errors import DeviceTimeout
+from ..errors import DeviceTimeout
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from .stage_threads import Pipeline
 
 __all__ = ["Watchdog"]
 

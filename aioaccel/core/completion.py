@@ -1,10 +1,10 @@
 """Completion routing and failure fan-out (loop side).
 
-Each admitted item has a :class:`Ticket` on the loop (seq, tag, lane, future) and a
-:class:`~aioaccel.pipeline.Job` on the threads (inputs, outputs, error, timing). When the bridge
-hands finished jobs over, :meth:`Completions.on_jobs` finds each job's ticket by seq and
-settles it: an ``infer`` future gets its value or error and frees its slot at once; a streamed
-item is marked done in its lane's outbox and keeps its slot until ``async for`` consumes it.
+Each admitted item has a :class:`~aioaccel.core.records.Ticket` on the loop (seq, tag, lane,
+future) and a :class:`~aioaccel.core.jobs.Job` on the threads (inputs, outputs, error, timing).
+When the bridge hands finished jobs over, :meth:`Completions.on_jobs` finds each job's ticket
+by seq and settles it: an ``infer`` future gets its value or error and frees its slot at once;
+a streamed item is marked done in its lane's outbox and keeps its slot until ``async for`` consumes it.
 
 A fatal failure or a close fails every unfinished ticket (:meth:`Completions.fail_pending`).
 """
@@ -17,53 +17,17 @@ from collections import deque
 from time import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import AccelError, InferenceError, copy_for_waiter, inference_error
-from .stats import LatencyHistogram, LatencyWindow
+from ..errors import AccelError, InferenceError, copy_for_waiter, inference_error
+from ..stats import LatencyHistogram, LatencyWindow
+from .records import Lane, Ticket
 
 if TYPE_CHECKING:
     from .admission import Admission
-    from .lanes import Lane
-    from .pipeline import Job
+    from .jobs import Job
 
-__all__ = ["Completions", "Ticket"]
+__all__ = ["Completions", "Ticket"]  # Ticket: re-exported from .records
 
 log = logging.getLogger("aioaccel")
-
-
-class Ticket:
-    """The loop-side half of one admitted item (only ever touched on the loop)."""
-
-    __slots__ = (
-        "done",
-        "error",
-        "future",
-        "gen",
-        "inputs",
-        "job",
-        "lane",
-        "released",
-        "retries",
-        "seq",
-        "t_admit",
-        "tag",
-        "withdrawn",
-    )
-
-    def __init__(self, seq: int, tag: Any, lane: Lane, future: asyncio.Future[Any] | None,
-                 job: Job, t_admit: float):
-        self.seq = seq
-        self.tag = tag
-        self.lane = lane
-        self.future = future          # infer(): resolved with the outputs; None for streams
-        self.job = job                # the thread-side half (the loop reads it once delivered)
-        self.t_admit = t_admit
-        self.done = False             # streamed: its result is ready in the lane's outbox
-        self.error: InferenceError | None = None
-        self.withdrawn = False        # infer() gave up before a worker took it
-        self.released = False         # its slot was freed before it was consumed
-        self.retries = 0              # times re-run after a device failure
-        self.gen: Any = None          # the generation (model + pipeline) it was submitted to
-        self.inputs: Any = None       # kept only when it may be re-run (retries > 0)
 
 
 class Completions:

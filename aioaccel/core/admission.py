@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-from .lanes import Lane
+from .records import Lane
 
 __all__ = ["Admission"]
 

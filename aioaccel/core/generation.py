@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bridge import Bridge, Receiver
-from .errors import open_error
-from .pipeline import Job, Pipeline
+from ..errors import open_error
+from .jobs import Job
+from .loop_bridge import Bridge, Receiver
+from .stage_threads import Pipeline
 
 if TYPE_CHECKING:
-    from .backends import Model
-    from .pipeline import Worker
+    from ..backends import Model
+    from .jobs import Worker
 
 __all__ = ["Generation", "load_model", "synthetic_inputs"]
 

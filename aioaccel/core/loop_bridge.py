@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .pipeline import Job, Worker
+    from .jobs import Job, Worker
 
 __all__ = ["COALESCE_WINDOW", "SHORT_CALL", "Bridge", "Receiver"]
 

@@ -1,9 +1,11 @@
-"""A lane: one producer's share of a runner (the default lane, or one per stream).
+"""The loop-side records: a :class:`Lane` per producer, a :class:`Ticket` per admitted item.
+
+A lane: one producer's share of a runner (the default lane, or one per stream).
 
 A lane has two halves, both touched only on the event loop:
 
 * its admission share -- ``admitted`` (slots it holds), ``cap``, ``reserve``, ``weight``,
-  ``priority`` and the ``push`` calls waiting for a slot (see :mod:`aioaccel.admission`);
+  ``priority`` and the ``push`` calls waiting for a slot (see :mod:`aioaccel.core.admission`);
 * its ordered outbox -- ``tickets`` in push order; the consumer (``async for``) takes the head
   once it is done, which is the whole re-ordering: completions may arrive in any order.
 """
@@ -15,13 +17,13 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .stats import LatencyWindow, StreamStats
+from ..stats import LatencyWindow, StreamStats
 
 if TYPE_CHECKING:
-    from .completion import Ticket
-    from .streams import Stream
+    from ..errors import InferenceError
+    from .jobs import Job
 
-__all__ = ["Lane"]
+__all__ = ["Lane", "Ticket"]
 
 
 class Lane:
@@ -62,7 +64,7 @@ class Lane:
         self.consumers: list[asyncio.Future[None]] = []
         self.closed = False
         #: the Stream users hold (weakly): when it is collected an idle lane is reclaimed
-        self.handle: weakref.ref[Stream] | None = None
+        self.handle: weakref.ref[Any] | None = None  # of a Stream (this module is a leaf)
         self.pushed = self.completed = self.failed = 0
         self.latency = LatencyWindow(1024)
 
@@ -91,3 +93,39 @@ class Lane:
                            in_flight=self.admitted, waiting=len(self.waiters), maxsize=self.cap,
                            latency_p50=p50, latency_p99=p99, weight=self.weight,
                            priority=self.priority, reserve=self.reserve)
+
+
+class Ticket:
+    """The loop-side half of one admitted item (only ever touched on the loop)."""
+
+    __slots__ = (
+        "done",
+        "error",
+        "future",
+        "gen",
+        "inputs",
+        "job",
+        "lane",
+        "released",
+        "retries",
+        "seq",
+        "t_admit",
+        "tag",
+        "withdrawn",
+    )
+
+    def __init__(self, seq: int, tag: Any, lane: Lane, future: asyncio.Future[Any] | None,
+                 job: Job, t_admit: float):
+        self.seq = seq
+        self.tag = tag
+        self.lane = lane
+        self.future = future          # infer(): resolved with the outputs; None for streams
+        self.job = job                # the thread-side half (the loop reads it once delivered)
+        self.t_admit = t_admit
+        self.done = False             # streamed: its result is ready in the lane's outbox
+        self.error: InferenceError | None = None
+        self.withdrawn = False        # infer() gave up before a worker took it
+        self.released = False         # its slot was freed before it was consumed
+        self.retries = 0              # times re-run after a device failure
+        self.gen: Any = None          # the generation (model + pipeline) it was submitted to
+        self.inputs: Any = None       # kept only when it may be re-run (retries > 0)
