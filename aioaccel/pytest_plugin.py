@@ -29,13 +29,13 @@ Installed with aioaccel (entry point ``pytest11``), so it is active in every tes
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 import aioaccel
+from aioaccel.core.async_library import current_hub
 from aioaccel.testing import SimulatedDevice, SimulatedStage
 
 __all__ = ["BACKENDS", "RunnerFactory", "backends", "hardware_missing"]
@@ -194,4 +194,6 @@ async def accel_runner(request: pytest.FixtureRequest) -> AsyncIterator[aioaccel
         async with runner:
             yield runner
     finally:
-        await asyncio.shield(runner.aclose())
+        # closing must finish even when the test was cancelled (asyncio.shield on asyncio, a
+        # shielded cancel scope on trio)
+        await current_hub().shielded(runner.aclose())

@@ -1,7 +1,8 @@
-"""The asyncio front: push / push_nowait / infer / async for / stream / close / aclose / stats.
+"""The async front: push / push_nowait / infer / async for / stream / close / aclose / stats.
 
-Everything here runs on the event loop and never blocks. The runner is a thin front over
-loop-side parts, each in its own module:
+Everything here runs on the event loop (asyncio, uvloop or trio: the running library's
+:class:`~aioaccel.core.async_library.Hub`, chosen at open) and never blocks. The runner is a
+thin front over loop-side parts, each in its own module:
 
 * :mod:`aioaccel.core.admission`  -- maxsize, lanes, fair hand-over of slots, waiters;
 * :mod:`aioaccel.core.records`      -- a lane's share and its ordered outbox (re-ordering);
@@ -16,7 +17,6 @@ goes to ``BROKEN`` (then ``CLOSED`` on ``aclose``). ``close()`` is separate: it 
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import enum
 import heapq
@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .core.admission import Admission
+from .core.async_library import Flag, Hub, TaskHandle, Waiter, current_hub
 from .core.completion import Completions, Ticket
 from .core.generation import Generation, load_model
 from .core.hang_watchdog import Watchdog
@@ -53,6 +54,8 @@ from .stats import BatchStats, LatencyHistogram, RunnerStats, StageStats
 from .streams import Stream
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .backends import Model
     from .core.stage_threads import Worker
     from .tensors import TensorSpec
@@ -116,7 +119,8 @@ class Result:
 
 
 class Runner:
-    """Runs a model (one or more stages) for asyncio code. Create it with :func:`aioaccel.open`.
+    """Runs a model (one or more stages) for async code (asyncio, uvloop, trio, anyio). Create
+    it with :func:`aioaccel.open`.
 
     Use it as ``async with aioaccel.open(...) as runner`` (or ``runner = await aioaccel.open(...)``
     and later ``await runner.aclose()``).
@@ -150,9 +154,8 @@ class Runner:
         if not isinstance(batch_wait, (int, float)) or batch_wait < 0:
             raise ValueError(f"batch_wait must be a number of seconds >= 0, got {batch_wait!r}")
         self._batch_wait = float(batch_wait)
-        self._recovered = asyncio.Event()         # set while not recovering
-        self._recovered.set()
-        self._recovery: asyncio.Task[None] | None = None
+        self._recovered = Flag(True)              # set while not recovering
+        self._recovery: TaskHandle | None = None
         self._restarts = self._retried = 0
         self._last_error: BaseException | None = None
         self._recovery_times = LatencyHistogram(RECOVERY_BUCKETS)
@@ -166,14 +169,17 @@ class Runner:
         self._input_closed = False                # close(): no more input
         self._accepting = False                   # READY and input open: the fast path's test
         self._failure: AccelError | None = None   # broken, or closed with items pending
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._hub: Hub | None = None              # the running async library, from open
+        self._loop: asyncio.AbstractEventLoop | None = None  # its asyncio loop (None: trio)
+        self._new_future: Callable[[], Waiter[Any]] = _not_open_future
+        self._cancelled: type[BaseException] = _NeverRaised  # what cancellation raises here
         self._gen: Generation | None = None
         self._model: Model | None = None
         self._prepare: Callable[[Any], Any] | None = None
         self._submit: Callable[[Job], None] = _not_open
         self._watchdog: Watchdog | None = None
-        self._closing: asyncio.Future[None] | None = None  # set once aclose() started
-        self._opened = asyncio.Event()            # _open() finished, either way
+        self._closing: Waiter[None] | None = None  # set once aclose() started
+        self._opened = Flag()                     # _open() finished, either way
         self._seq = count()
         self._admission = Admission(maxsize)
         self._lane = Lane(None, 0, maxsize)       # plain push / infer / async for
@@ -208,13 +214,16 @@ class Runner:
     async def _open(self) -> None:
         if self._state is not State.NEW:
             raise RuntimeError(f"runner {self.name!r} was already opened")
+        hub = self._hub = current_hub()  # the library is chosen here, once, not per item
+        self._loop = hub.loop
+        self._new_future = hub.create_future
+        self._cancelled = hub.cancelled
         self._set_state(State.STARTING)
-        loop = self._loop = asyncio.get_running_loop()
         _live.add(self)
         gen: Generation | None = None
         try:
-            model = self._model = await load_model(self._load, self.name)
-            gen = self._gen = Generation(self.name, model, loop, self, self._maxsize,
+            model = self._model = await load_model(self._load, self.name, hub)
+            gen = self._gen = Generation(self.name, model, hub, self, self._maxsize,
                                          self._batch_wait)
             self._prepare = model.prepare
             self._submit = gen.pipeline.queues[0].put
@@ -225,7 +234,7 @@ class Runner:
                 gen.stop_soon()
             self._fail_pending(RunnerClosed(f"runner {self.name!r} failed to open"))
             self._set_state(State.CLOSED)
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, (hub.cancelled, KeyboardInterrupt, SystemExit)):
                 raise
             raise open_error(exc, f"opening runner {self.name!r}")  # noqa: B904 - it chains
         finally:
@@ -236,14 +245,15 @@ class Runner:
             raise RunnerClosed(f"runner {self.name!r} was closed while it opened")
         self._set_state(State.READY)
         if self._call_timeout is not None:
-            self._watchdog = Watchdog(loop, self._call_timeout, self.name, self._on_hang)
+            self._watchdog = Watchdog(hub, self._call_timeout, self.name, self._on_hang)
             self._watchdog.watch(gen.pipeline)
 
     async def _start_generation(self, load: Callable[[], Model]) -> Generation:
         """Load, start and warm up a new generation (for a restart or a reload)."""
-        model = await load_model(load, self.name)
-        gen = Generation(self.name, model, self._loop, self,  # type: ignore[arg-type]
-                         self._maxsize, self._batch_wait)
+        hub = self._hub
+        assert hub is not None
+        model = await load_model(load, self.name, hub)
+        gen = Generation(self.name, model, hub, self, self._maxsize, self._batch_wait)
         try:
             await gen.start()
             await gen.warm_up(self._warmup, self._warmup_inputs)
@@ -281,38 +291,29 @@ class Runner:
         :class:`RunnerClosed`, stop and join every thread and release the devices.
         Idempotent; safe to call concurrently. Cancelled, it still releases everything (the
         joining finishes on a reaper thread) and fails what was pending."""
+        hub = self._hub if self._hub is not None else current_hub()
         if self._closing is not None:
-            await asyncio.shield(self._closing)
+            await hub.shield(self._closing)
             return
-        loop = asyncio.get_running_loop()
-        self._closing = loop.create_future()
+        self._closing = closing = hub.create_future()
         budget = self._close_timeout if timeout is None else timeout
         started = perf_counter()
         try:
             self.close()
             if self._state is State.STARTING:  # _open() sees the request and cleans up
-                try:
-                    await asyncio.wait_for(self._opened.wait(), budget)
-                except TimeoutError:
-                    pass
+                await self._opened.wait(hub, budget)
                 return
             if self._recovery is not None and not self._recovery.done():
                 self._recovery.cancel()  # closing beats recovering: fail what waits for it
-                try:
-                    await self._recovery
-                except asyncio.CancelledError:
-                    pass
+                await hub.join(self._recovery)
                 if self._state is State.RECOVERING:
                     self._set_state(State.BROKEN)
             if self._state in (State.READY, State.BROKEN):
                 if self._state is State.READY:
                     self._set_state(State.CLOSING)
                 if budget > 0 and self._done.unfinished and self._failure is None:
-                    self._done.idle = loop.create_future()
-                    try:
-                        await asyncio.wait_for(asyncio.shield(self._done.idle), budget)
-                    except TimeoutError:
-                        pass
+                    self._done.idle = hub.create_future()
+                    await hub.wait(self._done.idle, budget)
                 self._stop_watchdog()
                 self._fail_pending(RunnerClosed(
                     f"runner {self.name!r} closed with {len(self._done.unfinished)} items "
@@ -326,8 +327,8 @@ class Runner:
             self._abort()
             raise
         finally:
-            if not self._closing.done():
-                self._closing.set_result(None)
+            if not closing.done():
+                closing.set_result(None)
 
     def _abort(self) -> None:
         """Close now, without awaiting (cancelled aclose, garbage collection): fail what is
@@ -364,6 +365,14 @@ class Runner:
         if self._gen is not None:
             self._gen.stop_sync(timeout)
 
+    def _opened_hub(self) -> Hub:
+        """The running library's hub; before open, the error that says to open the runner."""
+        hub = self._hub
+        if hub is None:
+            self._check_accepting(self._lane)
+            raise RuntimeError(f"runner {self.name!r} is not open")
+        return hub
+
     def _in(self, state: State) -> bool:
         """``self._state is state``, re-read after an await (a plain test would be narrowed)."""
         return self._state is state
@@ -386,14 +395,14 @@ class Runner:
     async def _admit(self, lane: Lane) -> None:
         self._check_accepting(lane)
         while self._in(State.RECOVERING):  # wait (bounded by the caller's timeouts)
-            await self._recovered.wait()
+            await self._recovered.wait(self._hub)  # type: ignore[arg-type]
             self._check_accepting(lane)
         if self._admission.try_take(lane):
             return
-        await self._admission.wait(lane, self._loop)  # type: ignore[arg-type]
+        await self._admission.wait(lane, self._new_future)
         try:
             while self._in(State.RECOVERING):
-                await self._recovered.wait()
+                await self._recovered.wait(self._hub)  # type: ignore[arg-type]
         except BaseException:
             self._admission.release(lane)
             raise
@@ -402,7 +411,7 @@ class Runner:
             self._check_accepting(lane)
 
     def _enqueue(self, lane: Lane, inputs: Any, tag: Any,
-                 future: asyncio.Future[Any] | None) -> Ticket:
+                 future: Waiter[Any] | None) -> Ticket:
         seq = next(self._seq)
         now = perf_counter()
         job = Job(seq, inputs, lane.index, now)
@@ -483,7 +492,7 @@ class Runner:
         if timeout is None:
             return await self._infer(inputs, admit_timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with self._opened_hub().timeout(timeout):
                 return await self._infer(inputs, admit_timeout)
         except TimeoutError as exc:
             if isinstance(exc, AccelError):
@@ -499,7 +508,7 @@ class Runner:
             await self._admit(lane)
         else:
             try:
-                async with asyncio.timeout(admit_timeout):
+                async with self._opened_hub().timeout(admit_timeout):
                     await self._admit(lane)
             except TimeoutError as exc:
                 if isinstance(exc, AccelError):
@@ -507,11 +516,11 @@ class Runner:
                 raise WouldBlock(f"runner {self.name!r} stayed full for {admit_timeout} s "
                                  f"(maxsize={self._maxsize}, {len(lane.waiters)} waiting)"
                                  ) from None
-        future: asyncio.Future[Any] = self._loop.create_future()  # type: ignore[union-attr]
+        future = self._new_future()
         ticket = self._enqueue(lane, inputs, None, future)
         try:
             return await future
-        except asyncio.CancelledError:
+        except self._cancelled:
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: no "never retrieved" log
                 self._done.discarded += 1  # it arrived, but nobody is left to take it
@@ -580,16 +589,16 @@ class Runner:
 
     def _new_handle(self, lane: Lane) -> Stream:
         stream = Stream(self, lane)
-        loop = self._loop
+        hub = self._hub
         runner = weakref.ref(self)
 
         def dropped(ref: weakref.ref[Stream]) -> None:
             # Runs wherever the last reference went: hop to the loop before touching state.
             r = runner()
-            if r is not None and loop is not None and not loop.is_closed():
+            if r is not None and hub is not None:
                 try:
-                    loop.call_soon_threadsafe(r._on_stream_dropped, lane, ref)
-                except RuntimeError:
+                    hub.call_soon_threadsafe(r._on_stream_dropped, lane, ref)
+                except RuntimeError:  # the loop is closed, the trio run is over
                     pass
 
         lane.handle = weakref.ref(stream, dropped)
@@ -682,7 +691,7 @@ class Runner:
                 raise StopAsyncIteration
             if self._state in (State.NEW, State.STARTING):
                 raise RuntimeError(f"runner {self.name!r} is not open")
-            fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+            fut = self._new_future()
             lane.consumers.append(fut)
             try:
                 await fut
@@ -742,7 +751,8 @@ class Runner:
             old.bridge.detach()
             old.pipeline.stop()
         self._retry_or_fail(err, old)
-        self._recovery = asyncio.ensure_future(self._reopen_after(err, old))
+        self._recovery = self._opened_hub().spawn(self._reopen_after(err, old),
+                                                  name=f"aioaccel-{self.name}-recovery")
 
     def _retry_or_fail(self, err: DeviceError, gen: Generation | None) -> None:
         """The items ``gen`` held: re-run (``retries``) on the next generation, or failed."""
@@ -782,11 +792,11 @@ class Runner:
         if old is not None:  # release the device; a hung thread is abandoned, not awaited
             await old.stop(0.05 if isinstance(err, DeviceTimeout) else 0.5)
         while True:
-            await asyncio.sleep(budget.delay())
+            await self._opened_hub().sleep(budget.delay())
             try:
                 gen = await self._start_generation(self._load)
                 break
-            except asyncio.CancelledError:
+            except self._cancelled:
                 raise
             except Exception as exc:
                 log.warning("runner %r: reopening failed: %s", self.name, exc)
@@ -834,10 +844,8 @@ class Runner:
         if old is not None:
             old.outstanding = sum(1 for t in self._done.unfinished.values() if t.gen is old)
             if old.outstanding > 0:
-                old.drained = self._loop.create_future()  # type: ignore[union-attr]
-                try:
-                    await asyncio.wait_for(asyncio.shield(old.drained), self._close_timeout)
-                except TimeoutError:
+                old.drained = self._new_future()
+                if not await self._opened_hub().wait(old.drained, self._close_timeout):
                     log.warning("runner %r: the old model still held %d items after %s s",
                                 self.name, old.outstanding, self._close_timeout)
             await old.stop(1.0)
@@ -972,6 +980,14 @@ class Runner:
 
 def _not_open(job: Job) -> None:
     raise RuntimeError("the runner is not open")
+
+
+def _not_open_future() -> Waiter[Any]:
+    raise RuntimeError("the runner is not open")
+
+
+class _NeverRaised(BaseException):
+    """Before open there is no library, so nothing is a cancellation yet."""
 
 
 @atexit.register

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from aioaccel._async import library_name
+from aioaccel.core.async_library import library_name
 
 ASYNC_TEST_TIMEOUT = 30.0
 

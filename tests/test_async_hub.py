@@ -1,5 +1,5 @@
-"""The loop-agnostic layer (aioaccel._async) on asyncio, uvloop and trio: waiters, wake-ups
-from threads, timers, tasks, timeouts, shields."""
+"""The loop-agnostic layer (aioaccel.core.async_library) on asyncio, uvloop and trio:
+waiters, wake-ups from threads, timers, tasks, timeouts, shields."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import logging
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from aioaccel._async import Flag, current_hub, library_name
+from aioaccel.core.async_library import Flag, current_hub, library_name
 from aioaccel.pytest_plugin import backends
 
 pytestmark = pytest.mark.anyio
@@ -147,7 +148,7 @@ async def test_a_thread_runs_a_coroutine_on_the_loop() -> None:
     hub = current_hub()
 
     async def answer() -> int:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return 42
 
     async def fail() -> None:
@@ -173,9 +174,9 @@ async def test_timeout_wait_and_shielded() -> None:
         async with hub.timeout(0.01):
             await anyio.sleep(5)
     async with hub.timeout(5):
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     async with hub.timeout(None):
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     fut = hub.create_future()
     assert await hub.wait(fut, 0.01) is False and not fut.done()

@@ -11,7 +11,6 @@ A fatal failure or a close fails every unfinished ticket (:meth:`Completions.fai
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from time import time
@@ -23,6 +22,7 @@ from .records import Lane, Ticket
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .async_library import Waiter
     from .jobs import Job
 
 __all__ = ["Completions", "Ticket"]  # Ticket: re-exported from .records
@@ -42,7 +42,7 @@ class Completions:
         self.queued = LatencyWindow()             # admission -> a worker took it
         self.working = LatencyWindow()            # time in stage calls / on the device
         self.histogram = LatencyHistogram()
-        self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
+        self.idle: Waiter[None] | None = None  # set when nothing is unfinished
         self.last_completion: float | None = None      # wall-clock time of the last result
 
     # ---- settling ---------------------------------------------------------------------------

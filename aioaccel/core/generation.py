@@ -14,7 +14,6 @@ there first; threads that never stopped (a hung native call) are abandoned (daem
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import weakref
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import open_error
+from .async_library import Hub, Waiter, current_hub
 from .jobs import Job
 from .loop_bridge import Bridge, Receiver
 from .stage_threads import Pipeline
@@ -43,22 +43,22 @@ class Generation:
     generations can run side by side during a reload) and passes finished jobs and fatal
     failures on to the runner."""
 
-    def __init__(self, runner_name: str, model: Model, loop: asyncio.AbstractEventLoop,
+    def __init__(self, runner_name: str, model: Model, hub: Hub,
                  runner: Receiver, maxsize: int, batch_wait: float = 0.0):
         self.runner_name = runner_name
         self.model = model
-        self.loop = loop
+        self.hub = hub
         self._runner: Callable[[], Receiver | None] = weakref.ref(runner)
-        self.bridge = Bridge(loop, self)
+        self.bridge = Bridge(hub.call_soon_threadsafe, self)
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize,
                                  batch=model.batch, batch_wait=batch_wait)
-        self.ready: asyncio.Future[None] = loop.create_future()
-        self.exited: asyncio.Future[None] = loop.create_future()
+        self.ready: Waiter[None] = hub.create_future()
+        self.exited: Waiter[None] = hub.create_future()
         #: jobs not handed back yet; counted down here, set by the runner when it matters
         #: (a reload waits for the old generation to drain), so submitting costs nothing
         self.outstanding = 0
-        self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
-        self._warmups: dict[int, asyncio.Future[None]] = {}
+        self.drained: Waiter[None] | None = None  # set when outstanding drops to 0
+        self._warmups: dict[int, Waiter[None]] = {}
         self._ready_count = 0
         self._release_lock = threading.Lock()
         self._released = False
@@ -94,12 +94,13 @@ class Generation:
         futures = []
         for n in range(count):
             seq = -1 - n  # never a user item's seq
-            fut: asyncio.Future[None] = self.loop.create_future()
+            fut: Waiter[None] = self.hub.create_future()
             self._warmups[seq] = fut
             futures.append(fut)
             self.outstanding += 1
             self.submit(Job(seq, sample))
-        await asyncio.gather(*futures)
+        for fut in futures:  # none fails: a failed warm-up is logged and set done
+            await fut
         return perf_counter() - started
 
     def _warmed(self, job: Job) -> bool:
@@ -116,7 +117,7 @@ class Generation:
     async def start(self) -> None:
         """Start the workers and wait until every stage object is made (or one failed)."""
         self.pipeline.start()
-        await asyncio.shield(self.ready)
+        await self.hub.shield(self.ready)
 
     def on_ready(self, worker: Worker, error: BaseException | None) -> None:
         if self.ready.done():
@@ -140,10 +141,7 @@ class Generation:
         self.pipeline.stop()
         try:
             if not self.pipeline.exited:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.exited), max(wait, 0.0))
-                except TimeoutError:
-                    pass
+                await self.hub.wait(self.exited, max(wait, 0.0))
         except BaseException:
             self.stop_soon()
             raise
@@ -204,12 +202,15 @@ def synthetic_inputs(model: Model) -> Any:
             for spec in specs}
 
 
-async def load_model(load: Callable[[], Model], runner_name: str) -> Model:
+async def load_model(load: Callable[[], Model], runner_name: str,
+                     hub: Hub | None = None) -> Model:
     """Run a backend's ``load`` on a named thread (it imports runtimes and compiles models:
     seconds of blocking work). If the caller is cancelled meanwhile, the model is closed as soon
     as the load finishes, on that thread: an abandoned load leaks nothing."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
+    if hub is None:
+        hub = current_hub()
+    wake = hub.call_soon_threadsafe
+    fut: Waiter[Any] = hub.create_future()
     lock = threading.Lock()
     abandoned = False
 
@@ -236,7 +237,7 @@ async def load_model(load: Callable[[], Model], runner_name: str) -> Model:
                                       runner_name)
                 return
         try:
-            loop.call_soon_threadsafe(settle, *outcome)
+            wake(settle, *outcome)
         except RuntimeError:  # the loop is gone
             if outcome[0] and outcome[1].close is not None:
                 outcome[1].close()

@@ -12,7 +12,6 @@ A lane has two halves, both touched only on the event loop:
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from ..stats import LatencyWindow, StreamStats
 
 if TYPE_CHECKING:
     from ..errors import InferenceError
+    from .async_library import Waiter
     from .jobs import Job
 
 __all__ = ["Lane", "Ticket"]
@@ -59,9 +59,9 @@ class Lane:
         self.reserve = reserve        #: slots kept free for this lane alone
         self.vtime = 0.0              #: weighted-fair virtual time (admission's bookkeeping)
         self.admitted = 0             #: slots held: admitted and not consumed (or released)
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[Waiter[None]] = deque()
         self.tickets: deque[Ticket] = deque()      # pushed items, in push order
-        self.consumers: list[asyncio.Future[None]] = []
+        self.consumers: list[Waiter[None]] = []
         self.closed = False
         #: the Stream users hold (weakly): when it is collected an idle lane is reclaimed
         self.handle: weakref.ref[Any] | None = None  # of a Stream (this module is a leaf)
@@ -114,7 +114,7 @@ class Ticket:
         "withdrawn",
     )
 
-    def __init__(self, seq: int, tag: Any, lane: Lane, future: asyncio.Future[Any] | None,
+    def __init__(self, seq: int, tag: Any, lane: Lane, future: Waiter[Any] | None,
                  job: Job, t_admit: float):
         self.seq = seq
         self.tag = tag
