@@ -214,7 +214,7 @@ class _Dispatch(DeviceStage):
         hub = self.hub
         if self._members_closed or hub is None:
             return
-        if hub.closed():  # no loop left: stop their threads
+        if hub.closed() or not hub.running():  # no loop left: stop their threads
             self._members_closed = True
             for m in self.members:
                 m.runner._stop_threads()

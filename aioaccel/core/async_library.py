@@ -27,6 +27,7 @@ What the core asks of a hub -- the loop side of everything, none of it called pe
                              ``await hub.join(task)``
 ``run_threadsafe``           run a coroutine on the loop from another thread; a
                              ``concurrent.futures.Future``
+``closed`` / ``running``     from any thread: the loop is closed / still running
 ``timeout``                  ``async with hub.timeout(s)``: TimeoutError past ``s`` seconds
 ``wait``                     wait (bounded) for a waiter without cancelling it
 ``shield`` / ``shielded``    await a waiter / a coroutine that the caller's cancellation
@@ -101,6 +102,7 @@ class Hub(Protocol):
     def run_threadsafe(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]
                        ) -> concurrent.futures.Future[T]: ...
     def closed(self) -> bool: ...
+    def running(self) -> bool: ...
     def timeout(self, seconds: float | None) -> Any: ...
     async def wait(self, waiter: Waiter[Any], seconds: float | None) -> bool: ...
     def shield(self, waiter: Waiter[T]) -> Awaitable[T]: ...
@@ -168,7 +170,10 @@ class AsyncioHub:
         return asyncio.run_coroutine_threadsafe(coro_fn(), self._loop)
 
     def closed(self) -> bool:
-        return self._loop.is_closed() or not self._loop.is_running()
+        return self._loop.is_closed()
+
+    def running(self) -> bool:
+        return self._loop.is_running()
 
     def timeout(self, seconds: float | None) -> asyncio.Timeout:
         return asyncio.timeout(seconds)
@@ -436,10 +441,13 @@ class TrioHub:
 
     def closed(self) -> bool:
         try:
-            self._token.run_sync_soon(_noop)
+            self._token.run_sync_soon(_noop)  # the only way to ask a trio run from outside
         except RuntimeError:
             return True
         return False
+
+    def running(self) -> bool:
+        return not self.closed()
 
     def timeout(self, seconds: float | None) -> Any:
         if seconds is None:
