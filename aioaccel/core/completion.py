@@ -4,7 +4,8 @@ Each admitted item has a :class:`~aioaccel.core.records.Ticket` on the loop (seq
 future) and a :class:`~aioaccel.core.jobs.Job` on the threads (inputs, outputs, error, timing).
 When the bridge hands finished jobs over, :meth:`Completions.on_jobs` finds each job's ticket
 by seq and settles it: an ``infer`` future gets its value or error and frees its slot at once;
-a streamed item is marked done in its lane's outbox and keeps its slot until ``async for`` consumes it.
+a streamed item is marked done in its lane's outbox and keeps its slot until ``async for``
+consumes it.
 
 A fatal failure or a close fails every unfinished ticket (:meth:`Completions.fail_pending`).
 """
