@@ -10,7 +10,11 @@ the rules an anyio or trio user relies on.
 from __future__ import annotations
 
 import random
+import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -431,3 +435,33 @@ async def test_batching_groups_concurrent_callers_and_splits_the_answers() -> No
                for i in range(64))
     assert sum(calls) == 64 and max(calls) > 1
     assert stats.batching is not None and stats.batching.items == 64
+
+
+# ---- the same program on each library -------------------------------------------------------
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_first_example() -> str:
+    block = re.search(r"^```python\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
+    assert block is not None, "README.md has no python example"
+    return block.group(1)
+
+
+def run_program(code: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                          text=True, timeout=120, cwd=README.parent)
+    assert proc.returncode == 0, proc.stderr
+    # the results, without their latency (the one figure that differs from run to run)
+    return [re.sub(r" [\d.]+ ms$", "", line) for line in proc.stdout.splitlines()
+            if line.startswith("frame-")]
+
+
+def test_the_readme_example_gives_the_same_results_on_asyncio_and_trio() -> None:
+    code = readme_first_example()
+    last = "anyio.run(main)"
+    assert last in code, "the README's first example ends with anyio.run(main)"
+    as_written = run_program(code)
+    on_asyncio = run_program("import asyncio\n" + code.replace(last, "asyncio.run(main())", 1))
+    on_trio = run_program("import trio\n" + code.replace(last, "trio.run(main)", 1))
+    assert as_written == on_asyncio == on_trio
+    assert on_trio == [f"frame-{i} {2 * i}" for i in range(10)]
