@@ -335,7 +335,7 @@ async def run_info(models: list[str], backend: str | None) -> int:
                 table.add_row(kind, spec.name, spec.dtype, format_shape(spec.shape))
         Console().print(table)
         print(f"stages: {[s.name for s in runner.stats().stages]}")
-        info = getattr(runner, "info", None) or getattr(runner._model, "info", {})
+        info = runner.info
         runtime = info.get("interpreter") or info.get("openvino") or info.get("providers")
         print(f"backend: {info.get('backend', backend)}"
               + (f" (runtime: {runtime})" if runtime else ""))

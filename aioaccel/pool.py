@@ -217,7 +217,7 @@ class _Dispatch(DeviceStage):
         if hub.closed() or not hub.running():  # no loop left: stop their threads
             self._members_closed = True
             for m in self.members:
-                m.runner._stop_threads()
+                m.runner.stop_now()
             return
         budget = self.close_timeout + 5.0  # the pool drained first: members have little left
         try:

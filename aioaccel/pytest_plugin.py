@@ -95,21 +95,17 @@ class RunnerFactory:
         """Close what the test left open: through its loop if that still exists, else stop the
         threads directly."""
         for runner in self.runners:
-            if runner.closed and runner.stats().in_flight == 0 and not _threads_alive(runner):
+            if runner.closed and runner.stats().in_flight == 0 and not runner.threads_alive:
                 continue
             simulator = getattr(runner, "simulator", None)
             if simulator is not None:
                 simulator.release()  # a hung simulated call must not hold the teardown
-            loop = runner._loop
+            loop = runner._sup.loop  # the loop it was opened on
             if loop is not None and not loop.is_closed() and not loop.is_running():
                 loop.run_until_complete(runner.aclose(timeout=5))
             else:
-                runner._stop_threads()
+                runner.stop_now()
         self.runners.clear()
-
-
-def _threads_alive(runner: aioaccel.Runner) -> bool:
-    return runner._threads_alive()
 
 
 def hardware_missing(spec: str) -> str | None:

@@ -12,23 +12,37 @@ its result is consumed; so that one stream's slow consumer cannot hold the whole
 the stream a ``maxsize`` of its own (``runner.stream(key, maxsize=2)``).
 
 Internally every runner has a default lane (plain ``runner.push`` / ``infer`` / ``async for``);
-a stream is one more lane (:mod:`aioaccel.core.records`). A closed stream's finished results stop
+a stream is one more lane (:mod:`aioaccel.core.records`), kept by the runner's
+:class:`~aioaccel.core.stream_table.StreamTable`. A closed stream's finished results stop
 holding the runner's slots (it cannot grow any more), so streams closed with results unread
 never wedge the runner; a stream nobody references is reclaimed once it is idle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .stats import StreamStats
 
 if TYPE_CHECKING:
     from .core.records import Lane
-    from .runner import Result, Runner
+    from .core.results import Result
 
-__all__ = ["Stream", "StreamStats"]
+__all__ = ["LaneOps", "Stream", "StreamStats"]
+
+
+class LaneOps(Protocol):
+    """What a :class:`Stream` handle asks of the runner that owns its lane."""
+
+    name: str  #: the runner's name
+
+    def push(self, lane: Lane, inputs: Any, tag: Any) -> Awaitable[int]: ...
+    def push_nowait(self, lane: Lane, inputs: Any, tag: Any) -> int: ...
+    def next(self, lane: Lane) -> Awaitable[Result]: ...
+    def close(self, lane: Lane) -> None: ...
+    def withdraw(self, lane: Lane) -> int: ...
 
 
 class Stream:
@@ -39,10 +53,10 @@ class Stream:
     ``async with runner.stream(key) as s:`` closes it on exit.
     """
 
-    __slots__ = ("__weakref__", "_lane", "_runner")
+    __slots__ = ("__weakref__", "_lane", "_ops")
 
-    def __init__(self, runner: Runner, lane: Lane):
-        self._runner = runner
+    def __init__(self, ops: LaneOps, lane: Lane):
+        self._ops = ops
         self._lane = lane
 
     @property
@@ -60,21 +74,21 @@ class Stream:
 
     async def push(self, inputs: Any, *, tag: Any = None) -> int:
         """Admit one input for this stream; waits for this stream's fair share of space."""
-        return await self._runner._push_lane(self._lane, inputs, tag)
+        return await self._ops.push(self._lane, inputs, tag)
 
     def push_nowait(self, inputs: Any, *, tag: Any = None) -> int:
         """Like :meth:`push`, but raise :class:`~aioaccel.WouldBlock` instead of waiting."""
-        return self._runner._push_lane_nowait(self._lane, inputs, tag)
+        return self._ops.push_nowait(self._lane, inputs, tag)
 
     def close(self) -> None:
         """No more input on this stream; its ``async for`` ends after its last result."""
-        self._runner._close_lane(self._lane)
+        self._ops.close(self._lane)
 
     def withdraw(self) -> int:
         """Take back this stream's items that no worker has started (its consumer is gone:
         a camera disconnected). They never show up in ``async for``; they count as withdrawn
         and free their slots. Returns how many were withdrawn."""
-        return self._runner._withdraw_lane(self._lane)
+        return self._ops.withdraw(self._lane)
 
     def stats(self) -> StreamStats:
         return self._lane.snapshot()
@@ -83,7 +97,7 @@ class Stream:
         return self
 
     async def __anext__(self) -> Result:
-        return await self._runner._next(self._lane)
+        return await self._ops.next(self._lane)
 
     async def __aenter__(self) -> Stream:
         return self
@@ -94,5 +108,5 @@ class Stream:
 
     def __repr__(self) -> str:
         lane = self._lane
-        return (f"<Stream {lane.key!r} of {self._runner.name!r} "
+        return (f"<Stream {lane.key!r} of {self._ops.name!r} "
                 f"{'closed' if lane.closed else 'open'} in_flight={lane.admitted}/{lane.cap}>")

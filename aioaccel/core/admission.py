@@ -22,7 +22,7 @@ cap, or only reserved slots are free).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .records import Lane
 
@@ -48,6 +48,10 @@ class Admission:
         self.ring: dict[Lane, None] = {}
 
     # ---- lanes ------------------------------------------------------------------------------
+    def counters(self) -> dict[str, Any]:
+        """Occupancy, as :class:`~aioaccel.RunnerStats` fields."""
+        return {"in_flight": self.admitted, "peak_admitted": self.peak, "waiting": self.waiting}
+
     def add_lane(self, lane: Lane) -> None:
         if lane.reserve:
             if self.reserved + lane.reserve > self.maxsize:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..batching import join, rows, split
 from ..errors import DeviceError
+from ..stats import BatchStats
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -47,6 +48,12 @@ class BatchCounters:
             self.items += size
             self.sizes[size] = self.sizes.get(size, 0) + 1
             self.waited += waited
+
+    def snapshot(self) -> BatchStats:
+        with self._lock:
+            return BatchStats(size=self.limit, batches=self.batches, items=self.items,
+                              sizes=tuple(sorted(self.sizes.items())), fallbacks=self.fallbacks,
+                              wait_mean=self.waited / self.items if self.items else 0.0)
 
 
 class Batch:

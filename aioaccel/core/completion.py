@@ -100,6 +100,33 @@ class Completions:
                 fut.set_result(job.value)
             self.admission.release(lane)
 
+    def give_up(self, ticket: Ticket) -> None:
+        """The ``infer`` waiting for ``ticket`` is gone (cancelled, timed out): withdraw the
+        item if no worker took it yet, else mark its result as nobody's."""
+        fut = ticket.future
+        if fut is not None and fut.done() and not fut.cancelled():
+            fut.exception()  # retrieved: no "never retrieved" log
+            self.discarded += 1  # it arrived, but nobody is left to take it
+        elif (self.unfinished.get(ticket.seq) is ticket and ticket.gen is not None
+              and ticket.gen.pipeline.withdraw(ticket.job)):
+            # Its empty shell comes back when a worker reaches it and frees the slot then,
+            # so the hand-off never holds more than maxsize jobs.
+            ticket.withdrawn = True
+            self.withdrawn += 1
+        else:
+            ticket.job.abandoned = True  # a device stage may cancel its remote work
+
+    def counters(self) -> dict[str, Any]:
+        """The item counters and latency figures, as :class:`~aioaccel.RunnerStats` fields."""
+        p50, p99 = self.latency.percentiles()
+        q50, q99 = self.queued.percentiles()
+        w50, w99 = self.working.percentiles()
+        return {"pushed": self.pushed, "completed": self.completed, "failed": self.failed,
+                "discarded": self.discarded, "withdrawn": self.withdrawn,
+                "latency_p50": p50, "latency_p99": p99, "queue_p50": q50, "queue_p99": q99,
+                "device_p50": w50, "device_p99": w99,
+                "latency_buckets": self.histogram.cumulative(), "latency_sum": self.histogram.sum}
+
     def free(self, ticket: Ticket) -> None:
         """Give back the slot of a streamed ticket, once: when it is consumed, or earlier when
         nobody can push behind it any more (its stream is closed or dropped: it cannot grow,
@@ -161,6 +188,8 @@ class Completions:
             for ticket in tickets:
                 if not ticket.released:
                     self.admission.release(lane)
+            if tickets:  # its consumer gets the failure after the finished prefix
+                lane.failure = failure
             lane.tickets = kept
             lane.wake()
         self.check_idle()

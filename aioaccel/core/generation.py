@@ -26,14 +26,14 @@ import numpy as np
 from ..errors import open_error
 from .async_library import Hub, Waiter, current_hub
 from .jobs import Job
-from .loop_bridge import Bridge, Receiver
+from .loop_bridge import Bridge
 from .stage_threads import Pipeline
 
 if TYPE_CHECKING:
     from ..backends import Model
     from .jobs import Worker
 
-__all__ = ["Generation", "load_model", "synthetic_inputs"]
+__all__ = ["Generation", "load_on_thread", "open_generation", "zero_inputs"]
 
 log = logging.getLogger("aioaccel")
 
@@ -44,11 +44,16 @@ class Generation:
     failures on to the runner."""
 
     def __init__(self, runner_name: str, model: Model, hub: Hub,
-                 runner: Receiver, maxsize: int, batch_wait: float = 0.0):
+                 on_jobs: Callable[[list[Job]], None],
+                 on_fatal: Callable[[BaseException, str, Generation], None],
+                 maxsize: int, batch_wait: float = 0.0):
         self.runner_name = runner_name
         self.model = model
         self.hub = hub
-        self._runner: Callable[[], Receiver | None] = weakref.ref(runner)
+        # weak: worker threads hold the bridge, which holds this; an abandoned runner must
+        # stay collectable (to warn and stop its threads)
+        self._on_jobs = weakref.WeakMethod(on_jobs)
+        self._on_fatal = weakref.WeakMethod(on_fatal)
         self.bridge = Bridge(hub.call_soon_threadsafe, self)
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize,
                                  batch=model.batch, batch_wait=batch_wait)
@@ -58,6 +63,7 @@ class Generation:
         #: (a reload waits for the old generation to drain), so submitting costs nothing
         self.outstanding = 0
         self.drained: Waiter[None] | None = None  # set when outstanding drops to 0
+        self.warmup_seconds = 0.0
         self._warmups: dict[int, Waiter[None]] = {}
         self._ready_count = 0
         self._release_lock = threading.Lock()
@@ -71,23 +77,23 @@ class Generation:
         self.outstanding -= len(jobs)
         if self._warmups:
             jobs = [job for job in jobs if not self._warmed(job)]
-        runner = self._runner()
-        if runner is not None and jobs:
-            runner.on_jobs(jobs)
+        on_jobs = self._on_jobs()
+        if on_jobs is not None and jobs:
+            on_jobs(jobs)
         if self.outstanding <= 0 and self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
     def on_fatal(self, error: BaseException, stage: str) -> None:
-        runner = self._runner()
-        if runner is not None:
-            runner.on_fatal(error, stage, self)  # type: ignore[call-arg]
+        on_fatal = self._on_fatal()
+        if on_fatal is not None:
+            on_fatal(error, stage, self)
 
     async def warm_up(self, count: int, inputs: Any = None) -> float:
         """Run ``count`` inferences on ``inputs`` (default: zeros of the model's input spec)
         before any user item; returns the seconds it took. Failures are logged, not raised."""
         if count <= 0:
             return 0.0
-        sample = synthetic_inputs(self.model) if inputs is None else inputs
+        sample = zero_inputs(self.model) if inputs is None else inputs
         if self.model.prepare is not None and sample is not None:
             sample = self.model.prepare(sample)
         started = perf_counter()
@@ -193,7 +199,7 @@ class Generation:
                 log.exception("runner %r: releasing the model failed", self.runner_name)
 
 
-def synthetic_inputs(model: Model) -> Any:
+def zero_inputs(model: Model) -> Any:
     """Zeros shaped by the model's input spec (dynamic dimensions as 1); None without a spec."""
     specs = model.inputs
     if not specs or any(spec.shape is None for spec in specs):
@@ -202,8 +208,8 @@ def synthetic_inputs(model: Model) -> Any:
             for spec in specs}
 
 
-async def load_model(load: Callable[[], Model], runner_name: str,
-                     hub: Hub | None = None) -> Model:
+async def load_on_thread(load: Callable[[], Model], runner_name: str,
+                         hub: Hub | None = None) -> Model:
     """Run a backend's ``load`` on a named thread (it imports runtimes and compiles models:
     seconds of blocking work). If the caller is cancelled meanwhile, the model is closed as soon
     as the load finishes, on that thread: an abandoned load leaks nothing."""
@@ -258,3 +264,22 @@ async def load_model(load: Callable[[], Model], runner_name: str,
     thread.join()  # it has delivered its outcome: returns at once
     model.info.setdefault("load_seconds", perf_counter() - started)
     return model
+
+
+async def open_generation(runner_name: str, load: Callable[[], Model], hub: Hub,
+                          on_jobs: Callable[[list[Job]], None],
+                          on_fatal: Callable[[BaseException, str, Generation], None], *,
+                          maxsize: int, batch_wait: float, warmup: int = 0,
+                          warmup_inputs: Any = None) -> Generation:
+    """Load the model (on a thread), start its pipeline and warm it up: a runner's open, a
+    restart's reopen and a reload all go through here. Whatever fails, nothing is left
+    running."""
+    model = await load_on_thread(load, runner_name, hub)
+    gen = Generation(runner_name, model, hub, on_jobs, on_fatal, maxsize, batch_wait)
+    try:
+        await gen.start()
+        gen.warmup_seconds = await gen.warm_up(warmup, warmup_inputs)
+    except BaseException:
+        gen.stop_soon()
+        raise
+    return gen

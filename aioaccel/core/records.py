@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..stats import LatencyWindow, StreamStats
 
 if TYPE_CHECKING:
-    from ..errors import InferenceError
+    from ..errors import AccelError, InferenceError
     from .async_library import Waiter
     from .jobs import Job
 
@@ -36,6 +36,7 @@ class Lane:
         "completed",
         "consumers",
         "failed",
+        "failure",
         "handle",
         "index",
         "key",
@@ -63,6 +64,9 @@ class Lane:
         self.tickets: deque[Ticket] = deque()      # pushed items, in push order
         self.consumers: list[Waiter[None]] = []
         self.closed = False
+        #: set when items of this lane had to be failed (a close that could not drain): its
+        #: consumer gets it after the finished results
+        self.failure: AccelError | None = None
         #: the Stream users hold (weakly): when it is collected an idle lane is reclaimed
         self.handle: weakref.ref[Any] | None = None  # of a Stream (this module is a leaf)
         self.pushed = self.completed = self.failed = 0

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from ..errors import DeviceError
 from ..stages import BlockingStage, DeviceStage, StageSpec
+from ..stats import StageStats
 from .batch_gather import Batch, BatchCounters, batch_of, gather, run_batch
 from .jobs import QUEUED, RUNNING, WITHDRAWN, Job, Worker
 from .loop_bridge import SHORT_CALL, Bridge
@@ -66,6 +67,25 @@ class Pipeline:
         self.started_at = 0.0
 
     # ---- called on the loop -------------------------------------------------------------
+    def stage_stats(self) -> tuple[float, tuple[StageStats, ...], int]:
+        """Seconds since start, each stage's figures, and the duplicate completions seen."""
+        now = perf_counter()
+        elapsed = now - self.started_at if self.started_at else 0.0
+        stages = []
+        duplicates = 0
+        for i, spec in enumerate(self.specs):
+            ws = [w for w in self.workers if w.index == i]
+            busy = sum(w.busy for w in ws)
+            if spec.device:  # include the current busy stretch
+                busy += sum(now - w.busy_since for w in ws if w.in_device)
+            duplicates += sum(w.duplicates for w in ws)
+            stages.append(StageStats(
+                name=spec.name, kind="device" if spec.device else "blocking", workers=len(ws),
+                queue_depth=self.queues[i].qsize(),
+                busy=min(1.0, busy / (elapsed * len(ws))) if elapsed and ws else 0.0,
+                calls=sum(w.calls for w in ws), in_device=sum(w.in_device for w in ws)))
+        return elapsed, tuple(stages), duplicates
+
     def start(self) -> None:
         self.started_at = perf_counter()
         for w in self.workers:
