@@ -1,4 +1,4 @@
-"""aioaccel: asyncio-native inference on edge accelerators."""
+"""aioaccel: async-native inference on edge accelerators (asyncio, uvloop, trio)."""
 
 from . import _legacy_paths  # noqa: F401 - old core module paths (aioaccel.pipeline, ...)
 from .api import open as open

@@ -21,7 +21,6 @@ is lost or answered twice.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections import deque
@@ -31,6 +30,7 @@ from time import perf_counter
 from typing import Any
 
 from .backends import Model
+from .core.async_library import Flag, Hub, TaskHandle, current_hub, library_name
 from .errors import AccelError, DeviceError, RunnerClosed, WouldBlock
 from .options import check_count, check_seconds
 from .pool_policies import FINAL, Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
@@ -91,7 +91,7 @@ class _Member:
         self.inflight: deque[_Job] = deque()   # in the member's push order = its result order
         self.clock = ServiceClock(runner.maxsize)
         self.lost: BaseException | None = None   # its async for raised: it is gone
-        self.consumer: asyncio.Task[None] | None = None
+        self.consumer: TaskHandle | None = None
         self.routed = self.completed = self.retried = 0
         self.busy_total = 0.0
         self.busy_since = 0.0
@@ -123,7 +123,7 @@ class _Dispatch(DeviceStage):
         self.retries = retries
         self.pool_name = ""
         self.close_timeout = 10.0
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.hub: Hub | None = None  # the running async library, set when the pool opens
         self._complete: Complete | None = None
         # feeder thread <-> loop: capacity, and the inbox of submitted jobs
         self._cond = threading.Condition()
@@ -134,19 +134,19 @@ class _Dispatch(DeviceStage):
         self._scheduled = False
         # loop side
         self._backlog: deque[_Job] = deque()   # submitted, waiting for a member
-        self._recheck: asyncio.TimerHandle | None = None
+        self._recheck: Any = None              # a timer handle (hub.call_later)
         self._opened_at = 0.0
         self._members_closed = False
-        self._closers: set[asyncio.Task[None]] = set()
-        self._opening: asyncio.Task[Any] | None = None
+        self._closers: list[TaskHandle] = []
+        self._opening: Flag | None = None      # set once opening the members has ended
 
     # ---- open: on the pool's load thread, members opened on the loop ---------------------
     def load(self) -> Model:
-        loop = self.loop
-        if loop is None:
+        hub = self.hub
+        if hub is None:
             raise RuntimeError("open the pool with 'async with aioaccel.pool(...)' or "
                                "'await aioaccel.pool(...)'")
-        inputs, outputs = asyncio.run_coroutine_threadsafe(self._open_members(), loop).result()
+        inputs, outputs = hub.run_threadsafe(self._open_members).result()
         return Model(
             stages=[StageSpec("pool", made(self), device=True)],
             inputs=inputs, outputs=outputs,
@@ -158,9 +158,18 @@ class _Dispatch(DeviceStage):
         )
 
     async def _open_members(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
-        self._opening = asyncio.current_task()
-        outcomes = await asyncio.gather(*(_open(m.runner) for m in self.members),
-                                        return_exceptions=True)
+        hub = self.hub
+        assert hub is not None
+        opening = self._opening = Flag()
+        try:
+            return await self._open_all(hub)
+        finally:
+            opening.set()
+
+    async def _open_all(self, hub: Hub) -> tuple[list[TensorSpec] | None,
+                                                 list[TensorSpec] | None]:
+        outcomes = await hub.gather(*(_open(m.runner) for m in self.members),
+                                    return_exceptions=True)
         try:
             for member, outcome in zip(self.members, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
@@ -169,13 +178,14 @@ class _Dispatch(DeviceStage):
             runners = [m.runner for m in self.members]
             specs = agreed_specs(runners, "inputs"), agreed_specs(runners, "outputs")
         except BaseException:
-            await asyncio.gather(*(m.runner.aclose() for m in self.members),
-                                 return_exceptions=True)
+            await hub.gather(*(m.runner.aclose() for m in self.members),
+                             return_exceptions=True)
             self._members_closed = True
             raise
         self._opened_at = perf_counter()
         for m in self.members:
-            m.consumer = asyncio.get_running_loop().create_task(self._consume(m))
+            m.consumer = hub.spawn(self._consume(m),
+                                   name=f"aioaccel-{self.pool_name}-member{m.index}")
         return specs
 
     # ---- DeviceStage, on the pool's feeder thread -----------------------------------------
@@ -186,7 +196,7 @@ class _Dispatch(DeviceStage):
         with self._cond:
             while self._pending >= _AHEAD * self._room and self._dead is None:
                 # every live member is full: the feeder waits (backpressure) for a completion
-                if not self._cond.wait(0.5) and self.loop.is_closed():  # type: ignore[union-attr]
+                if not self._cond.wait(0.5) and self.hub.closed():  # type: ignore[union-attr]
                     raise DeviceError(f"pool {self.pool_name!r}: its event loop is closed")
             if self._dead is not None:
                 raise self._dead
@@ -196,23 +206,23 @@ class _Dispatch(DeviceStage):
                 return
             self._scheduled = True
         try:
-            self.loop.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
+            self.hub.call_soon_threadsafe(self._take_inbox)  # type: ignore[union-attr]
         except RuntimeError as exc:  # the loop is gone
             raise DeviceError(f"pool {self.pool_name!r}: its event loop is closed") from exc
 
     def close(self) -> None:
         """Close every member (on the loop; this feeder thread waits for it)."""
-        loop = self.loop
-        if self._members_closed or loop is None:
+        hub = self.hub
+        if self._members_closed or hub is None:
             return
-        if loop.is_closed() or not loop.is_running():  # no loop left: stop their threads
+        if hub.closed() or not hub.running():  # no loop left: stop their threads
             self._members_closed = True
             for m in self.members:
                 m.runner.stop_now()
             return
         budget = self.close_timeout + 5.0  # the pool drained first: members have little left
         try:
-            asyncio.run_coroutine_threadsafe(self._close_members(), loop).result(budget)
+            hub.run_threadsafe(self._close_members).result(budget)
         except Exception:
             log.exception("pool %r: closing its members failed", self.pool_name)
 
@@ -246,8 +256,8 @@ class _Dispatch(DeviceStage):
                     if target is None or not self._hand(members[target], job):
                         kept.append(job)  # for a member to finish one, or to be ready
                 backlog.extendleft(reversed(kept))  # back in front, in their order
-        if backlog and self._recheck is None and self._dead is None and self.loop is not None:
-            self._recheck = self.loop.call_later(_RECHECK, self._recheck_now)
+        if backlog and self._recheck is None and self._dead is None and self.hub is not None:
+            self._recheck = self.hub.call_later(_RECHECK, self._recheck_now)
 
     def _recheck_now(self) -> None:
         self._recheck = None
@@ -367,19 +377,21 @@ class _Dispatch(DeviceStage):
             self._recheck = None
         # The pool has drained (or given up on) its items: what members still hold is
         # nobody's any more, so their drain is short.
-        await asyncio.gather(*(m.runner.aclose(timeout=1.0) for m in self.members),
-                             return_exceptions=True)
+        hub = self.hub
+        assert hub is not None
+        await hub.gather(*(m.runner.aclose(timeout=1.0) for m in self.members),
+                         return_exceptions=True)
         consumers = [m.consumer for m in self.members if m.consumer is not None]
         for task in consumers:
             task.cancel()  # a no-op for those that ended with their member
-        await asyncio.gather(*consumers, return_exceptions=True)
+        await hub.join(*consumers)
 
     async def abandon(self) -> None:
         """The pool's open failed or was cancelled: close whatever members it opened (their
         opening may still be under way on the loop, the load thread having been left)."""
         opening = self._opening
-        if opening is not None and not opening.done():
-            await asyncio.gather(opening, return_exceptions=True)
+        if opening is not None and self.hub is not None:
+            await opening.wait(self.hub)
         await self._close_members()
 
     def _release(self) -> None:
@@ -387,14 +399,13 @@ class _Dispatch(DeviceStage):
         never got there (it hung and was abandoned), close them now without blocking."""
         if self._members_closed:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        if library_name() is None or self.hub is None:  # not on the loop (a reaper thread)
             self.close()
             return
-        task = loop.create_task(self._close_members())
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
+        # tasks are held until done (asyncio keeps only weak references to its tasks)
+        self._closers = [task for task in self._closers if not task.done()]
+        self._closers.append(self.hub.spawn(self._close_members(),
+                                            name=f"aioaccel-{self.pool_name}-close"))
 
     # ---- stats ----------------------------------------------------------------------------
     def member_stats(self) -> tuple[MemberStats, ...]:
@@ -448,13 +459,13 @@ class Pool(Runner):
 
     async def __aenter__(self) -> Pool:
         # The load (on its own thread) opens the members on this loop.
-        if self._pool_router.loop is not None:
+        if self._pool_router.hub is not None:
             raise RuntimeError(f"pool {self.name!r} was already opened")
-        self._pool_router.loop = asyncio.get_running_loop()
+        hub = self._pool_router.hub = current_hub()
         try:
             await super().__aenter__()
         except BaseException:
-            await asyncio.shield(self._pool_router.abandon())
+            await hub.shielded(self._pool_router.abandon())
             raise
         return self
 

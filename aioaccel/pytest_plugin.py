@@ -12,7 +12,18 @@ Installed with aioaccel (entry point ``pytest11``), so it is active in every tes
   gives a runner over a :class:`~aioaccel.testing.SimulatedStage` (or, with
   ``device=True``, a :class:`~aioaccel.testing.SimulatedDevice`);
   ``accel_factory.open(target, **options)`` any runner. Open them in the test
-  (``async with runner:`` or ``await runner``).
+  (``async with runner:`` or ``await runner``); it works under any async test plugin, on
+  asyncio, uvloop and trio.
+* ``backends("asyncio", "uvloop", "trio")`` -- ``anyio_backend`` parameters for anyio's pytest
+  plugin, so a suite's own async tests run on each library aioaccel supports (one not
+  installed is skipped, saying what to install). In a ``conftest.py``::
+
+      @pytest.fixture(params=aioaccel.pytest_plugin.backends())
+      def anyio_backend(request):
+          return request.param
+
+  or, without touching the suite, ``pytest --accel-backends=asyncio,uvloop,trio`` (or the ini
+  option ``accel_backends``) runs every test that uses ``anyio_backend`` on those.
 * ``@pytest.mark.hardware("coral")`` (or ``"memryx"``, ``"openvino:GPU"``, ``"litert"`` ...)
   skips the test, with the reason and what to install, unless :func:`aioaccel.devices`
   reports such a device. Without arguments the marker only labels the test.
@@ -38,7 +49,34 @@ import pytest
 import aioaccel
 from aioaccel.testing import SimulatedDevice, SimulatedStage
 
-__all__ = ["ASYNC_PLUGINS", "AsyncPlugin", "RunnerFactory", "hardware_missing"]
+__all__ = ["ASYNC_PLUGINS", "BACKENDS", "AsyncPlugin", "RunnerFactory", "backends",
+           "hardware_missing"]
+
+#: name -> (anyio_backend value, module it needs, what to install)
+BACKENDS: dict[str, tuple[Any, str, str]] = {
+    "asyncio": (("asyncio", {"use_uvloop": False}), "asyncio", "nothing"),
+    "uvloop": (("asyncio", {"use_uvloop": True}), "uvloop", "pip install uvloop"),
+    "trio": ("trio", "trio", "pip install 'aioaccel[trio]'"),
+}
+
+
+def backends(*names: str) -> list[Any]:
+    """``anyio_backend`` parameters (``pytest.param``, ids ``asyncio``, ``uvloop``, ``trio``)
+    for ``names`` (default: all three). A library that is not installed gives a parameter
+    that skips, naming what to install."""
+    import importlib.util
+
+    chosen = names or tuple(BACKENDS)
+    params = []
+    for name in chosen:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}: expected one of {sorted(BACKENDS)}")
+        value, module, install = BACKENDS[name]
+        marks: list[pytest.MarkDecorator] = []
+        if importlib.util.find_spec(module) is None:
+            marks.append(pytest.mark.skip(reason=f"{name} is not installed: {install}"))
+        params.append(pytest.param(value, id=name, marks=marks))
+    return params
 
 
 class RunnerFactory:
@@ -98,6 +136,32 @@ def hardware_missing(spec: str) -> str | None:
     what = missing[0].description if missing else f"no {device!r} device among " \
         f"{[d.device for d in found]}"
     return f"needs {spec}: {what}{hint}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    help_ = ("run every test that uses anyio_backend on these libraries, comma-separated: "
+             "asyncio, uvloop, trio")
+    parser.addoption("--accel-backends", dest="accel_backends", default=None, help=help_)
+    parser.addini("accel_backends", help_, default="")
+
+
+def _chosen_backends(config: pytest.Config) -> list[str]:
+    raw = config.getoption("accel_backends", default=None) or config.getini("accel_backends")
+    text = raw if isinstance(raw, str) else ",".join(raw)
+    return [name for name in text.replace(" ", ",").split(",") if name]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A parametrize mark takes precedence over the anyio_backend fixture (anyio's own, or a
+    # conftest's), so --accel-backends works whatever the suite defines.
+    names = _chosen_backends(metafunc.config)
+    if not names or "anyio_backend" not in metafunc.fixturenames:
+        return
+    if any("anyio_backend" in str(mark.args[0] if mark.args else "")
+           for mark in metafunc.definition.iter_markers("parametrize")):
+        return  # the test chose its own
+    metafunc.definition.add_marker(pytest.mark.parametrize("anyio_backend", backends(*names)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

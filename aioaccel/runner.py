@@ -1,7 +1,8 @@
-"""The asyncio front: push / push_nowait / infer / async for / stream / close / aclose / stats.
+"""The async front: push / push_nowait / infer / async for / stream / close / aclose / stats.
 
-Everything here runs on the event loop and never blocks. The runner is a thin front over the
-parts of :mod:`aioaccel.core`, each with one job:
+Everything here runs on the event loop (asyncio, uvloop or trio: the running library's
+:class:`~aioaccel.core.async_library.Hub`, chosen at open) and never blocks. The runner is a
+thin front over the parts of :mod:`aioaccel.core`, each with one job:
 
 * :mod:`~aioaccel.core.admission`    -- maxsize, lanes, fair hand-over of slots, waiters;
 * :mod:`~aioaccel.core.records`      -- a lane's share and ordered outbox; an item's ticket;
@@ -19,7 +20,6 @@ results keep flowing.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import weakref
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core import bulk
 from .core.admission import Admission
+from .core.async_library import Hub
 from .core.calls import infer_bounded
 from .core.completion import Completions
 from .core.healing import Health, Restart
@@ -66,7 +67,8 @@ _live: weakref.WeakSet[Runner] = weakref.WeakSet()
 
 
 class Runner:
-    """Runs a model (one or more stages) for asyncio code. Create it with :func:`aioaccel.open`.
+    """Runs a model (one or more stages) for async code (asyncio, uvloop, trio, anyio). Create
+    it with :func:`aioaccel.open`.
 
     Use it as ``async with aioaccel.open(...) as runner`` (or ``runner = await aioaccel.open(...)``
     and later ``await runner.aclose()``).
@@ -137,6 +139,14 @@ class Runner:
         """With no loop left (test teardown, exit): stop, join, release; drop what is left."""
         self._sup.stop_now(timeout)
 
+    def _opened_hub(self) -> Hub:
+        """The running library's hub; before open, the error that says to open the runner."""
+        hub = self._sup.hub
+        if hub is None:
+            self._sup.check_accepting(self._lane)
+            raise RuntimeError(f"runner {self.name!r} is not open")
+        return hub
+
     @property
     def threads_alive(self) -> bool:  # any of its worker threads still running
         return self._sup.threads_alive
@@ -146,14 +156,14 @@ class Runner:
         sup = self._sup
         sup.check_accepting(lane)
         while sup.is_in(State.RECOVERING):  # wait (bounded by the caller's timeouts)
-            await sup.healer.recovered.wait()
+            await sup.healer.recovered.wait(sup.hub)  # type: ignore[arg-type]
             self._sup.check_accepting(lane)
         if self._admission.try_take(lane):
             return
-        await self._admission.wait(lane, sup.loop)  # type: ignore[arg-type]
+        await self._admission.wait(lane, sup.new_future)
         try:
             while sup.is_in(State.RECOVERING):
-                await sup.healer.recovered.wait()
+                await sup.healer.recovered.wait(sup.hub)  # type: ignore[arg-type]
         except BaseException:
             self._admission.release(lane)
             raise
@@ -253,11 +263,11 @@ class Runner:
                 adm.peak = adm.admitted
         else:
             await self._admit(lane)
-        future: asyncio.Future[Any] = sup.loop.create_future()  # type: ignore[union-attr]
+        future = sup.new_future()
         ticket = self._enqueue(lane, inputs, None, future)
         try:
             return await future
-        except asyncio.CancelledError:
+        except self._sup.cancelled:
             self._done.give_up(ticket)
             raise
 
@@ -321,7 +331,7 @@ class Runner:
                     raise StopAsyncIteration
             if self._sup.state is State.STARTING:
                 raise RuntimeError(f"runner {self.name!r} is not open")
-            fut: asyncio.Future[None] = self._sup.loop.create_future()  # type: ignore[union-attr]
+            fut = self._sup.new_future()
             lane.consumers.append(fut)
             try:
                 await fut

@@ -2,12 +2,12 @@
 
 The service below classifies frames with a runner; the tests give it simulated accelerators
 from aioaccel's pytest plugin (installed with aioaccel): slow ones, failing ones, hung ones.
+Written with anyio, so anyio's pytest plugin runs each test on asyncio and on trio.
 """
 
 from __future__ import annotations
 
-import asyncio
-
+import anyio
 import pytest
 
 import aioaccel
@@ -24,13 +24,22 @@ def anyio_backend() -> str:
 
 async def classify(runner: aioaccel.Runner, frames: list[int]) -> list[str]:
     """The code under test: a label per frame, "error" for frames the model failed on."""
-    results = await asyncio.gather(*(runner.infer(f, timeout=1.0) for f in frames),
-                                   return_exceptions=True)
+    results: list[object] = [None] * len(frames)
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await runner.infer(frames[i], timeout=1.0)
+        except aioaccel.AccelError as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tasks:  # one concurrent infer per frame
+        for i in range(len(frames)):
+            tasks.start_soon(one, i)
     return ["error" if isinstance(r, Exception) else ("even" if r % 2 == 0 else "odd")
             for r in results]
 
 
-@pytest.mark.accel(lambda frame: frame * 3, latency=0.002, fail_at=2)
+@pytest.mark.accel(lambda frame: frame * 3, latency=0.002, fail_if=lambda frame: frame == 4)
 async def test_a_failed_frame_is_reported_and_the_others_are_labelled(accel_runner):
     assert await classify(accel_runner, [2, 3, 4, 5]) == ["even", "odd", "error", "odd"]
 

@@ -1,5 +1,6 @@
 """Every async test (modules set ``pytestmark = pytest.mark.anyio``) runs under the default
-asyncio loop and under uvloop, with a timeout, and
+asyncio loop and under uvloop (modules that override ``anyio_backend`` with
+``aioaccel.pytest_plugin.backends()`` run under trio too), with a timeout, and
 fails if a loop callback raised unnoticed or if an aioaccel thread outlived it."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import threading
 import time
 
 import pytest
+
+from aioaccel.core.async_library import library_name
 
 ASYNC_TEST_TIMEOUT = 30.0
 
@@ -35,6 +38,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):  # type: ignore[no-untyped-
 
         @functools.wraps(test)
         async def guarded(*args: object, **kwargs: object) -> None:
+            if library_name() == "trio":  # a callback that raises ends the trio run itself
+                import trio
+
+                with trio.fail_after(ASYNC_TEST_TIMEOUT):
+                    await test(*args, **kwargs)
+                return
             loop = asyncio.get_running_loop()
             errors: list[dict[str, object]] = []
             previous = loop.get_exception_handler()

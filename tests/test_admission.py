@@ -69,7 +69,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             self.held[i] += 1
         else:
             self.order += 1
-            task = self.loop.create_task(self.adm.wait(lane, self.loop))
+            task = self.loop.create_task(self.adm.wait(lane, self.loop.create_future))
             self.waiting[i].append((task, self.order))
         self.settle()
 
@@ -130,7 +130,7 @@ def grants(adm: Admission, lanes: list[Lane], rounds: int) -> Counter[str]:
         tasks: dict[asyncio.Task[None], Lane] = {}
         for lane in lanes:
             for _ in range(rounds):
-                tasks[loop.create_task(adm.wait(lane, loop))] = lane
+                tasks[loop.create_task(adm.wait(lane, loop.create_future))] = lane
         loop.run_until_complete(asyncio.sleep(0))
         for _ in range(rounds):
             adm.release(held.pop(0))

@@ -45,7 +45,7 @@ class Owner:
 
 def test_a_burst_of_results_costs_one_wake_up() -> None:
     loop, owner = RecordingLoop(), Owner()
-    bridge = Bridge(loop, owner)  # type: ignore[arg-type]
+    bridge = Bridge(loop.call_soon_threadsafe, owner)  # type: ignore[arg-type]
     worker = threading.Thread(target=lambda: [bridge.deliver(i) for i in range(1000)])
     worker.start()
     worker.join()
@@ -62,7 +62,7 @@ def test_a_closed_loop_is_ignored_and_the_owner_is_not_kept_alive() -> None:
     loop = asyncio.new_event_loop()
     loop.close()
     owner = Owner()
-    bridge = Bridge(loop, owner)
+    bridge = Bridge(loop.call_soon_threadsafe, owner)
     bridge.deliver(1)  # must not raise on the worker thread
     del owner
     assert bridge._receiver() is None

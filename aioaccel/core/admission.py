@@ -21,11 +21,13 @@ cap, or only reserved slots are free).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .records import Lane
+
+if TYPE_CHECKING:
+    from .async_library import Waiter
 
 __all__ = ["Admission"]
 
@@ -159,10 +161,11 @@ class Admission:
         if self.ring:
             self.dispatch()
 
-    async def wait(self, lane: Lane, loop: asyncio.AbstractEventLoop) -> None:
+    async def wait(self, lane: Lane, new_future: Callable[[], Waiter[None]]) -> None:
         """Wait until a slot is handed to ``lane`` (already counted when this returns).
+        ``new_future`` makes the running library's waiter (``loop.create_future``).
         Cancelled, it leaves no trace: a slot handed over meanwhile is passed on."""
-        fut: asyncio.Future[None] = loop.create_future()
+        fut = new_future()
         if not lane.waiters:
             lane.vtime = max(lane.vtime, self._vclock)  # no credit for the time it was idle
             self._lanes.setdefault(lane)

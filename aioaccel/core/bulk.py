@@ -17,7 +17,6 @@ event loop.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from itertools import accumulate
 from time import perf_counter
@@ -32,6 +31,7 @@ from .records import Ticket
 from .results import Result
 
 if TYPE_CHECKING:
+    from .async_library import Waiter
     from .records import Lane
 
 #: the runner (typed loosely: this module must not import the runner, its supervisor or its
@@ -50,7 +50,7 @@ class Gathered:
     __slots__ = ("errors", "failure", "final", "future", "pending", "redo",
                  "return_exceptions", "values")
 
-    def __init__(self, count: int, future: asyncio.Future[None], return_exceptions: bool):
+    def __init__(self, count: int, future: Waiter[None], return_exceptions: bool):
         self.values: list[Any] = [None] * count
         self.errors = 0
         self.pending = count
@@ -400,7 +400,7 @@ async def infer_many(self: Runner, inputs: Iterable[Any], *, return_exceptions: 
     if timeout is None:
         return await _infer_many(self, items, return_exceptions)
     try:
-        async with asyncio.timeout(timeout):
+        async with self._opened_hub().timeout(timeout):
             return await _infer_many(self, items, return_exceptions)
     except TimeoutError as exc:
         if isinstance(exc, AccelError):
@@ -418,7 +418,7 @@ async def _infer_many(runner: Runner, items: list[Any], return_exceptions: bool)
     gen = sup.gen
     limit = min(gen.pipeline.batch, runner._maxsize) if gen is not None else 1
     units = plan(runner, items, limit, return_exceptions)
-    gathered = Gathered(len(items), sup.loop.create_future(), return_exceptions)
+    gathered = Gathered(len(items), sup.new_future(), return_exceptions)
     tickets: list[Ticket] = []
     try:
         while True:
@@ -433,7 +433,7 @@ async def _infer_many(runner: Runner, items: list[Any], return_exceptions: bool)
             redo, gathered.redo = gathered.redo, []
             units = plan(runner, [raw for _, raw in redo], 1, True)
             units = [(redo[k][0], value) for k, (_, value) in enumerate(units)]
-            gathered.future = sup.loop.create_future()
+            gathered.future = sup.new_future()
     except BaseException:
         gathered.final = True  # late results have nobody to go to: discarded on arrival
         withdraw_unstarted(runner, tickets)

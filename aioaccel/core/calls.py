@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from ..errors import AccelError, InferTimeout, WouldBlock
@@ -19,7 +18,7 @@ async def infer_bounded(runner: Runner, inputs: Any, timeout: float | None,  # n
     if timeout is None:
         return await _infer(runner, inputs, admit_timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with runner._opened_hub().timeout(timeout):
             return await _infer(runner, inputs, admit_timeout)
     except TimeoutError as exc:
         if isinstance(exc, AccelError):
@@ -38,7 +37,7 @@ async def _infer(runner: Runner, inputs: Any, admit_timeout: float | None) -> An
         await runner._admit(lane)
     else:
         try:
-            async with asyncio.timeout(admit_timeout):
+            async with runner._opened_hub().timeout(admit_timeout):
                 await runner._admit(lane)
         except TimeoutError as exc:
             if isinstance(exc, AccelError):
@@ -46,10 +45,10 @@ async def _infer(runner: Runner, inputs: Any, admit_timeout: float | None) -> An
             raise WouldBlock(f"runner {runner.name!r} stayed full for {admit_timeout} s "
                              f"(maxsize={runner._maxsize}, {len(lane.waiters)} waiting)"
                              ) from None
-    future: asyncio.Future[Any] = sup.loop.create_future()
+    future = sup.new_future()
     ticket = runner._enqueue(lane, inputs, None, future)
     try:
         return await future
-    except asyncio.CancelledError:
+    except sup.cancelled:
         runner._done.give_up(ticket)
         raise

@@ -12,7 +12,6 @@ A fatal failure or a close fails every unfinished ticket (:meth:`Completions.fai
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -21,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AccelError, InferenceError, copy_for_waiter, inference_error
 from ..stats import LatencyHistogram, LatencyWindow
+from .bulk import Slot
 from .records import Lane, Ticket
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .async_library import Waiter
     from .jobs import Job
 
 __all__ = ["Completions", "Ticket"]  # Ticket: re-exported from .records
@@ -44,7 +45,7 @@ class Completions:
         self.queued = LatencyWindow()             # admission -> a worker took it
         self.working = LatencyWindow()            # time in stage calls / on the device
         self.histogram = LatencyHistogram()
-        self.idle: asyncio.Future[None] | None = None  # set when nothing is unfinished
+        self.idle: Waiter[None] | None = None  # set when nothing is unfinished
         self.last_completion: float | None = None      # wall-clock time of the last result
         #: called with a stream's lane when a withdrawn item's shell gives its last slot back
         #: (the runner then forgets a closed stream with nothing left: its key is free again)
@@ -155,8 +156,10 @@ class Completions:
         """The ``infer`` waiting for ``ticket`` is gone (cancelled, timed out): withdraw the
         item if no worker took it yet, else mark its result as nobody's."""
         fut = ticket.future
-        if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
-            fut.exception()  # retrieved: no "never retrieved" log
+        # an infer future (asyncio's or trio's; not an infer_many Slot) that has its result
+        if (fut is not None and type(fut) is not Slot and fut.done()
+                and not fut.cancelled()):
+            fut.exception()  # type: ignore[attr-defined]  # retrieved: no "never retrieved" log
             self.discarded += 1  # it arrived, but nobody is left to take it
         elif (self.unfinished.get(ticket.seq) is ticket and ticket.gen is not None
               and ticket.gen.pipeline.withdraw(ticket.job)):

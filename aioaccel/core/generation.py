@@ -14,7 +14,6 @@ there first; threads that never stopped (a hung native call) are abandoned (daem
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import weakref
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import AccelError, DeviceError, DeviceTimeout, OpenTimeout, open_error
+from .async_library import Hub, Waiter, current_hub
 from .hang_watchdog import Watchdog
 from .jobs import Job
 from .loop_bridge import Bridge
@@ -44,28 +44,28 @@ class Generation:
     generations can run side by side during a reload) and passes finished jobs and fatal
     failures on to the runner."""
 
-    def __init__(self, runner_name: str, model: Model, loop: asyncio.AbstractEventLoop,
+    def __init__(self, runner_name: str, model: Model, hub: Hub,
                  on_jobs: Callable[[list[Job]], None],
                  on_fatal: Callable[[BaseException, str, Generation], None],
                  maxsize: int, batch_wait: float = 0.0):
         self.runner_name = runner_name
         self.model = model
-        self.loop = loop
+        self.hub = hub
         # weak: worker threads hold the bridge, which holds this; an abandoned runner must
         # stay collectable (to warn and stop its threads)
         self._on_jobs = weakref.WeakMethod(on_jobs)
         self._on_fatal = weakref.WeakMethod(on_fatal)
-        self.bridge = Bridge(loop, self)
+        self.bridge = Bridge(hub.call_soon_threadsafe, self)
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize,
                                  batch=model.batch, batch_wait=batch_wait)
-        self.ready: asyncio.Future[None] = loop.create_future()
-        self.exited: asyncio.Future[None] = loop.create_future()
+        self.ready: Waiter[None] = hub.create_future()
+        self.exited: Waiter[None] = hub.create_future()
         #: jobs not handed back yet; counted down here, set by the runner when it matters
         #: (a reload waits for the old generation to drain), so submitting costs nothing
         self.outstanding = 0
-        self.drained: asyncio.Future[None] | None = None  # set when outstanding drops to 0
+        self.drained: Waiter[None] | None = None  # set when outstanding drops to 0
         self.warmup_seconds = 0.0
-        self._warmups: dict[int, asyncio.Future[None]] = {}
+        self._warmups: dict[int, Waiter[None]] = {}
         #: until the warm-up is over, a fatal failure fails the start (open, reopen, reload)
         #: instead of reaching the runner
         self.starting = True
@@ -127,18 +127,19 @@ class Generation:
         futures = []
         for n in range(count):
             seq = -1 - n  # never a user item's seq
-            fut: asyncio.Future[None] = self.loop.create_future()
+            fut: Waiter[None] = self.hub.create_future()
             self._warmups[seq] = fut
             futures.append(fut)
             self.outstanding += 1
             self.submit(Job(seq, sample))
         watchdog = None
         if call_timeout is not None:
-            watchdog = Watchdog(self.loop, call_timeout, self.runner_name, self._on_hang)
+            watchdog = Watchdog(self.hub, call_timeout, self.runner_name, self._on_hang)
             watchdog.watch(self.pipeline)
         try:
-            # return_exceptions: every future's outcome is retrieved; the first failure wins
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            # every future's outcome is retrieved (a failure is set on all of them at once,
+            # by fail_start); the first failure wins
+            outcomes = await self.hub.gather(*futures, return_exceptions=True)
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -164,7 +165,7 @@ class Generation:
     async def start(self) -> None:
         """Start the workers and wait until every stage object is made (or one failed)."""
         self.pipeline.start()
-        await asyncio.shield(self.ready)
+        await self.hub.shield(self.ready)
 
     def on_ready(self, worker: Worker, error: BaseException | None) -> None:
         if self.ready.done():
@@ -188,10 +189,7 @@ class Generation:
         self.pipeline.stop()
         try:
             if not self.pipeline.exited:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.exited), max(wait, 0.0))
-                except TimeoutError:
-                    pass
+                await self.hub.wait(self.exited, max(wait, 0.0))
         except BaseException:
             self.stop_soon()
             raise
@@ -252,12 +250,15 @@ def zero_inputs(model: Model) -> Any:
             for spec in specs}
 
 
-async def load_on_thread(load: Callable[[], Model], runner_name: str) -> Model:
+async def load_on_thread(load: Callable[[], Model], runner_name: str,
+                         hub: Hub | None = None) -> Model:
     """Run a backend's ``load`` on a named thread (it imports runtimes and compiles models:
     seconds of blocking work). If the caller is cancelled meanwhile, the model is closed as soon
     as the load finishes, on that thread: an abandoned load leaks nothing."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
+    if hub is None:
+        hub = current_hub()
+    wake = hub.call_soon_threadsafe
+    fut: Waiter[Any] = hub.create_future()
     lock = threading.Lock()
     abandoned = False
 
@@ -284,7 +285,7 @@ async def load_on_thread(load: Callable[[], Model], runner_name: str) -> Model:
                                       runner_name)
                 return
         try:
-            loop.call_soon_threadsafe(settle, *outcome)
+            wake(settle, *outcome)
         except RuntimeError:  # the loop is gone
             if outcome[0] and outcome[1].close is not None:
                 outcome[1].close()
@@ -307,8 +308,7 @@ async def load_on_thread(load: Callable[[], Model], runner_name: str) -> Model:
     return model
 
 
-async def open_generation(runner_name: str, load: Callable[[], Model],
-                          loop: asyncio.AbstractEventLoop,
+async def open_generation(runner_name: str, load: Callable[[], Model], hub: Hub,
                           on_jobs: Callable[[list[Job]], None],
                           on_fatal: Callable[[BaseException, str, Generation], None], *,
                           maxsize: int, batch_wait: float, warmup: int = 0,
@@ -324,9 +324,9 @@ async def open_generation(runner_name: str, load: Callable[[], Model],
     step = "loading the model"
     gen: Generation | None = None
     try:
-        async with asyncio.timeout(open_timeout):
-            model = await load_on_thread(load, runner_name)
-            gen = Generation(runner_name, model, loop, on_jobs, on_fatal, maxsize, batch_wait)
+        async with hub.timeout(open_timeout):
+            model = await load_on_thread(load, runner_name, hub)
+            gen = Generation(runner_name, model, hub, on_jobs, on_fatal, maxsize, batch_wait)
             step = "making the stages"
             await gen.start()
             step = f"the warm-up ({warmup} inferences)"

@@ -14,7 +14,6 @@ at the workers only, so a tick costs the same whatever ``maxsize`` is.
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections.abc import Callable
 from time import perf_counter
@@ -23,27 +22,28 @@ from typing import TYPE_CHECKING
 from ..errors import DeviceTimeout
 
 if TYPE_CHECKING:
+    from .async_library import Cancellable, Hub
     from .stage_threads import Pipeline
 
 __all__ = ["Watchdog"]
 
 
 class Watchdog:
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, runner_name: str,
+    def __init__(self, hub: Hub, timeout: float, runner_name: str,
                  on_hang: Callable[[DeviceTimeout], None]):
-        self._loop = loop
+        self._hub = hub
         self.timeout = timeout
         self._name = runner_name
         # weak: the loop's timer must not keep an abandoned runner alive
         self._on_hang = weakref.WeakMethod(on_hang)
         self._pipeline: weakref.ref[Pipeline] | None = None
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: Cancellable | None = None
         self._period = min(max(timeout / 4, 0.005), 0.5)
 
     def watch(self, pipeline: Pipeline) -> None:
         self.stop()
         self._pipeline = weakref.ref(pipeline)
-        self._handle = self._loop.call_later(self._period, self._tick)
+        self._handle = self._hub.call_later(self._period, self._tick)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -79,4 +79,4 @@ class Watchdog:
         if err is not None:
             on_hang(err)
             return
-        self._handle = self._loop.call_later(self._period, self._tick)
+        self._handle = self._hub.call_later(self._period, self._tick)

@@ -20,7 +20,6 @@ nobody else; without probation every item re-run beside it would share its fate.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DeviceError, DeviceTimeout, RunnerClosed
 from ..options import check_count, check_seconds
 from ..stats import LatencyHistogram
+from .async_library import Flag
 from .jobs import Job
 from .lifecycle import State
 
 if TYPE_CHECKING:
     from ..backends import Model
+    from .async_library import Hub, TaskHandle
     from .completion import Completions
     from .generation import Generation
     from .records import Ticket
@@ -152,9 +153,9 @@ class Healer:
         self.trial: Ticket | None = None
         self._held: list[Job] = []
         self._held_seqs: set[int] = set()
-        self.recovered = asyncio.Event()         # set while not recovering
-        self.recovered.set()
-        self._task: asyncio.Task[None] | None = None
+        self.recovered = Flag(True)              # set while not recovering
+        self.hub: Hub | None = None              # the running async library, set at open
+        self._task: TaskHandle | None = None
         self._retry_queue: list[Ticket] = []      # held by a failed device, re-run next
         self.restarts = self.retried = self.poisoned = 0
         self.last_error: BaseException | None = None
@@ -177,7 +178,9 @@ class Healer:
             old.bridge.detach()
             old.pipeline.stop()
         self.retry_or_fail(err, old)
-        self._task = asyncio.ensure_future(self._reopen_after(err, old))
+        assert self.hub is not None
+        self._task = self.hub.spawn(self._reopen_after(err, old),
+                                    name=f"aioaccel-{self.name}-recovery")
 
     def retry_or_fail(self, err: DeviceError, gen: Generation | None) -> None:
         """The items ``gen`` held: re-run (``retries``) on the next generation, or failed; a
@@ -272,16 +275,16 @@ class Healer:
 
     async def _reopen_after(self, err: DeviceError, old: Generation | None) -> None:
         started = perf_counter()
-        budget = self.budget
-        assert budget is not None
+        budget, hub = self.budget, self.hub
+        assert budget is not None and hub is not None
         if old is not None:  # release the device; a hung thread is abandoned, not awaited
             await old.stop(0.05 if isinstance(err, DeviceTimeout) else 0.5)
         while True:
-            await asyncio.sleep(budget.delay())
+            await hub.sleep(budget.delay())
             try:
                 gen = await self._open_generation(self.load)
                 break
-            except asyncio.CancelledError:
+            except hub.cancelled:
                 raise
             except Exception as exc:
                 log.warning("runner %r: reopening failed: %s", self.name, exc)
@@ -309,12 +312,9 @@ class Healer:
     async def stop(self) -> None:
         """Closing beats recovering: stop the recovery now (what waits for it fails)."""
         task = self._task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and self.hub is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await self.hub.join(task)
 
     def broken(self) -> None:
         """The runner broke: nothing will be re-run, whoever waited for a recovery wakes."""
@@ -340,10 +340,10 @@ class Healer:
             return
         old.outstanding = sum(1 for t in self._done.unfinished.values() if t.gen is old)
         if old.outstanding > 0:
-            old.drained = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(old.drained), self._close_timeout)
-            except TimeoutError:
+            hub = self.hub
+            assert hub is not None
+            old.drained = hub.create_future()
+            if not await hub.wait(old.drained, self._close_timeout):
                 log.warning("runner %r: the old model still held %d items after %s s",
                             self.name, old.outstanding, self._close_timeout)
         await old.stop(1.0)

@@ -20,7 +20,6 @@ it, by another delivery or by a flush before that worker waits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import weakref
 from collections import deque
@@ -56,8 +55,10 @@ class Bridge:
     abandoned runner alive: it must be collectable to warn and stop its threads.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, receiver: Receiver):
-        self._loop = loop
+    def __init__(self, wake: Callable[..., Any], receiver: Receiver):
+        #: ``call_soon_threadsafe`` of the running library (asyncio's loop method itself, or
+        #: trio's ``TrioToken.run_sync_soon``: see :mod:`aioaccel.core.async_library`)
+        self._wake = wake
         self._jobs: deque[Any] = deque()
         self._scheduled = False
         self._oldest = 0.0  # completion time of the oldest deferred job, 0 if none
@@ -104,7 +105,7 @@ class Bridge:
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback`` on the loop; a closed loop is ignored (nobody is left to tell)."""
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
+            self._wake(callback, *args)
         except RuntimeError:
             pass
 

@@ -12,7 +12,6 @@ A lane has two halves, both touched only on the event loop:
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,13 +20,15 @@ from ..stats import LatencyWindow, StreamStats
 
 if TYPE_CHECKING:
     from ..errors import AccelError, InferenceError
+    from .async_library import Waiter
     from .jobs import Job
 
 __all__ = ["Lane", "Outcome", "Ticket"]
 
 
 class Outcome(Protocol):
-    """Where a settled ``infer``-style item goes: an ``asyncio.Future``, or one item's place
+    """Where a settled ``infer``-style item goes: a waiter of the hub (an ``asyncio.Future``
+    or a :class:`~aioaccel.core.async_library.TrioFuture`), or one item's place
     in an ``infer_many`` call (:class:`aioaccel.core.bulk.Slot`)."""
 
     def done(self) -> bool: ...
@@ -70,9 +71,9 @@ class Lane:
         self.reserve = reserve        #: slots kept free for this lane alone
         self.vtime = 0.0              #: weighted-fair virtual time (admission's bookkeeping)
         self.admitted = 0             #: slots held: admitted and not consumed (or released)
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[Waiter[None]] = deque()
         self.tickets: deque[Ticket] = deque()      # pushed items, in push order
-        self.consumers: list[asyncio.Future[None]] = []
+        self.consumers: list[Waiter[None]] = []
         self.closed = False
         #: set when items of this lane had to be failed (a close that could not drain): its
         #: consumer gets it after the finished results

@@ -12,7 +12,6 @@ callback that notices may run on any thread, so it hops to the loop first.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import math
 import weakref
@@ -26,6 +25,7 @@ from .records import Lane
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .async_library import Hub
     from .completion import Completions
     from .results import Result
 
@@ -49,7 +49,7 @@ class StreamTable:
         self._push = weakref.WeakMethod(push)
         self._push_nowait = weakref.WeakMethod(push_nowait)
         self._next = weakref.WeakMethod(next)
-        self.loop: asyncio.AbstractEventLoop | None = None  # set at open
+        self.hub: Hub | None = None  # the running async library, set at open
         self._lanes: dict[Any, Lane] = {}
         self._free_indices: list[int] = []   # indices given back, smallest first
         self._next_index = 0
@@ -100,16 +100,16 @@ class StreamTable:
 
     def _new_handle(self, lane: Lane) -> Stream:
         stream = Stream(self, lane, self._owner())
-        loop = self.loop
+        hub = self.hub
         table = weakref.ref(self)
 
         def dropped(ref: weakref.ref[Stream]) -> None:
             # Runs wherever the last reference went: hop to the loop before touching state.
             t = table()
-            if t is not None and loop is not None and not loop.is_closed():
+            if t is not None and hub is not None:
                 try:
-                    loop.call_soon_threadsafe(t._dropped, lane, ref)
-                except RuntimeError:
+                    hub.call_soon_threadsafe(t._dropped, lane, ref)
+                except RuntimeError:  # the loop is closed, the trio run is over
                     pass
 
         lane.handle = weakref.ref(stream, dropped)

@@ -11,7 +11,6 @@ hand-off), so a switch of generation is one assignment of each.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import warnings
@@ -29,12 +28,15 @@ from ..errors import (
     device_error,
     open_error,
 )
+from .async_library import Flag, Hub, Waiter, current_hub
 from .generation import Generation, open_generation
 from .hang_watchdog import Watchdog
 from .healing import Healer, Restart
 from .lifecycle import State, StateClock
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ..backends import Model
     from .completion import Completions
     from .jobs import Job
@@ -63,6 +65,14 @@ def weakly(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _not_open_future() -> Waiter[Any]:
+    raise RuntimeError("the runner is not open")
+
+
+class _NeverRaised(BaseException):
+    """Before open there is no async library, so nothing is a cancellation yet."""
+
+
 class Supervisor:
     def __init__(self, name: str, load: Callable[[], Model], done: Completions,
                  streams: StreamTable, *, maxsize: int, call_timeout: float | None,
@@ -86,13 +96,18 @@ class Supervisor:
         self.input_closed = False                # close(): no more input
         self.accepting = False                   # READY and input open: the fast path's test
         self.failure: AccelError | None = None   # broken, or closed with items unfinished
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.hub: Hub | None = None              # the running async library, from open
+        self.loop: asyncio.AbstractEventLoop | None = None  # its asyncio loop (None: trio)
+        #: the hot path's waiter factory and cancellation class, the running library's own
+        #: (``loop.create_future`` and ``asyncio.CancelledError`` on asyncio)
+        self.new_future: Callable[[], Waiter[Any]] = _not_open_future
+        self.cancelled: type[BaseException] = _NeverRaised
         self.gen: Generation | None = None
         self.prepare: Callable[[Any], Any] | None = None
         self.submit: Callable[[Job], None] = _not_open
         self.watchdog: Watchdog | None = None
-        self.closing: asyncio.Future[None] | None = None  # set once aclose() started
-        self.opened = asyncio.Event()            # open() finished, either way
+        self.closing: Waiter[None] | None = None  # set once aclose() started
+        self.opened = Flag()                     # open() finished, either way
         self.reopen = reopen  # (target, options) -> (load, batch_wait), for reload()
         # weakly: no reference cycle, so a dropped runner is freed (and its devices released)
         # at once, not at the next garbage collection
@@ -138,14 +153,18 @@ class Supervisor:
     async def open(self) -> None:
         if self.opening or self.state is not State.STARTING:
             raise RuntimeError(f"runner {self.name!r} was already opened")
+        hub = current_hub()  # the library is chosen here, once, not per item
         self.opening = True
-        self.loop = self.streams.loop = asyncio.get_running_loop()
+        self.hub = self.streams.hub = self.healer.hub = hub
+        self.loop = hub.loop
+        self.new_future = hub.create_future
+        self.cancelled = hub.cancelled
         try:
             gen = await self.open_generation(self.healer.load)
         except BaseException as exc:
             self.fail_pending(RunnerClosed(f"runner {self.name!r} failed to open"))
             self.set_state(State.CLOSED)
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, (hub.cancelled, KeyboardInterrupt, SystemExit)):
                 raise
             raise open_error(exc, f"opening runner {self.name!r}")  # noqa: B904 - it chains
         finally:
@@ -157,15 +176,15 @@ class Supervisor:
             raise RunnerClosed(f"runner {self.name!r} was closed while it opened")
         self.set_state(State.READY)
         if self.call_timeout is not None:
-            self.watchdog = Watchdog(self.loop, self.call_timeout, self.name, self.on_hang)
+            self.watchdog = Watchdog(hub, self.call_timeout, self.name, self.on_hang)
             self.watchdog.watch(gen.pipeline)
 
     def open_generation(self, load: Callable[[], Model]) -> Any:
         """Load, start and warm up a generation, bounded by ``open_timeout`` (each warm-up
         call by ``call_timeout``): for the open, a restart's reopen and a reload."""
-        assert self.loop is not None
+        assert self.hub is not None
         warmup, warmup_inputs = self.warmup
-        return open_generation(self.name, load, self.loop, self.on_jobs, self.on_fatal,
+        return open_generation(self.name, load, self.hub, self.on_jobs, self.on_fatal,
                                maxsize=self.maxsize, batch_wait=self.batch_wait,
                                warmup=warmup, warmup_inputs=warmup_inputs,
                                open_timeout=self.open_timeout,
@@ -201,21 +220,18 @@ class Supervisor:
         results are still delivered by ``async for``, which then ends (with the error only
         where items had to be failed). Idempotent; safe to call concurrently. Cancelled, it
         still releases everything (the joining finishes on a reaper thread)."""
+        hub = self.hub if self.hub is not None else current_hub()
         if self.closing is not None:
-            await asyncio.shield(self.closing)
+            await hub.shield(self.closing)
             return
-        loop = asyncio.get_running_loop()
-        self.closing = loop.create_future()
+        self.closing = closing = hub.create_future()
         budget = self.close_timeout if timeout is None else timeout
         started = perf_counter()
         try:
             self.close()
             if self.state is State.STARTING:
                 if self.opening:  # _open() sees the request and cleans up
-                    try:
-                        await asyncio.wait_for(self.opened.wait(), budget)
-                    except TimeoutError:
-                        pass
+                    await self.opened.wait(hub, budget)
                 self.set_state(State.CLOSED)
                 return
             if self.healer.recovering:  # closing beats recovering: fail what waits for it
@@ -229,11 +245,8 @@ class Supervisor:
                 if self.state is State.READY:
                     self.set_state(State.CLOSING)
                 if budget > 0 and self.done.unfinished and self.failure is None:
-                    self.done.idle = loop.create_future()
-                    try:
-                        await asyncio.wait_for(asyncio.shield(self.done.idle), budget)
-                    except TimeoutError:
-                        pass
+                    self.done.idle = hub.create_future()
+                    await hub.wait(self.done.idle, budget)
                 self.stop_watchdog()
                 if self.done.unfinished:
                     self.fail_pending(RunnerClosed(
@@ -248,8 +261,8 @@ class Supervisor:
             self.abort()
             raise
         finally:
-            if not self.closing.done():
-                self.closing.set_result(None)
+            if not closing.done():
+                closing.set_result(None)
 
     def abort(self) -> None:
         """Close now, without awaiting (cancelled aclose, garbage collection): fail what is

@@ -1,6 +1,9 @@
 """aiohttp: runners opened in the app's ``cleanup_ctx``, and an ``infer`` that answers 503
 instead of queueing without bound.
 
+asyncio only (and uvloop): aiohttp is an asyncio library. Under trio, use the runner API
+directly (see docs/trio.md).
+
 ``pip install 'aioaccel[aiohttp]'``::
 
     accel = Accel(default=aioaccel.open("model.tflite"), admit_timeout=0.5)
