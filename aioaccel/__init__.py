@@ -1,5 +1,7 @@
 """aioaccel: async-native inference on edge accelerators (asyncio, uvloop, trio)."""
 
+import typing as _typing
+
 from . import _legacy_paths  # noqa: F401 - old core module paths (aioaccel.pipeline, ...)
 from .api import open as open
 from .backends import Model as Model
@@ -38,6 +40,18 @@ from .stats import StageStats as StageStats
 from .streams import Stream as Stream
 from .streams import StreamStats as StreamStats
 from .tensors import TensorSpec as TensorSpec
+
+if not _typing.TYPE_CHECKING:
+    # ``aioaccel.pool`` / ``aioaccel.devices`` are the modules, callable as their functions
+    # (see aioaccel._callable_module): ``import aioaccel.pool`` gives the module and
+    # ``aioaccel.pool(...)`` still works, whatever was imported first. Type checkers see the
+    # functions (the imports above).
+    import sys as _sys
+
+    pool = _sys.modules[f"{__name__}.pool"]
+    devices = _sys.modules[f"{__name__}.devices"]
+    del _sys
+del _typing
 
 __version__ = "0.1.0"
 

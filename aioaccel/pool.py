@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
+from ._callable_module import make_callable
 from .backends import Model
 from .core.async_library import Flag, Hub, TaskHandle, current_hub, library_name
 from .errors import AccelError, DeviceError, RunnerClosed, WouldBlock
@@ -565,3 +566,7 @@ def agreed_specs(runners: Sequence[Runner], which: str) -> list[TensorSpec] | No
 
 def _shape(spec: TensorSpec) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in spec.shape or ()) + ")"
+
+
+# ``aioaccel.pool`` is this module, and calling it calls pool() (see aioaccel._callable_module)
+make_callable(__name__, pool)
