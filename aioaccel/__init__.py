@@ -6,25 +6,31 @@ from . import _legacy_paths  # noqa: F401 - old core module paths (aioaccel.pipe
 from .api import open as open
 from .backends import Model as Model
 from .backends import available_backends as available_backends
-from .batching import BatchingUnsupported as BatchingUnsupported
 from .core.healing import Health as Health
 from .core.healing import Restart as Restart
 from .devices import Device as Device
 from .devices import devices as devices
 from .errors import AccelError as AccelError
 from .errors import BackendUnavailable as BackendUnavailable
+from .errors import BatchingUnsupported as BatchingUnsupported
+from .errors import DeployError as DeployError
 from .errors import DeviceError as DeviceError
 from .errors import DeviceTimeout as DeviceTimeout
 from .errors import InferenceError as InferenceError
 from .errors import InferTimeout as InferTimeout
 from .errors import InputError as InputError
+from .errors import MemberLost as MemberLost
 from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelNotFound as ModelNotFound
+from .errors import NotAcceptable as NotAcceptable
+from .errors import NotEnoughResources as NotEnoughResources
 from .errors import OpenError as OpenError
 from .errors import OpenTimeout as OpenTimeout
+from .errors import RemoteError as RemoteError
 from .errors import RunnerClosed as RunnerClosed
+from .errors import StreamClosed as StreamClosed
+from .errors import StreamRefused as StreamRefused
 from .errors import WouldBlock as WouldBlock
-from .pool import MemberLost as MemberLost
 from .pool import MemberStats as MemberStats
 from .pool import Pool as Pool
 from .pool import pool as pool
@@ -61,6 +67,7 @@ __all__ = [
     "BatchStats",
     "BatchingUnsupported",
     "BlockingStage",
+    "DeployError",
     "Device",
     "DeviceError",
     "DeviceStage",
@@ -74,9 +81,12 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "ModelNotFound",
+    "NotAcceptable",
+    "NotEnoughResources",
     "OpenError",
     "OpenTimeout",
     "Pool",
+    "RemoteError",
     "Restart",
     "Result",
     "Runner",
@@ -86,6 +96,8 @@ __all__ = [
     "StageStats",
     "State",
     "Stream",
+    "StreamClosed",
+    "StreamRefused",
     "StreamStats",
     "TensorSpec",
     "WouldBlock",

@@ -8,8 +8,8 @@ from itertools import count
 from typing import TYPE_CHECKING, Any
 
 from .backends import get_backend, resolve_backend
-from .batching import BatchingUnsupported
 from .core.healing import Restart
+from .errors import BatchingUnsupported
 from .isolation import check_isolation
 from .options import DEFAULT_OPEN_TIMEOUT, check_batch, check_count
 from .runner import Runner

@@ -32,7 +32,7 @@ from typing import Any
 from ._callable_module import make_callable
 from .backends import Model
 from .core.async_library import Flag, Hub, TaskHandle, current_hub, library_name
-from .errors import AccelError, DeviceError, RunnerClosed, WouldBlock
+from .errors import AccelError, DeviceError, MemberLost, RunnerClosed, WouldBlock
 from .options import check_count, check_seconds
 from .pool_policies import FINAL, Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
 from .runner import Result, Runner
@@ -48,10 +48,6 @@ _RECHECK = 0.005
 #: the feeder may run this many times the members' capacity ahead: the items beyond it wait
 #: on the loop, so a member that frees a slot is refilled at once, without the feeder's hop
 _AHEAD = 2
-
-
-class MemberLost(AccelError):
-    """An item's member broke while it held the item, and its retries were used up."""
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,14 @@ from typing import Any
 
 from .._optional import need
 from ..backends import Model
-from ..errors import AccelError, DeviceError, RunnerClosed
+from ..errors import (
+    AccelError,
+    DeployError,
+    DeviceError,
+    NotEnoughResources,
+    RemoteError,
+    RunnerClosed,
+)
 from ..runner import Runner
 from ..stages import Complete, DeviceStage, StageSpec, made
 from ..tensors import InputValidator, TensorSpec
@@ -83,21 +90,6 @@ _OK, _FAILED, _REPLICA_BROKEN = 0, 1, 2  # reply kinds, per item
 def _serve() -> Any:
     need("ray", "ray", _FEATURE)
     return need("ray.serve", "ray", _FEATURE)
-
-
-class RemoteError(AccelError):
-    """An item failed on the remote side; the message carries the remote cause as text (the
-    remote exception object itself does not cross the wire)."""
-
-
-class DeployError(AccelError, RuntimeError):
-    """``deploy`` could not bring the application up (a replica failed to open its runner, for
-    instance); the message carries Serve's reason and nothing is left deployed."""
-
-
-class NotEnoughResources(DeployError):
-    """``deploy`` asked for more replicas than the cluster's nodes can hold, or the replicas
-    were not running within ``deploy_timeout`` (waiting for resources, usually)."""
 
 
 # ---- the replica (server side) ----------------------------------------------------------
