@@ -51,7 +51,8 @@ if not _typing.TYPE_CHECKING:
     # ``aioaccel.pool`` / ``aioaccel.devices`` are the modules, callable as their functions
     # (see aioaccel._callable_module): ``import aioaccel.pool`` gives the module and
     # ``aioaccel.pool(...)`` still works, whatever was imported first. Type checkers see the
-    # functions (the imports above).
+    # functions (the imports above). Being modules, they are not in ``__all__`` (which lists
+    # the package's public non-module names): ``from aioaccel import pool`` is the way.
     import sys as _sys
 
     pool = _sys.modules[f"{__name__}.pool"]
@@ -102,7 +103,5 @@ __all__ = [
     "TensorSpec",
     "WouldBlock",
     "available_backends",
-    "devices",
     "open",
-    "pool",
 ]

@@ -15,8 +15,8 @@ the loop while the pool's load (on its own thread) waits, and closed on the loop
 feeder thread, leaving, waits.
 
 A member that breaks gives back the items it still held (its ``async for`` yields the finished
-prefix, then raises): each is re-run on another member, ``retries`` times at most, so nothing
-is lost or answered twice.
+prefix, then raises): each is re-run on another member, ``retries`` times at most (see
+:data:`aioaccel.options.RETRIES`), so nothing is lost or answered twice.
 """
 
 from __future__ import annotations
@@ -494,8 +494,10 @@ def pool(*members: Runner, policy: str = "balance", maxsize: int | None = None,
     ``policy="balance"`` sends each item to the member expected to finish it soonest
     (measured service time x (queue depth + 1)); ``policy="failover"`` sends everything to the
     first member that is ready, the next one while it is broken or recovering, and returns to
-    the first once it is ready again. An item held by a member that breaks is re-run on
-    another one, ``retries`` times at most (inference is idempotent). ``maxsize`` bounds the
+    the first once it is ready again. ``retries`` is how many more times an item is run after
+    the device holding it failed (0: never; the item then fails with that failure). Here an
+    item held by a member that breaks runs again on another member (inference is
+    idempotent); used up, it fails with :class:`~aioaccel.MemberLost`. ``maxsize`` bounds the
     pool's own admission (default: twice the sum of the members' maxsizes: their queues, and
     as much again for results waiting for their turn behind an item on a slower member).
     """

@@ -49,14 +49,9 @@ def test_all_lists_only_public_names_that_exist(name: str) -> None:
         assert hasattr(module, item), f"{name}.__all__ lists {item!r}, which does not exist"
 
 
-#: package attributes that are modules callable as their main function (aioaccel.pool(...))
-CALLABLE_MODULES = {"pool", "devices"}
-
-
 def test_the_package_all_is_exactly_its_public_re_exports() -> None:
     public = {name for name, value in vars(aioaccel).items()
-              if not name.startswith("_") and (not isinstance(value, ModuleType)
-                                               or name in CALLABLE_MODULES)}
+              if not name.startswith("_") and not isinstance(value, ModuleType)}
     assert set(aioaccel.__all__) == public
 
 

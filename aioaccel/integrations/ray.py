@@ -59,6 +59,7 @@ from ..errors import (
     RemoteError,
     RunnerClosed,
 )
+from ..options import check_count, check_seconds
 from ..runner import Runner
 from ..stages import Complete, DeviceStage, StageSpec, made
 from ..tensors import InputValidator, TensorSpec
@@ -243,16 +244,18 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     (a model path, a picklable callable). It blocks until the replicas run: from async code,
     ``await asyncio.to_thread(deploy, ...)``.
     """
-    serve = _serve()
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
-    if not isinstance(max_queued, int) or (max_queued < 1 and max_queued != -1):
+    check_count("replicas", replicas, 1)
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or (
+            max_queued < 1 and max_queued != -1):
         raise ValueError(f"max_queued must be a positive int (or -1: unbounded), "
                          f"got {max_queued!r}")
-    if not isinstance(open_retries, int) or open_retries < 1:
-        raise ValueError(f"open_retries must be a positive int, got {open_retries!r}")
-    if not isinstance(max_ongoing, int) or max_ongoing < 1:
-        raise ValueError(f"max_ongoing must be a positive int, got {max_ongoing!r}")
+    # not ``retries``: that is an item's re-runs; this is a replica's attempts at opening
+    check_count("open_retries", open_retries, 1)
+    check_count("max_ongoing", max_ongoing, 1)
+    check_seconds("deploy_timeout", deploy_timeout, zero=False)
+    if health_check_period is not None:
+        check_seconds("health_check_period", health_check_period, zero=False)
+    serve = _serve()
     actor_options = _actor_options(resources)
     _ensure_serve(serve)
     if check_resources:
@@ -325,22 +328,25 @@ def connect(name: str, *, maxsize: int = 64, timeout: float | None = None, retri
 
     Open it like a local runner (``async with connect(...) as runner``). ``maxsize`` bounds
     items admitted and not consumed, as for any runner. ``timeout`` (seconds) bounds each
-    remote call: past it the call counts as failed and its items are re-sent (None: wait as
-    long as Serve takes; Serve itself reports dead replicas). Each item is re-sent at most
-    ``retries`` times. One call carries up to ``batch`` items (default: ``maxsize`` spread over
+    remote call: past it the call counts as failed, as if its replica had died (None: wait as
+    long as Serve takes; Serve itself reports dead replicas). ``retries`` is how many more
+    times an item is run after the device holding it failed (0: never; the item then fails
+    with that failure). Here an item whose replica died, broke or timed out is sent again, to
+    whichever replica Serve picks; used up, it fails with :class:`~aioaccel.RemoteError` as
+    the cause. One call carries up to ``batch`` items (default: ``maxsize`` spread over
     ``calls``), with up to ``calls`` calls in flight (default: 2 per replica).
     ``connect_timeout`` bounds fetching the model's spec when the runner opens.
     """
-    _serve()
-    if not isinstance(maxsize, int) or maxsize < 1:
-        raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-    if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    # the arguments first: a bad one is refused the same way with or without Ray installed
+    check_count("maxsize", maxsize, 1)
+    check_seconds("timeout", timeout, none=True, zero=False, infinite=True)
+    check_count("retries", retries)
     for label, value in (("batch", batch), ("calls", calls)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{label} must be a positive int or None, got {value!r}")
+        if value is not None:
+            check_count(label, value, 1)
+    check_seconds("close_timeout", close_timeout)
+    check_seconds("connect_timeout", connect_timeout, zero=False)
+    _serve()
     settings = _ClientSettings(name, maxsize, timeout, retries, batch, calls, connect_timeout)
     return Runner(functools.partial(_load_remote, settings), maxsize=maxsize,
                   name=runner_name or f"ray-{name}", close_timeout=close_timeout)
