@@ -278,46 +278,86 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
         max_ongoing_requests=max_ongoing, max_queued_requests=max_queued,
         max_constructor_retry_count=open_retries, **options,
     ).bind(target, dict(open_options))
-    handle = serve._run(app, name=name, route_prefix=None, _blocking=False)
-    _wait_running(serve, name, deploy_timeout)
-    return handle
+    return _run_bounded(serve, app, name, deploy_timeout)
 
 
 def _ensure_serve(serve: Any) -> None:
     """Connect to Ray (``RAY_ADDRESS`` or a local cluster) and start Serve if it is not running,
-    without its HTTP proxy: clients come through handles (``connect``), not HTTP."""
+    without its HTTP proxy: clients come through handles (``connect``), not HTTP. A Serve that
+    runs already is joined as it is (``serve.start`` leaves its options alone then)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-    from ray.serve.context import _get_global_client
-
-    if _get_global_client(raise_if_no_controller_running=False) is None:
-        serve.start(proxy_location="Disabled")
+    serve.start(proxy_location="Disabled")
 
 
-def _wait_running(serve: Any, name: str, timeout: float) -> None:
+def _run_bounded(serve: Any, app: Any, name: str, timeout: float) -> Any:
+    """``serve.run(app)`` within ``timeout`` seconds: the application's handle once it runs,
+    else :class:`DeployError` / :class:`NotEnoughResources` with Serve's reason, and the
+    application deleted.
+
+    Serve's public ``run`` waits for the application to be running with no bound (replicas
+    waiting for resources wait forever), so it runs on a thread while this one watches
+    ``serve.status()`` up to the deadline. Past it the application is deleted, which ends
+    that wait too (Serve then says the application does not exist). The two threads block in
+    Ray's own client calls (like ``ray-cancel``, below), so they are named for Ray, not for a
+    runner: each ends when Serve is done (``serve.delete`` gives up after 60 s itself).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["handle"] = serve.run(app, name=name, route_prefix=None, blocking=False)
+        except BaseException as exc:  # reported by the watching thread
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, name=f"ray-serve-run-{name}", daemon=True)
+    runner.start()
     deadline = time.monotonic() + timeout
     pause = 0.05
     while True:
-        app = serve.status().applications.get(name)
-        status = str(getattr(app, "status", "NOT_STARTED"))
-        status = status.rsplit(".", 1)[-1]
-        if status == "RUNNING":
-            return
-        message = getattr(app, "message", "") or ""
-        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
-            detail = "; ".join(
-                f"{dep}: {d.status}: {d.message}"
-                for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
-            serve.delete(name, _blocking=False)  # pending replicas may take long to go
-            if status == "DEPLOY_FAILED":
-                raise DeployError(f"application {name!r} failed to deploy: {message} {detail}"
-                                  .strip())
+        runner.join(pause)
+        pause = min(pause * 1.5, 0.5)
+        if not runner.is_alive() and "error" not in outcome:
+            return outcome["handle"]
+        status, message, detail = _app_status(serve, name)
+        if status == "RUNNING" and "error" not in outcome:
+            runner.join(max(0.0, min(deadline - time.monotonic(), 5.0)))  # returns within 1 s
+            return outcome.get("handle") or serve.get_app_handle(name)
+        failed = "error" in outcome or status == "DEPLOY_FAILED"
+        if failed or time.monotonic() > deadline:
+            # not waited for: deleting replicas that never started takes Serve a while
+            _delete_in_background(serve, name)
+            if failed:
+                cause = outcome.get("error")
+                reason = message or (str(cause) if cause is not None else "")
+                raise DeployError(f"application {name!r} failed to deploy: {reason} {detail}"
+                                  .strip()) from cause
             raise NotEnoughResources(f"application {name!r} was not running after {timeout} s "
                                      f"(status {status}): {message} {detail}".strip())
-        time.sleep(pause)
-        pause = min(pause * 1.5, 0.5)
+
+
+def _app_status(serve: Any, name: str) -> tuple[str, str, str]:
+    """The application's status name, Serve's message, and what its deployments say."""
+    app = serve.status().applications.get(name)
+    status = str(getattr(app, "status", "NOT_STARTED")).rsplit(".", 1)[-1]
+    message = getattr(app, "message", "") or ""
+    detail = "; ".join(
+        f"{dep}: {d.status}: {d.message}"
+        for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
+    return status, message, detail
+
+
+def _delete_in_background(serve: Any, name: str) -> None:
+    """``serve.delete(name)`` (public; it waits for the deletion, up to 60 s) off this thread."""
+    def delete() -> None:
+        try:
+            serve.delete(name)
+        except Exception as exc:  # the deploy's own error is what the caller needs
+            log.warning("ray app %r: deleting it after a failed deploy failed: %s", name, exc)
+
+    threading.Thread(target=delete, name=f"ray-serve-delete-{name}", daemon=True).start()
 
 
 # ---- the client -------------------------------------------------------------------------
