@@ -374,3 +374,61 @@ async def test_priority_survives_a_restart(gate: Gate) -> None:
 async def flood_from(stream: Any, ident: int, start: int, stop: int) -> None:
     for i in range(start, stop):
         await stream.push(row(ident, i), tag=i)
+
+
+# ---- the levels on their own ------------------------------------------------------------------
+def test_levels_give_the_highest_priority_first_and_fifo_within_a_priority() -> None:
+    from queue import SimpleQueue
+
+    from aioaccel.core.jobs import Job
+    from aioaccel.core.priority_levels import BELL, PriorityLevels
+
+    bells: SimpleQueue[Any] = SimpleQueue()
+    levels = PriorityLevels(bells)
+    jobs = [Job(i, None, priority=p) for i, p in enumerate([0, 3, -1, 3, 0, 7, -1, 0])]
+    for job in jobs:
+        levels.put(job)
+    assert bells.qsize() == len(jobs) and all(bells.get_nowait() is BELL for _ in jobs)
+    assert levels.levels() == {0: 3, 3: 2, -1: 2, 7: 1}
+    taken = [levels.take().seq for _ in jobs]
+    assert taken == [5, 1, 3, 0, 4, 7, 2, 6]
+    levels.put(jobs[0])
+    levels.put_back(jobs[4])  # taken but not run: it goes first among its equals again
+    assert [levels.take().seq for _ in range(2)] == [4, 0]
+    with pytest.raises(RuntimeError, match="bell without a job"):
+        levels.take()
+
+
+def test_levels_lose_and_repeat_nothing_under_concurrent_takers() -> None:
+    from queue import SimpleQueue
+
+    from aioaccel.core.jobs import Job
+    from aioaccel.core.priority_levels import BELL, PriorityLevels
+
+    bells: SimpleQueue[Any] = SimpleQueue()
+    levels = PriorityLevels(bells)
+    count, takers = 20_000, 4
+    got: list[list[Job]] = [[] for _ in range(takers)]
+    stop = object()
+
+    def take(out: list[Job]) -> None:
+        while (bell := bells.get(timeout=10)) is not stop:
+            assert bell is BELL
+            out.append(levels.take())
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in got]
+    for t in threads:
+        t.start()
+    for i in range(count):  # new levels appear while the takers run
+        levels.put(Job(i, None, priority=i % 5 - (i // 1000)))
+    for _ in threads:
+        bells.put(stop)
+    for t in threads:
+        t.join(30)
+    seqs = sorted(job.seq for out in got for job in out)
+    assert seqs == list(range(count))
+    for out in got:  # each taker saw every priority's jobs in put order
+        by_level: dict[int, list[int]] = {}
+        for job in out:
+            by_level.setdefault(job.priority, []).append(job.seq)
+        assert all(s == sorted(s) for s in by_level.values())
