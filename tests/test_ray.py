@@ -356,33 +356,43 @@ def check_poisoned(results: list[aioaccel.Result], stats: Any, n: int, poison: i
     assert stats.completed == n - 1 and stats.failed == 1 and stats.in_flight == 0
 
 
-async def test_a_poison_item_that_kills_replicas_fails_alone(cluster: Any) -> None:
+@pytest.fixture
+def replica_killer(cluster: Any) -> Any:
+    """Two replicas whose process a negative input kills (deployed outside the test's own
+    time limit: a deploy takes seconds here)."""
+    deploy(dies_on_negative, name="poisoned", replicas=2, resources={"CPU": 0.25})
+    yield "poisoned"
+    serve.delete("poisoned")
+
+
+@pytest.fixture
+def runner_breaker(cluster: Any) -> Any:
+    """Two replicas whose runner a negative input breaks (a DeviceError)."""
+    deploy(unplugs_on_negative, name="unplugged", replicas=2, resources={"CPU": 0.25},
+           health_check_period=0.5)
+    yield "unplugged"
+    serve.delete("unplugged")
+
+
+async def test_a_poison_item_that_kills_replicas_fails_alone(replica_killer: str) -> None:
     """Issue 26: over Ray a poison item that killed a replica failed 33-64 innocent items.
     The items a dead replica held are re-sent alone, one at a time; the one that kills a
     second replica is failed alone as the poison item, and every other item is answered."""
-    deploy(dies_on_negative, name="poisoned", replicas=2, resources={"CPU": 0.25})
-    try:
-        n, poison = 120, 50
-        results, stats = await stream_with_poison("poisoned", n, poison, maxsize=32, batch=8,
-                                                  retries=1, timeout=60)
-        check_poisoned(results, stats, n, poison, 2.0)
-    finally:
-        serve.delete("poisoned")
+    n, poison = 120, 50
+    results, stats = await stream_with_poison(replica_killer, n, poison, maxsize=32, batch=8,
+                                              retries=1, timeout=60)
+    check_poisoned(results, stats, n, poison, 2.0)
 
 
-async def test_a_poison_item_that_breaks_replica_runners_fails_alone(cluster: Any) -> None:
+async def test_a_poison_item_that_breaks_replica_runners_fails_alone(runner_breaker: str
+                                                                     ) -> None:
     """The same when the item breaks the replica's runner (a DeviceError) instead of its
     process: the broken replica refuses later items without blaming them until Serve
     replaces it, and only the poison item fails."""
-    deploy(unplugs_on_negative, name="unplugged", replicas=2, resources={"CPU": 0.25},
-           health_check_period=0.5)
-    try:
-        n, poison = 80, 30
-        results, stats = await stream_with_poison("unplugged", n, poison, maxsize=16, batch=4,
-                                                  retries=1, timeout=60)
-        check_poisoned(results, stats, n, poison, 3.0)
-    finally:
-        serve.delete("unplugged")
+    n, poison = 80, 30
+    results, stats = await stream_with_poison(runner_breaker, n, poison, maxsize=16, batch=4,
+                                              retries=1, timeout=60)
+    check_poisoned(results, stats, n, poison, 3.0)
 
 
 async def test_connect_to_an_unknown_application_says_so(cluster: Any) -> None:
