@@ -40,9 +40,10 @@ the client.
   ``UNAVAILABLE_FOR`` seconds, as when no replica is available) until Serve replaces it.
 * **Bad input** is refused at the client (:class:`~aioaccel.InputError`) against the input
   spec ``connect`` fetched once.
-* **Overload.** When Serve's queue is full (``max_queued``), the batch waits and is re-sent: the overload
-  reaches callers as the client's own backpressure (``push`` waits, ``push_nowait`` and
-  ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web integrations 503).
+* **Overload.** When Serve's queue is full (``max_queued``), the batch waits and is re-sent:
+  the overload reaches callers as the client's own backpressure (``push`` waits,
+  ``push_nowait`` and ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web
+  integrations 503).
 * **Cancellation.** An ``infer`` cancelled before its batch was sent is never sent; a call
   whose items were all cancelled is cancelled in Serve (``DeploymentResponse.cancel``).
 """
