@@ -6,7 +6,8 @@ items pending, ``sys.exit`` in the coroutine, an exception, ``KeyboardInterrupt`
 closed, ``infer`` calls awaiting, traffic on a daemon thread, the runner still opening). A run
 is *bad* when its exit code is not the scenario's clean one, or its stderr says the process
 aborted (``terminate called``, ``Fatal Python error``, ``core dumped``, ``Aborted``), or a
-thread of ours raised. Children run ``--parallel`` at a time (aborts are races: load helps).
+thread raised. Children run ``--parallel`` at a time (aborts are races: load helps). The
+exit's own duration (from the child's ``leaving`` to its end) is shown too.
 
 Run: ``python benchmarks/soak_exit.py [--runs 50] [--parallel 2] [--backend B ...]
 [--scenario S ...]``; prints one line per (backend, scenario) with bad/runs, and the first
@@ -16,37 +17,14 @@ bad stderr of each; exits 1 if any run was bad.
 from __future__ import annotations
 
 import argparse
-import subprocess
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import perf_counter
 
-ROOT = Path(__file__).resolve().parent.parent
-CHILD = ROOT / "tests" / "exit_child.py"
-sys.path.insert(0, str(CHILD.parent))
-from exit_child import BACKENDS, EXPECTED
-
-#: what a child's stderr says when the process died in native code at exit
-ABORT_TEXT = ("terminate called", "Fatal Python error", "core dumped", "Aborted",
-              "Segmentation fault", "Exception in thread", "Exception ignored")
-
-
-def run_child(backend: str, scenario: str, timeout: float = 120.0) -> str | None:
-    """One child exit; None when clean, else what was wrong (exit code and stderr's tail)."""
-    try:
-        proc = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", str(CHILD),
-                               backend, scenario], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"no exit within {timeout:.0f} s"
-    if "leaving" not in proc.stdout:
-        return f"never got as far as leaving (exit code {proc.returncode}): {proc.stderr[-800:]}"
-    aborted = [text for text in ABORT_TEXT if text in proc.stderr]
-    if proc.returncode != EXPECTED[scenario] or aborted:
-        return (f"exit code {proc.returncode} (clean: {EXPECTED[scenario]})"
-                f"{', stderr says ' + repr(aborted) if aborted else ''}: {proc.stderr[-800:]}")
-    return None
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from exit_child import BACKENDS, EXPECTED, exit_once
 
 
 def main() -> int:
@@ -62,10 +40,12 @@ def main() -> int:
     with ThreadPoolExecutor(args.parallel) as pool:
         for backend, scenario in cases:
             t0 = perf_counter()
-            outcomes = list(pool.map(lambda _: run_child(backend, scenario), range(args.runs)))
-            bad = [o for o in outcomes if o is not None]
+            exits = list(pool.map(lambda _: exit_once(backend, scenario), range(args.runs)))
+            bad = [e.problem for e in exits if e.problem is not None]
             bad_total += len(bad)
-            print(f"{backend:15} {scenario:10} bad {len(bad):3}/{args.runs} "
+            seconds = [e.exit_seconds for e in exits if e.exit_seconds >= 0] or [0.0]
+            print(f"{backend:15} {scenario:10} bad {len(bad):3}/{args.runs}   exit "
+                  f"median {statistics.median(seconds):5.2f} s, max {max(seconds):5.2f} s   "
                   f"({perf_counter() - t0:5.1f} s)", flush=True)
             if bad:
                 print("    first: " + bad[0].replace("\n", "\n    "), flush=True)

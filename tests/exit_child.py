@@ -3,8 +3,9 @@
 ``python tests/exit_child.py BACKEND SCENARIO`` opens a runner on BACKEND, fills it (items
 pushed and not consumed, or ``infer`` calls awaiting), and leaves the interpreter the way
 SCENARIO says, never closing the runner. It prints ``leaving`` on stdout just before it goes.
-The parent (tests/test_exit_safety.py, benchmarks/soak_exit.py) checks the exit code is the
-one the scenario asks for and that stderr has no abort text.
+The parent side is :func:`exit_once` (used by tests/test_exit_safety.py and
+benchmarks/soak_exit.py): it checks the exit code is the one the scenario asks for, that
+stderr has no abort text, and times the exit itself (from ``leaving`` to the process's end).
 
 BACKEND: openvino-async, openvino-sync, onnx, litert, function, pool (two OpenVINO async
 members), process (ONNX Runtime in a child process, ``isolation="process"``).
@@ -29,9 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import aioaccel
@@ -145,6 +150,58 @@ def run(backend: str, scenario: str) -> None:
         leaving()
         return
     globals()["kept"] = asyncio.run(main(backend, scenario))
+
+
+#: what a child's stderr says when it died in native code at exit, or a thread of ours raised
+ABORT_TEXT = ("terminate called", "Fatal Python error", "core dumped", "Aborted",
+              "Segmentation fault", "Exception in thread", "Exception ignored")
+
+
+@dataclass
+class Exit:
+    """How one child interpreter left."""
+
+    backend: str
+    scenario: str
+    returncode: int | None
+    stderr: str
+    exit_seconds: float  # from "leaving" to the end of the process
+
+    @property
+    def problem(self) -> str | None:
+        """None when the exit was clean, else what was wrong."""
+        if self.returncode is None:
+            return f"no exit within the timeout: {self.stderr[-800:]}"
+        if self.exit_seconds < 0:
+            return (f"never got as far as leaving (exit code {self.returncode}): "
+                    f"{self.stderr[-800:]}")
+        aborted = [text for text in ABORT_TEXT if text in self.stderr]
+        if self.returncode != EXPECTED[self.scenario] or aborted:
+            return (f"exit code {self.returncode} (clean: {EXPECTED[self.scenario]})"
+                    f"{', stderr says ' + repr(aborted) if aborted else ''}: "
+                    f"{self.stderr[-800:]}")
+        return None
+
+
+def exit_once(backend: str, scenario: str, timeout: float = 120.0) -> Exit:
+    """Run one child that leaves BACKEND's runner open the SCENARIO way; how it went."""
+    proc = subprocess.Popen([sys.executable, "-W", "ignore::ResourceWarning", __file__,
+                             backend, scenario], cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    left = -1.0
+    try:
+        for line in proc.stdout:  # EOF when the child is gone, whatever happened
+            if line.startswith("leaving"):
+                left = perf_counter()
+                break
+        _, err = proc.communicate(timeout=timeout)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        code = None
+    return Exit(backend, scenario, code, err, perf_counter() - left if left >= 0 else -1.0)
 
 
 if __name__ == "__main__":
