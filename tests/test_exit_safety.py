@@ -11,6 +11,7 @@ races, and load makes them likelier. The long count (50 runs per backend and sce
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,3 +86,67 @@ def test_exit_with_a_pool_fed_from_another_thread_is_prompt() -> None:
     assert_clean(done)
     slow = [round(e.exit_seconds, 1) for e in done if e.exit_seconds >= EXIT_WAIT]
     assert not slow, f"exits took {slow} s (the exit's whole budget is {EXIT_WAIT} s)"
+
+
+GUARD_ORDER = """
+import atexit, threading, time
+from aioaccel.core import exit_guard
+
+class Recorder:
+    def __init__(self, name):
+        self.name = name
+    def stop_at_exit(self, timeout):
+        print(self.name, "stopped with", round(timeout), "s left", flush=True)
+
+def load():
+    time.sleep(0.3)  # a model compiling: the exit waits for it
+    print("load finished", flush=True)
+
+atexit.register(lambda: print("a hook registered before the open", flush=True))
+kept = [Recorder("pipeline"), Recorder("runner"), Recorder("stage")]
+exit_guard.watch(kept[0], exit_guard.PIPELINES)
+exit_guard.watch(kept[1], exit_guard.RUNNERS)
+import multiprocessing.util  # a module imported after the open registers its own hook
+atexit.register(lambda: print("a hook registered after the open", flush=True))
+exit_guard.watch(kept[2], exit_guard.STAGES)  # the next open re-arms the guard
+exit_guard.native_thread(load, name="aioaccel-test-load")
+"""
+
+
+def test_the_exit_hook_runs_first_in_order_and_waits_for_loads() -> None:
+    """The guard runs before every ``atexit`` hook registered before its last arming (here one
+    registered after an open, as ``multiprocessing`` does), stops stages, then runners, then
+    orphan pipelines, and waits for a load thread."""
+    proc = subprocess.run([sys.executable, "-c", GUARD_ORDER], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines == ["stage stopped with 10 s left", "runner stopped with 10 s left",
+                     "pipeline stopped with 10 s left", "load finished",
+                     "a hook registered after the open", "a hook registered before the open"]
+
+
+GUARD_STUCK = """
+import threading, time, logging
+logging.basicConfig()
+from aioaccel.core import exit_guard
+
+class Stuck:
+    def stop_at_exit(self, timeout):
+        time.sleep(timeout)  # a call that will not finish: it gets what is left, no more
+
+kept = Stuck()
+exit_guard.watch(kept, exit_guard.STAGES)
+exit_guard.native_thread(threading.Event().wait, name="aioaccel-test-stuck")
+t0 = time.perf_counter()
+exit_guard.stop_everything(timeout=0.5)
+print(f"{time.perf_counter() - t0:.2f}")
+"""
+
+
+def test_the_exit_hook_is_bounded_and_names_what_it_abandons() -> None:
+    proc = subprocess.run([sys.executable, "-c", GUARD_STUCK], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split()[-1]) < 0.5 + 1.0
+    assert "aioaccel-test-stuck" in proc.stderr and "still inside a runtime" in proc.stderr

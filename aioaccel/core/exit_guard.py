@@ -55,7 +55,7 @@ class Stoppable(Protocol):
 _watched: tuple[weakref.WeakSet[Stoppable], ...] = (
     weakref.WeakSet(), weakref.WeakSet(), weakref.WeakSet())
 _threads: set[threading.Thread] = set()
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards both (watched from any thread, snapshotted at exit)
 _exiting = False
 
 
@@ -67,13 +67,15 @@ def exiting() -> bool:
 def watch(obj: Stoppable, phase: int) -> None:
     """Have ``obj.stop_at_exit`` called at interpreter exit, in ``phase`` (held weakly: an
     object collected, or one that is done and :func:`forget` s itself, is not called)."""
-    _watched[phase].add(obj)
+    with _lock:  # against a snapshot being taken on another thread (the exit)
+        _watched[phase].add(obj)
     arm()
 
 
 def forget(obj: Stoppable, phase: int) -> None:
     """``obj`` has nothing running any more: no need to stop it at exit."""
-    _watched[phase].discard(obj)
+    with _lock:
+        _watched[phase].discard(obj)
 
 
 def native_thread(target: Callable[[], Any], name: str) -> threading.Thread:
@@ -105,16 +107,21 @@ def arm() -> None:
 
 def stop_everything(timeout: float = EXIT_WAIT) -> None:
     """The exit hook: stop every watched object, phase by phase, then join the native
-    threads, all within ``timeout`` seconds."""
+    threads, all within ``timeout`` seconds. Once: later calls return at once."""
     global _exiting
-    _exiting = True
+    with _lock:
+        if _exiting:
+            return
+        _exiting = True
     deadline = perf_counter() + timeout
 
     def left() -> float:
         return max(0.0, deadline - perf_counter())
 
     for phase in _watched:
-        for obj in list(phase):
+        with _lock:
+            objs = list(phase)
+        for obj in objs:
             try:
                 obj.stop_at_exit(left())
             except Exception:  # one failure must not leave the others running
