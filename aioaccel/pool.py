@@ -31,6 +31,7 @@ from typing import Any
 
 from ._callable_module import make_callable
 from .backends import Model
+from .core import exit_guard
 from .core.async_library import Flag, Hub, TaskHandle, current_hub, library_name
 from .errors import AccelError, DeviceError, MemberLost, RunnerClosed, WouldBlock
 from .options import check_count, check_seconds
@@ -212,7 +213,9 @@ class _Dispatch(DeviceStage):
         hub = self.hub
         if self._members_closed or hub is None:
             return
-        if hub.closed() or not hub.running():  # no loop left: stop their threads
+        # no loop left, or the interpreter is exiting (a loop on another thread would drain
+        # them for close_timeout while the exit waits): stop their threads here
+        if hub.closed() or not hub.running() or exit_guard.exiting():
             self._members_closed = True
             for m in self.members:
                 m.runner.stop_now()

@@ -20,9 +20,7 @@ results keep flowing.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import weakref
 from collections.abc import Callable, Generator
 from itertools import count
 from time import perf_counter
@@ -63,7 +61,6 @@ __all__ = ["Result", "Runner", "State"]
 
 log = logging.getLogger("aioaccel")
 _names = count()
-_live: weakref.WeakSet[Runner] = weakref.WeakSet()
 
 
 class Runner:
@@ -103,7 +100,6 @@ class Runner:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
-        _live.add(self)
         await self._sup.open()
         return self
 
@@ -423,11 +419,3 @@ def _full(name: str, adm: Admission, lane: Lane, default: bool) -> str:
             f"and not consumed"
             + ("" if default else f", {lane.admitted} of this stream's maxsize={lane.cap}"))
 
-
-@atexit.register
-def _stop_all_at_exit() -> None:
-    """Interpreter exit with runners never closed: stop their threads and release their
-    devices while the runtimes still exist (a native call cut off mid-way can abort)."""
-    for runner in list(_live):
-        if runner.state is not State.CLOSED:
-            runner.stop_now(timeout=2.0)

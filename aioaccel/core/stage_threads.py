@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from ..errors import DeviceError
 from ..stages import BlockingStage, DeviceStage, StageSpec
 from ..stats import StageStats
+from . import exit_guard
 from .batch_gather import Batch, BatchCounters, batch_of, gather, run_alone, run_batch
 from .jobs import QUEUED, RUNNING, WITHDRAWN, Job, Worker
 from .loop_bridge import SHORT_CALL, Bridge
@@ -101,6 +102,9 @@ class Pipeline:
             name = f"aioaccel-{self.runner_name}-{w.spec.name}-{w.replica}"
             w.thread = threading.Thread(target=self._thread_main, args=(w,), name=name, daemon=True)
             w.thread.start()
+        # stopped and joined at interpreter exit even if no runner holds it any more (still
+        # opening, warming up, or left behind by a restart): its workers call into runtimes
+        exit_guard.watch(self, exit_guard.PIPELINES)
 
     def submit(self, job: Job) -> None:
         self.put(job)
@@ -160,6 +164,11 @@ class Pipeline:
     @property
     def exited(self) -> bool:
         return all(w.exited for w in self.workers)
+
+    def stop_at_exit(self, timeout: float) -> None:
+        """Interpreter exit: stop the workers and join them (bounded)."""
+        self.stop()
+        self.join(timeout)
 
     def join(self, timeout: float | None = None) -> list[str]:
         """Join the worker threads (bounded); the names of those still running."""

@@ -28,6 +28,7 @@ from ..errors import (
     device_error,
     open_error,
 )
+from . import exit_guard
 from .async_library import Flag, Hub, Waiter, current_hub
 from .generation import Generation, open_generation
 from .hang_watchdog import Watchdog
@@ -162,6 +163,7 @@ class Supervisor:
         self.loop = hub.loop
         self.new_future = hub.create_future
         self.cancelled = hub.cancelled
+        exit_guard.watch(self, exit_guard.RUNNERS)  # a program may exit leaving it open
         try:
             gen = await self.open_generation(self.healer.load)
         except BaseException as exc:
@@ -316,6 +318,12 @@ class Supervisor:
         self.set_state(State.CLOSED)
         if self.gen is not None:
             self.gen.stop_sync(timeout)
+
+    def stop_at_exit(self, timeout: float) -> None:
+        """Interpreter exit with the runner still open: stop it as :meth:`stop_now` does."""
+        if self.state is not State.CLOSED:
+            self.stop_now(timeout)
+        exit_guard.forget(self, exit_guard.RUNNERS)
 
     @property
     def threads_alive(self) -> bool:
