@@ -140,20 +140,33 @@ class Pipeline:
             job.state = RUNNING
             return True
 
+    def _claim_many(self, jobs: list[Job]) -> list[Job]:
+        """Claim ``jobs`` under one lock (a batch's worth, not a lock per job); the withdrawn
+        ones go back as shells. Returns the claimed ones, in order."""
+        claimed: list[Job] = []
+        shells: list[Job] = []
+        with self._claim_lock:
+            for job in jobs:
+                if job.state == QUEUED:
+                    job.state = RUNNING
+                    claimed.append(job)
+                else:
+                    shells.append(job)
+        for job in shells:
+            self._return_shell(job)
+        return claimed
+
     def _forward(self, index: int) -> _Forward:
         """Where jobs leaving stage ``index`` go: the next queue, or the bridge.
 
         ``defer``: the caller has more input queued and this call was short, so the loop's
         wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
         """
-        deliver = self.bridge.deliver
+        deliver, deliver_many = self.bridge.deliver, self.bridge.deliver_many
 
         def leave(job: Any, now: float, defer: bool = False) -> None:
             if type(job) is Batch:  # the split happens once, as the batch leaves
-                members = job.unbatch(now)
-                for member in members[:-1]:
-                    deliver(member, now, True)
-                deliver(members[-1], now, defer)
+                deliver_many(job.unbatch(now), now, defer)  # one append, one wake-up at most
             else:
                 job.t_done = now
                 deliver(job, now, defer)
@@ -341,8 +354,8 @@ class Pipeline:
                 shell(job)
                 continue
             jobs, following = gather(job, get_nowait, get, self.batch,
-                                     job.t_admit + self.batch_wait, device_busy, claim, shell,
-                                     _STOP)
+                                     job.t_admit + self.batch_wait, device_busy,
+                                     self._claim_many, _STOP)
             t0 = w.call_started = perf_counter()
             for j in jobs:
                 j.t_start = t0
@@ -378,8 +391,8 @@ class Pipeline:
                 if batching and not job.solo:
                     jobs, following = gather(
                         job, queue.get_nowait, queue.get, self.batch,
-                        job.t_admit + self.batch_wait, lambda: w.in_device > 0, self._claim,
-                        self._return_shell, _STOP)
+                        job.t_admit + self.batch_wait, lambda: w.in_device > 0,
+                        self._claim_many, _STOP)
                     tokens = batch_of(jobs, self.batching, perf_counter())  # type: ignore[arg-type]
                 for token in tokens:
                     if not self._submit_one(w, device, token, by_stream, forward, name):
