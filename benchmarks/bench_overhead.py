@@ -23,6 +23,22 @@ where the framework, not the device, sets the speed), one runtime thread on both
 ``stage30`` section is a ~30 us GIL-releasing NumPy stage streamed without batching, against
 its raw loop.
 
+Beside the raw loops, each section measures **floors** (rows named ``floor: ...``): the least
+any asyncio bridge costs for that mode on this machine, written directly against the loop and
+one thread with no framework, so that a missed target can be read against what is possible:
+
+* ``floor: loop, 64 callers, bare futures`` -- 64 coroutines awaiting futures resolved at once
+  by a callback each (no model, no thread); ``... one callback per burst`` -- the same with one
+  callback resolving every pending future;
+* ``floor: bridge, 64 callers, batch N`` -- 64 coroutines hand a future each to one thread
+  through a ``SimpleQueue``; the thread joins what is queued (up to N rows), makes one batched
+  call and resolves the lot with one ``call_soon_threadsafe``; ``floor: bridge, infer_many`` --
+  one coroutine hands 64 rows over as batches of N and awaits one future;
+* ``floor: hand-off, one wake-up + future per item`` (stage30) -- a thread makes the same 30 us
+  call per item and ``call_soon_threadsafe``-resolves one future per item that a loop task
+  awaits in order; ``... one wake-up per burst`` -- results appended to a deque, a drain
+  scheduled only when none is pending (the input side is left out: a floor, not a runner).
+
 Targets (issue 21): <= 7 us of loop CPU per batched item, <= 12 us unbatched.
 
 Run: ``python benchmarks/bench_overhead.py [--loop asyncio|uvloop] [--rounds 3] [--width 64]
@@ -40,9 +56,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, SimpleQueue
 from time import perf_counter
 from typing import Any
 
@@ -173,7 +191,7 @@ def measure(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int,
             figures[name].workers.append((worker_cpu() - w0) / count)
     if profile:
         for name, mode in modes.items():
-            if name.startswith("raw"):
+            if name.startswith(("raw", "floor")):
                 continue
             profiler = cProfile.Profile(time.thread_time_ns, 1e-9)
             profiler.enable()
@@ -189,7 +207,7 @@ def report(title: str, figures: dict[str, Figures], baselines: list[str], load: 
     print(f"  {'mode':<46} {'items/s':>10}{heads} {'loop us/item':>13} {'workers us':>11}")
     for name, fig in figures.items():
         ratios = "".join(f" {fig.rate / figures[b].rate:>15.2f}x" for b in baselines)
-        raw = name.startswith("raw")
+        raw = name.startswith(("raw", "floor"))
         cpu = "-" if raw else f"{fig.cpu_per_item * 1e6:.2f}"
         wcpu = "-" if raw else f"{fig.worker_cpu_per_item * 1e6:.2f}"
         print(f"  {name:<46} {fig.rate:>10.0f}{ratios} {cpu:>13} {wcpu:>11}")
@@ -220,6 +238,193 @@ def raw_modes(call: Callable[[np.ndarray], Any], xs: list[np.ndarray],
             call(joined)
 
     return {"raw per-item loop": per_item, f"raw batched loop (batch {batch})": batched}
+
+
+# ---- the floors: what any asyncio bridge costs here, with no framework --------------------------
+# Each is the least an asyncio front can do for that mode, written directly against the loop
+# and one thread: a target a mode misses can be read against its floor (the same machine, the
+# same run). Their names start with "floor": like the raw loops, they have no framework CPU.
+def loop_floor_modes() -> dict[str, Mode]:
+    """64 coroutines awaiting bare futures resolved at once (no model, no thread): the most
+    any API with one coroutine and one future per item reaches on this loop; and the same with
+    one callback resolving every pending future (as a coalescing bridge does)."""
+
+    async def per_future(n: int) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def caller(k: int) -> None:
+            for _ in range(k, n, CALLERS):
+                fut = loop.create_future()
+                loop.call_soon(fut.set_result, None)
+                await fut
+
+        await asyncio.gather(*(caller(k) for k in range(CALLERS)))
+
+    async def coalesced(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        pending: list[asyncio.Future[None]] = []
+
+        def resolve() -> None:
+            burst = pending[:]
+            pending.clear()
+            for fut in burst:
+                fut.set_result(None)
+
+        async def caller(k: int) -> None:
+            for _ in range(k, n, CALLERS):
+                fut = loop.create_future()
+                if not pending:
+                    loop.call_soon(resolve)
+                pending.append(fut)
+                await fut
+
+        await asyncio.gather(*(caller(k) for k in range(CALLERS)))
+
+    return {f"floor: loop, {CALLERS} callers, bare futures": per_future,
+            f"floor: loop, {CALLERS} callers, one callback per burst": coalesced}
+
+
+def batched_bridge_floor(call: Callable[[np.ndarray], Any], xs: list[np.ndarray],
+                         batch: int) -> dict[str, Mode]:
+    """The least a batching bridge costs: 64 coroutines each put a future in a SimpleQueue and
+    await it; one thread takes what is queued (up to ``batch``), makes one batched call on the
+    rows joined, and resolves the lot with one ``call_soon_threadsafe``. And ``infer_many``'s:
+    one coroutine hands ``BULK`` rows over as batches of ``batch`` and awaits one future."""
+    stop = object()
+
+    def run_thread(loop: asyncio.AbstractEventLoop, queue: SimpleQueue[Any]) -> threading.Thread:
+        def resolve(futs: list[asyncio.Future[Any]], out: Any) -> None:
+            for fut in futs:
+                fut.set_result(out)
+
+        def worker() -> None:
+            while True:
+                first = queue.get()
+                if first is stop:
+                    return
+                taken = [first]
+                while len(taken) < batch:
+                    try:
+                        item = queue.get_nowait()
+                    except Empty:
+                        break
+                    if item is stop:
+                        queue.put(stop)
+                        break
+                    taken.append(item)
+                out = call(np.concatenate([x for x, _ in taken]))
+                loop.call_soon_threadsafe(resolve, [f for _, f in taken], out)
+
+        thread = threading.Thread(target=worker, name="floor-bridge", daemon=True)
+        thread.start()
+        return thread
+
+    async def infer(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        queue: SimpleQueue[Any] = SimpleQueue()
+        thread = run_thread(loop, queue)
+
+        async def caller(k: int) -> None:
+            for i in range(k, n, CALLERS):
+                fut = loop.create_future()
+                queue.put((xs[i % len(xs)], fut))
+                await fut
+
+        await asyncio.gather(*(caller(k) for k in range(CALLERS)))
+        queue.put(stop)
+        thread.join()
+
+    block = [xs[i % len(xs)] for i in range(BULK)]
+
+    async def infer_many(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        jobs: SimpleQueue[Any] = SimpleQueue()
+
+        def worker() -> None:
+            while True:
+                job = jobs.get()
+                if job is stop:
+                    return
+                rows, done = job
+                loop.call_soon_threadsafe(done, call(rows))
+
+        thread = threading.Thread(target=worker, name="floor-bulk", daemon=True)
+        thread.start()
+        for _ in range(n // BULK):
+            fut = loop.create_future()
+            parts: list[Any] = []
+            chunks = range(0, BULK, batch)
+
+            def done(out: Any, parts: list[Any] = parts,
+                     fut: asyncio.Future[None] = fut) -> None:
+                parts.append(out)
+                if len(parts) == len(chunks):
+                    fut.set_result(None)
+
+            for start in chunks:
+                jobs.put((np.concatenate(block[start:start + batch]), done))
+            await fut
+        jobs.put(stop)
+        thread.join()
+
+    return {f"floor: bridge, {CALLERS} callers, batch {batch}": infer,
+            f"floor: bridge, infer_many({BULK}), batch {batch}": infer_many}
+
+
+def handoff_floor(work: Callable[[int], Any]) -> dict[str, Mode]:
+    """The least a thread -> loop hand-off costs for a blocking stage, input aside: a thread
+    makes the same call per item and hands each result to a loop task that awaits it, with
+    one wake-up (``call_soon_threadsafe``) and one future per item; and with one wake-up per
+    burst (results appended to a deque, a drain scheduled only when none is pending)."""
+
+    async def per_item(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in range(n)]
+
+        def worker() -> None:
+            for i in range(n):
+                loop.call_soon_threadsafe(futs[i].set_result, work(i))
+
+        thread = threading.Thread(target=worker, name="floor-item", daemon=True)
+        thread.start()
+        for fut in futs:
+            await fut
+        thread.join()
+
+    async def per_burst(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        done: deque[Any] = deque()
+        scheduled = [False]
+        waiter: list[asyncio.Future[None] | None] = [None]
+
+        def drain() -> None:
+            scheduled[0] = False  # cleared first: a later append schedules the next drain
+            fut = waiter[0]
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+        def worker() -> None:
+            for i in range(n):
+                done.append(work(i))
+                if not scheduled[0]:
+                    scheduled[0] = True
+                    loop.call_soon_threadsafe(drain)
+
+        thread = threading.Thread(target=worker, name="floor-burst", daemon=True)
+        thread.start()
+        got = 0
+        while got < n:
+            if done:
+                done.popleft()
+                got += 1
+                continue
+            waiter[0] = loop.create_future()
+            if not done:
+                await waiter[0]
+        thread.join()
+
+    return {"floor: hand-off, one wake-up + future per item": per_item,
+            "floor: hand-off, one wake-up per burst": per_burst}
 
 
 def runner_modes(runner: aioaccel.Runner, xs: list[Any], label: str) -> dict[str, Mode]:
@@ -338,7 +543,9 @@ def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds
         off = loop.run_until_complete(_open(path, num_threads=1))
         on = loop.run_until_complete(_open(path, num_threads=1, batch=batch,
                                            batch_wait=BATCH_WAIT))
-        modes = {**raw_modes(call, xs, batch), **runner_modes(off, xs, "batching off"),
+        modes = {**raw_modes(call, xs, batch), **loop_floor_modes(),
+                 **batched_bridge_floor(call, xs, batch),
+                 **runner_modes(off, xs, "batching off"),
                  **runner_modes(on, xs, f"batch={batch}")}
         try:
             figures = measure(loop, modes, count, rounds, profile)
@@ -373,7 +580,7 @@ def stage30_section(loop: asyncio.AbstractEventLoop, rounds: int, profile: bool)
 
     runner = loop.run_until_complete(_open_sized(work, 8))
     wide = loop.run_until_complete(_open_sized(work, 32))
-    modes: dict[str, Mode] = {"raw loop (one thread)": raw}
+    modes: dict[str, Mode] = {"raw loop (one thread)": raw, **handoff_floor(work)}
     for r, label in ((runner, "maxsize=8"), (wide, "maxsize=32")):
         picked = runner_modes(r, xs, label)
         modes.update({k: v for k, v in picked.items() if not k.startswith(("infer,", "stream."))})

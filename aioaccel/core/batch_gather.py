@@ -194,8 +194,7 @@ def _join_named(values: list[Any]) -> tuple[dict[str, np.ndarray], list[int]] | 
     first = values[0]
     if type(first) is not dict or len(first) != 1:
         return None
-    for name in first:
-        break
+    (name,) = first
     column = []
     try:
         for value in values:
