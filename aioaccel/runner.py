@@ -23,7 +23,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from itertools import count
 from time import perf_counter
 from types import TracebackType
@@ -225,7 +225,8 @@ class Runner:
         prepare = self._sup.prepare
         if prepare is not None:
             inputs = prepare(inputs)
-        await self._admit(lane)
+        if not (self._sup.accepting and self._admission.try_take(lane)):  # no room: wait
+            await self._admit(lane)
         return self._enqueue(lane, inputs, tag, None).seq
 
     def _push_lane_nowait(self, lane: Lane, inputs: Any, tag: Any) -> int:
@@ -305,8 +306,8 @@ class Runner:
     def __aiter__(self) -> Runner:
         return self
 
-    async def __anext__(self) -> Result:
-        return await self._next(self._lane)
+    def __anext__(self) -> Coroutine[Any, Any, Result]:  # _next itself: one frame per item
+        return self._next(self._lane)
 
     async def _next(self, lane: Lane) -> Result:
         while True:

@@ -604,10 +604,16 @@ def main() -> None:
     parser.add_argument("--only", default="onnx,stage30")
     parser.add_argument("--profile", action="store_true",
                         help="split each mode's loop time into parts (one more round each)")
+    parser.add_argument("--switchinterval", type=float, default=None,
+                        help="sys.setswitchinterval for the run (seconds; default: Python's, "
+                             "5 ms): how long a thread coming back from native code may wait "
+                             "for the GIL the loop holds")
     args = parser.parse_args()
+    if args.switchinterval is not None:
+        sys.setswitchinterval(args.switchinterval)
     loop = new_loop(args.loop)
-    print(f"bench_overhead: loop={args.loop}, rounds={args.rounds}, aioaccel from "
-          f"{Path(aioaccel.__file__).parent}")
+    print(f"bench_overhead: loop={args.loop}, rounds={args.rounds}, switch interval "
+          f"{sys.getswitchinterval() * 1e3:g} ms, aioaccel from {Path(aioaccel.__file__).parent}")
     try:
         parts = args.only.split(",")
         if "onnx" in parts:
