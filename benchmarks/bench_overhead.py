@@ -42,7 +42,8 @@ one thread with no framework, so that a missed target can be read against what i
 Targets (issue 21): <= 7 us of loop CPU per batched item, <= 12 us unbatched.
 
 Run: ``python benchmarks/bench_overhead.py [--loop asyncio|uvloop] [--rounds 3] [--width 64]
-[--batch 16] [--seconds 0.3] [--only onnx,stage30] [--profile]``
+[--batch 16] [--seconds 0.3] [--only onnx,stage30] [--profile] [--switch 0.5,0.05]
+[--switchinterval S]``
 """
 
 from __future__ import annotations
@@ -499,6 +500,25 @@ def runner_modes(runner: aioaccel.Runner, xs: list[Any], label: str) -> dict[str
     return modes
 
 
+def with_switch(modes: dict[str, Mode], intervals: list[float]) -> dict[str, Mode]:
+    """Each of ``modes`` again with ``sys.setswitchinterval`` set for its rounds only, so the
+    effect of the GIL's switch interval is read in the same run, interleaved."""
+    out: dict[str, Mode] = {}
+    for seconds in intervals:
+        for name, mode in modes.items():
+            def switched(n: int, mode: Mode = mode, seconds: float = seconds) -> Awaitable[None]:
+                async def run() -> None:
+                    before = sys.getswitchinterval()
+                    sys.setswitchinterval(seconds)
+                    try:
+                        await mode(n)
+                    finally:
+                        sys.setswitchinterval(before)
+                return run()
+            out[f"{name}, switch {seconds * 1e3:g} ms"] = switched
+    return out
+
+
 def load_average() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -517,7 +537,7 @@ async def _open_sized(target: Any, maxsize: int) -> aioaccel.Runner:
 
 # ---- the sections -----------------------------------------------------------------------------
 def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds: int,
-                 seconds: float, profile: bool) -> None:
+                 seconds: float, profile: bool, switch: list[float]) -> None:
     import onnxruntime as ort
 
     chain = dense_chain(width, 4, dynamic_batch=True, seed=width)
@@ -547,6 +567,10 @@ def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds
                  **batched_bridge_floor(call, xs, batch),
                  **runner_modes(off, xs, "batching off"),
                  **runner_modes(on, xs, f"batch={batch}")}
+        if switch:
+            picked = {k: v for k, v in modes.items()
+                      if k.endswith(f"batch={batch}") and k.startswith(("infer,", "push +"))}
+            modes.update(with_switch(picked, switch))
         try:
             figures = measure(loop, modes, count, rounds, profile)
         finally:
@@ -564,7 +588,8 @@ def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds
                       f"{fig.cpu_per_item * 1e6:.2f} us ({verdict})")
 
 
-def stage30_section(loop: asyncio.AbstractEventLoop, rounds: int, profile: bool) -> None:
+def stage30_section(loop: asyncio.AbstractEventLoop, rounds: int, profile: bool,
+                    switch: list[float]) -> None:
     work = make_work(30e-6)
     started = perf_counter()
     for i in range(300):
@@ -584,6 +609,9 @@ def stage30_section(loop: asyncio.AbstractEventLoop, rounds: int, profile: bool)
     for r, label in ((runner, "maxsize=8"), (wide, "maxsize=32")):
         picked = runner_modes(r, xs, label)
         modes.update({k: v for k, v in picked.items() if not k.startswith(("infer,", "stream."))})
+    if switch:
+        modes.update(with_switch({k: v for k, v in modes.items() if k.startswith("push +")},
+                                 switch))
     try:
         figures = measure(loop, modes, count, rounds, profile)
     finally:
@@ -608,6 +636,10 @@ def main() -> None:
                         help="sys.setswitchinterval for the run (seconds; default: Python's, "
                              "5 ms): how long a thread coming back from native code may wait "
                              "for the GIL the loop holds")
+    parser.add_argument("--switch", default="",
+                        help="comma-separated switch intervals in ms (e.g. 0.5,0.05): the "
+                             "batched infer/push modes and the stage30 push modes again, each "
+                             "with that interval for its rounds, interleaved with the others")
     args = parser.parse_args()
     if args.switchinterval is not None:
         sys.setswitchinterval(args.switchinterval)
@@ -616,10 +648,12 @@ def main() -> None:
           f"{sys.getswitchinterval() * 1e3:g} ms, aioaccel from {Path(aioaccel.__file__).parent}")
     try:
         parts = args.only.split(",")
+        switch = [float(ms) / 1e3 for ms in args.switch.split(",") if ms.strip()]
         if "onnx" in parts:
-            onnx_section(loop, args.width, args.batch, args.rounds, args.seconds, args.profile)
+            onnx_section(loop, args.width, args.batch, args.rounds, args.seconds, args.profile,
+                         switch)
         if "stage30" in parts:
-            stage30_section(loop, args.rounds, args.profile)
+            stage30_section(loop, args.rounds, args.profile, switch)
     finally:
         loop.close()
 
