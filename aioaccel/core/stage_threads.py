@@ -162,11 +162,20 @@ class Pipeline:
         ``defer``: the caller has more input queued and this call was short, so the loop's
         wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
         """
-        deliver, deliver_many = self.bridge.deliver, self.bridge.deliver_many
+        deliver = self.bridge.deliver
+        # a bridge without deliver_many (an isolated child's, which writes each result to
+        # its pipe) gets the members one by one, each deferred but the last
+        deliver_many = getattr(self.bridge, "deliver_many", None)
 
         def leave(job: Any, now: float, defer: bool = False) -> None:
             if type(job) is Batch:  # the split happens once, as the batch leaves
-                deliver_many(job.unbatch(now), now, defer)  # one append, one wake-up at most
+                members = job.unbatch(now)
+                if deliver_many is not None:
+                    deliver_many(members, now, defer)  # one append, one wake-up at most
+                    return
+                for member in members[:-1]:
+                    deliver(member, now, True)
+                deliver(members[-1], now, defer)
             else:
                 job.t_done = now
                 deliver(job, now, defer)
