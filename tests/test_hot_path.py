@@ -61,7 +61,8 @@ def test_a_batch_is_claimed_together_and_withdrawn_jobs_go_back_as_shells() -> N
     first = queue.get_nowait()
     assert pipeline._claim(first)
     taken, following = gather(first, queue.get_nowait, queue.get, 8, 0.0, lambda: False,
-                              pipeline._claim_many, _STOP)
+                              pipeline._claim_many, pipeline._return_shell, _STOP,
+                              pipeline._ranked, pipeline._put_back)
     assert [j.seq for j in taken] == [0, 1, 3, 5] and following is None
     assert all(j.state == RUNNING for j in taken)
     assert [j.seq for j in receiver.jobs] == [2, 4]  # their shells, to free their slots
@@ -77,7 +78,8 @@ def test_gather_stops_at_the_row_limit_and_leaves_the_next_job_unclaimed() -> No
     first = queue.get_nowait()
     pipeline._claim(first)
     taken, following = gather(first, queue.get_nowait, queue.get, 8, 0.0, lambda: False,
-                              pipeline._claim_many, _STOP)
+                              pipeline._claim_many, pipeline._return_shell, _STOP,
+                              pipeline._ranked, pipeline._put_back)
     assert [j.seq for j in taken] == [0, 1]  # 6 rows; a third job would make 9
     assert following is jobs[2] and following.state == QUEUED
 

@@ -25,6 +25,8 @@ import numpy as np
 from ..batching import join, rows, split
 from ..errors import DeviceError
 from ..stats import BatchStats
+from .jobs import QUEUED
+from .priority_levels import BELL
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -133,13 +135,22 @@ def _row_each(value: Any, counts: list[int], n: int) -> list[Any] | None:
 
 def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], limit: int,
            wait_until: float, device_busy: Callable[[], bool],
-           claim_many: Callable[[list[Any]], list[Job]], stop: object) -> tuple[list[Job], Any]:
+           claim_many: Callable[[list[Any]], list[Job]], shell: Callable[[Any], None],
+           stop: object, ranked: Callable[[], Job],
+           put_back: Callable[[Job], None]) -> tuple[list[Job], Any]:
     """``first`` (claimed) and the jobs queued behind it, up to ``limit`` rows; and the next
     job not taken (the stop sentinel, one that would overflow the batch, or a member of a
     failed batch back to run alone), if any. The jobs taken behind ``first`` are claimed
     together at the end (``claim_many``: one lock for the lot, not one per job; it sends
-    the withdrawn ones back as shells and returns the others, in order). Waits for more only
-    while ``device_busy()`` and before ``wait_until``."""
+    the withdrawn ones back as shells and returns the others, in order); a job seen withdrawn
+    already goes to ``shell`` at once and leaves its place to the next. Waits for more only
+    while ``device_busy()`` and before ``wait_until``.
+
+    Once stage 0 is ranked by priority, the queue yields a ``BELL`` per job and ``ranked()``
+    gives the best job waiting, so the batch fills from the highest priority present and
+    lower ones only fill what is left. A ranked job that does not fit goes back to the head
+    of its level (``put_back``) rather than being held for the next batch, so a higher one
+    arriving meanwhile still goes first."""
     taken = [first]
     total = _rows(first)
     queued: list[Any] = []
@@ -155,15 +166,25 @@ def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], l
                 job = get(timeout=min(remaining, 0.0005))
             except Empty:
                 continue
-        if job is stop or job.solo:
+        if job is BELL:
+            job = ranked()
+            n = _rows(job)
+            if total + n > limit:
+                put_back(job)
+                break
+        elif job is stop or job.solo:
             following = job
             break
-        n = _rows(job)
-        if total + n > limit:
-            following = job
-            break
+        else:
+            n = _rows(job)
+            if total + n > limit:
+                following = job
+                break
+        if job.state != QUEUED:  # withdrawn already (a state that never goes back): its
+            shell(job)           # shell frees its slot, and it takes no place in the batch
+            continue
         queued.append(job)
-        total += n  # a job withdrawn before the claim only makes the batch smaller
+        total += n  # one withdrawn between this look and the claim makes the batch smaller
     if queued:
         taken += claim_many(queued)
     return taken, following

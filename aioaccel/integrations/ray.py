@@ -22,15 +22,28 @@ the client.
   The stage sends items in small batches (one Serve call carries up to ``batch`` inputs, each
   gets its own answer), with at most ``calls`` calls in flight, so Ray's per-call cost of
   milliseconds is paid per batch, not per item.
-* **Failures.** A replica that dies (killed, node lost) or does not answer within ``timeout``
-  fails its call; the unanswered items are re-sent (inference is idempotent) at most
-  ``retries`` times each, counted in ``stats().profile["retries"]``; after that the item fails
-  with :class:`~aioaccel.InferenceError`. Items that failed on the replica fail the same way on
-  the client, with the remote cause as text (:class:`RemoteError`). Bad input is refused at the
-  client (:class:`~aioaccel.InputError`) against the input spec ``connect`` fetched once.
-  When Serve's queue is full (``max_queued``), the batch waits and is re-sent: the overload
-  reaches callers as the client's own backpressure (``push`` waits, ``push_nowait`` and
-  ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web integrations 503).
+* **Failures.** A replica that dies (killed, node lost), whose runner breaks, or that does not
+  answer within ``timeout`` fails the items it held; they are re-sent (inference is
+  idempotent) at most ``retries`` times each, counted in ``stats().profile["retries"]``; after
+  that the item fails with :class:`~aioaccel.InferenceError`. Items that failed on the replica
+  fail the same way on the client, with the remote cause as text (:class:`RemoteError`).
+* **Poison items.** The items a lost replica held are *suspects*: they are re-sent one at a
+  time, each alone in its call, with nothing else of this client in flight (new items wait
+  meanwhile: a short probation, only after a failure). A suspect that fails its replica again
+  while alone has failed two replicas: it is failed alone as the poison item (a
+  :class:`RemoteError` that says so), never re-sent; the others are answered. So a poison item
+  costs two replicas and fails nobody else (``profile["suspects"]``, ``profile["poisoned"]``).
+  Limits: another client's traffic on the same replicas is not held back, so a replica lost to
+  something else while a suspect runs on it (another client's poison, an operator's kill) makes
+  that suspect look guilty. A replica whose runner is already broken refuses new items
+  without blame (it answers "refused", they go again after a pause, for up to
+  ``UNAVAILABLE_FOR`` seconds, as when no replica is available) until Serve replaces it.
+* **Bad input** is refused at the client (:class:`~aioaccel.InputError`) against the input
+  spec ``connect`` fetched once.
+* **Overload.** When Serve's queue is full (``max_queued``), the batch waits and is re-sent:
+  the overload reaches callers as the client's own backpressure (``push`` waits,
+  ``push_nowait`` and ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web
+  integrations 503).
 * **Cancellation.** An ``infer`` cancelled before its batch was sent is never sent; a call
   whose items were all cancelled is cancelled in Serve (``DeploymentResponse.cancel``).
 """
@@ -77,7 +90,12 @@ DEFAULT_MAX_ONGOING = 8
 #: the replica runner's maxsize unless open_options give one: room for every ongoing batch
 DEFAULT_REPLICA_MAXSIZE = 64
 _FEATURE = "aioaccel.integrations.ray"
-_OK, _FAILED, _REPLICA_BROKEN = 0, 1, 2  # reply kinds, per item
+#: reply kinds, per item: answered; failed on its own; the replica broke while holding it; the
+#: replica was already broken when it came (not the item's doing: it goes again, unblamed)
+_OK, _FAILED, _REPLICA_BROKEN, _REPLICA_REFUSED = 0, 1, 2, 3
+#: seconds an item keeps going again while every replica it reaches refuses it (broken, being
+#: replaced) or none is available, before it fails
+UNAVAILABLE_FOR = 30.0
 
 
 def _serve() -> Any:
@@ -141,8 +159,11 @@ class AccelReplica:
         return self._where, list(answers)
 
     async def _infer_one(self, inputs: Any) -> tuple[int, Any]:
+        runner = self._runner
+        if runner.closed:  # broken before this item came: refuse it, the item is not to blame
+            return _REPLICA_REFUSED, f"replica {self._where} is broken or closing"
         try:
-            return _OK, await self._runner.infer(inputs)
+            return _OK, await runner.infer(inputs)
         except (DeviceError, RunnerClosed) as exc:  # this replica cannot serve: try another
             return _REPLICA_BROKEN, _describe_error(exc)
         except AccelError as exc:
@@ -408,12 +429,14 @@ def _running_replicas(serve: Any, app: str) -> int:
 class _Pending:
     """One item on the client side of the wire."""
 
-    __slots__ = ("attempts", "inputs", "token")
+    __slots__ = ("attempts", "failure", "inputs", "token", "unavailable_since")
 
     def __init__(self, token: object, inputs: Any):
         self.token = token
         self.inputs = inputs
         self.attempts = 0
+        self.failure = ""                 # why its replica failed it the first time (a suspect)
+        self.unavailable_since = 0.0      # first refusal / no replica available (monotonic)
 
 
 def _abandoned(token: object) -> bool:
@@ -441,6 +464,9 @@ class _RemoteStage(DeviceStage):
         self._lock = threading.Lock()
         self._wake_scheduled = False
         self._in_flight: dict[asyncio.Task[None], list[_Pending]] = {}
+        # probation (see the module docstring): items a lost replica held, to re-send alone
+        self._suspects: deque[_Pending] = deque()
+        self._trial: _Pending | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -449,6 +475,7 @@ class _RemoteStage(DeviceStage):
         self._sent_calls = self._sent_items = self._retried = self._lost_calls = 0
         self._cancelled_unsent = self._cancelled_calls = self._overloaded = 0
         self._cancelled_items = 0  # answered "cancelled": never sent, or their call cancelled
+        self._tried_alone = self._poisoned = self._refused = 0
         self._answered_by: dict[str, int] = {}  # "<actor id>@<node id>" -> items answered
 
     def counters(self) -> dict[str, Any]:
@@ -459,6 +486,8 @@ class _RemoteStage(DeviceStage):
                 "overloaded_calls": self._overloaded, "cancelled_unsent": self._cancelled_unsent,
                 "cancelled_calls": self._cancelled_calls,
                 "cancelled_items": self._cancelled_items, "in_flight_calls": len(self._in_flight),
+                "suspects": self._tried_alone, "poisoned": self._poisoned,
+                "refused": self._refused,
                 "batch": self._batch, "max_calls": self._calls,
                 "answered_by": dict(self._answered_by)}
 
@@ -519,13 +548,16 @@ class _RemoteStage(DeviceStage):
         loop.create_task(finish())
 
     def _dispatch(self) -> None:
-        """Start calls while fewer than ``calls`` are in flight and items wait."""
+        """Start calls while fewer than ``calls`` are in flight and items wait; during a
+        probation, only the next suspect, alone."""
         with self._lock:
             self._wake_scheduled = False
         if self._stopping:
             return
         arrived, loop = self._arrived, self._loop
         assert loop is not None
+        if (self._suspects or self._trial is not None) and not self._next_trial():
+            return  # new items wait until the probation is over
         while arrived and len(self._in_flight) < self._calls:
             batch: list[_Pending] = []
             while arrived and len(batch) < self._batch:
@@ -540,10 +572,30 @@ class _RemoteStage(DeviceStage):
                 task = loop.create_task(self._call(batch))
                 self._in_flight[task] = batch
 
-    async def _call(self, batch: list[_Pending]) -> None:
+    def _next_trial(self) -> bool:
+        """Start the next suspect's call, alone, once nothing else of ours is in flight (so a
+        replica lost meanwhile was lost to it). True when the probation is over."""
+        if self._trial is not None or self._in_flight:
+            return False
+        loop = self._loop
+        assert loop is not None
+        while self._suspects:
+            pending = self._suspects.popleft()
+            if _abandoned(pending.token):
+                self._cancelled_items += 1
+                self._answer(pending, None, RemoteError("cancelled before it was sent again"))
+                continue
+            self._trial = pending
+            self._tried_alone += 1
+            task = loop.create_task(self._call([pending], trial=True))
+            self._in_flight[task] = [pending]
+            return False
+        return True
+
+    async def _call(self, batch: list[_Pending], trial: bool = False) -> None:
         try:
             while batch:
-                batch = await self._attempt(batch)
+                batch = await self._attempt(batch, trial)
         except asyncio.CancelledError:
             if self._stopping:  # the runner has failed what was pending already
                 raise
@@ -553,11 +605,15 @@ class _RemoteStage(DeviceStage):
                 self._answer(p, None, RemoteError("cancelled"))
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if trial:
+                self._trial = None
             if not self._stopping:
                 self._dispatch()
 
-    async def _attempt(self, batch: list[_Pending]) -> list[_Pending]:
-        """One Serve call for ``batch``; returns the items to send again."""
+    async def _attempt(self, batch: list[_Pending], trial: bool = False) -> list[_Pending]:
+        """One Serve call for ``batch``; returns the items to send again in this same call
+        (overload, or no replica could take them); the items a lost replica held become
+        suspects (or, for the suspect on ``trial``, the poison item)."""
         from ray.exceptions import RayActorError, TaskCancelledError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -578,9 +634,11 @@ class _RemoteStage(DeviceStage):
             raise
         except TimeoutError:
             _cancel_in_background(response)
-            return self._again(batch, f"no answer within timeout={self._timeout} s")
-        except (RayActorError, TaskCancelledError, DeploymentUnavailableError) as exc:
-            return self._again(batch, f"replica lost ({type(exc).__name__}: {exc})")
+            return self._lost(batch, f"no answer within timeout={self._timeout} s", trial)
+        except DeploymentUnavailableError as exc:  # no replica at all: nobody is to blame
+            return await self._unavailable(batch, f"no replica available ({exc})")
+        except (RayActorError, TaskCancelledError) as exc:
+            return self._lost(batch, f"replica lost ({type(exc).__name__}: {exc})", trial)
         except Exception as exc:  # the call itself failed (e.g. an input that does not pickle)
             self._lost_calls += 1
             for p in batch:
@@ -588,32 +646,71 @@ class _RemoteStage(DeviceStage):
             return []
         replica, answers = replies
         self._answered_by[replica] = self._answered_by.get(replica, 0) + len(batch)
-        again: list[_Pending] = []
-        reason = ""
+        broken: list[_Pending] = []
+        refused: list[_Pending] = []
+        reason = refusal = ""
         for p, (kind, value) in zip(batch, answers, strict=True):
             if kind == _OK:
+                p.unavailable_since = 0.0
                 self._answer(p, value, None)
             elif kind == _REPLICA_BROKEN:
-                again.append(p)
+                broken.append(p)
                 reason = value
+            elif kind == _REPLICA_REFUSED:
+                refused.append(p)
+                refusal = value
             else:
                 self._answer(p, None, RemoteError(value))
-        return self._again(again, f"replica broken ({reason})") if again else []
+        if broken:
+            self._lost(broken, f"replica broken ({reason})", trial)
+        if refused:
+            self._refused += len(refused)
+            return await self._unavailable(refused, f"refused ({refusal})")
+        return []
 
-    def _again(self, batch: list[_Pending], reason: str) -> list[_Pending]:
-        """Items whose call failed: those with retries left go again, the others fail."""
+    def _lost(self, items: list[_Pending], reason: str, trial: bool) -> list[_Pending]:
+        """A replica failed ``items`` (it died, broke or did not answer): those with retries
+        left become suspects, to be re-sent alone; the suspect on ``trial`` failed a replica
+        alone, the second time: it is the poison item. Returns nothing to re-send at once."""
         self._lost_calls += 1
-        log.warning("ray app %r: a call with %d items failed: %s", self._app, len(batch), reason)
-        again = []
-        for p in batch:
-            if p.attempts < self._retries and not _abandoned(p.token):
+        log.warning("ray app %r: a call with %d items failed: %s", self._app, len(items), reason)
+        for p in items:
+            gave_up = (f"{reason}; gave up after {p.attempts + 1} attempts "
+                       f"(retries={self._retries})")
+            if trial:
+                self._poisoned += 1
+                self._answer(p, None, RemoteError(
+                    f"{gave_up}: a poison item: it failed two replicas, the second time sent "
+                    f"alone (the first time: {p.failure}); not re-sent again"))
+            elif p.attempts < self._retries and not _abandoned(p.token):
                 p.attempts += 1
                 self._retried += 1
-                again.append(p)
+                p.failure = reason
+                self._suspects.append(p)
             else:
+                self._answer(p, None, RemoteError(gave_up))
+        return []
+
+    async def _unavailable(self, items: list[_Pending], reason: str) -> list[_Pending]:
+        """No replica could take ``items`` (the one reached was broken, or none is
+        available): not their doing. They go again after a pause, for up to
+        ``UNAVAILABLE_FOR`` seconds each, then fail."""
+        now = time.monotonic()
+        again = []
+        for p in items:
+            if not p.unavailable_since:
+                p.unavailable_since = now
+            if _abandoned(p.token):
+                self._cancelled_items += 1
+                self._answer(p, None, RemoteError("cancelled"))
+            elif now - p.unavailable_since > UNAVAILABLE_FOR:
                 self._answer(p, None, RemoteError(
-                    f"{reason}; gave up after {p.attempts + 1} attempts (retries="
-                    f"{self._retries})"))
+                    f"{reason}; no replica could take it for {UNAVAILABLE_FOR:g} s"))
+            else:
+                again.append(p)
+        if again:
+            waited = now - min(p.unavailable_since for p in again)
+            await asyncio.sleep(min(0.5, 0.02 + waited / 10))
         return again
 
     async def _reap(self) -> None:
