@@ -21,7 +21,7 @@ results keep flowing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from itertools import count
 from time import perf_counter
 from types import TracebackType
@@ -221,7 +221,8 @@ class Runner:
         prepare = self._sup.prepare
         if prepare is not None:
             inputs = prepare(inputs)
-        await self._admit(lane)
+        if not (self._sup.accepting and self._admission.try_take(lane)):  # no room: wait
+            await self._admit(lane)
         return self._enqueue(lane, inputs, tag, None).seq
 
     def _push_lane_nowait(self, lane: Lane, inputs: Any, tag: Any) -> int:
@@ -301,8 +302,8 @@ class Runner:
     def __aiter__(self) -> Runner:
         return self
 
-    async def __anext__(self) -> Result:
-        return await self._next(self._lane)
+    def __anext__(self) -> Coroutine[Any, Any, Result]:  # _next itself: one frame per item
+        return self._next(self._lane)
 
     async def _next(self, lane: Lane) -> Result:
         while True:

@@ -192,6 +192,22 @@ class Pipeline:
             job.state = RUNNING
             return True
 
+    def _claim_many(self, jobs: list[Job]) -> list[Job]:
+        """Claim ``jobs`` under one lock (a batch's worth, not a lock per job); the withdrawn
+        ones go back as shells. Returns the claimed ones, in order."""
+        claimed: list[Job] = []
+        shells: list[Job] = []
+        with self._claim_lock:
+            for job in jobs:
+                if job.state == QUEUED:
+                    job.state = RUNNING
+                    claimed.append(job)
+                else:
+                    shells.append(job)
+        for job in shells:
+            self._return_shell(job)
+        return claimed
+
     def _forward(self, index: int) -> _Forward:
         """Where jobs leaving stage ``index`` go: the next queue, or the bridge.
 
@@ -199,10 +215,16 @@ class Pipeline:
         wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
         """
         deliver = self.bridge.deliver
+        # a bridge without deliver_many (an isolated child's, which writes each result to
+        # its pipe) gets the members one by one, each deferred but the last
+        deliver_many = getattr(self.bridge, "deliver_many", None)
 
         def leave(job: Any, now: float, defer: bool = False) -> None:
             if type(job) is Batch:  # the split happens once, as the batch leaves
                 members = job.unbatch(now)
+                if deliver_many is not None:
+                    deliver_many(members, now, defer)  # one append, one wake-up at most
+                    return
                 for member in members[:-1]:
                     deliver(member, now, True)
                 deliver(members[-1], now, defer)
@@ -398,8 +420,9 @@ class Pipeline:
                 shell(job)
                 continue
             jobs, following = gather(job, get_nowait, get, self.batch,
-                                     job.t_admit + self.batch_wait, device_busy, claim, shell,
-                                     _STOP, self._ranked, self._put_back)
+                                     job.t_admit + self.batch_wait, device_busy,
+                                     self._claim_many, shell, _STOP, self._ranked,
+                                     self._put_back)
             t0 = w.call_started = perf_counter()
             for j in jobs:
                 j.t_start = t0
@@ -435,8 +458,9 @@ class Pipeline:
                 if batching and not job.solo:
                     jobs, following = gather(
                         job, queue.get_nowait, queue.get, self.batch,
-                        job.t_admit + self.batch_wait, lambda: w.in_device > 0, self._claim,
-                        self._return_shell, _STOP, self._ranked, self._put_back)
+                        job.t_admit + self.batch_wait, lambda: w.in_device > 0,
+                        self._claim_many, self._return_shell, _STOP, self._ranked,
+                        self._put_back)
                     tokens = batch_of(jobs, self.batching, perf_counter())  # type: ignore[arg-type]
                 for token in tokens:
                     if not self._submit_one(w, device, token, by_stream, forward, name):
