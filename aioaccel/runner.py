@@ -170,7 +170,7 @@ class Runner:
     def _enqueue(self, lane: Lane, inputs: Any, tag: Any, future: Outcome | None) -> Ticket:
         seq = next(self._seq)
         now = perf_counter()
-        job = Job(seq, inputs, lane.index, now)
+        job = Job(seq, inputs, lane.index, now, lane.priority)
         ticket = Ticket(seq, tag, lane, future, job, now)
         sup = self._sup
         ticket.gen = sup.gen

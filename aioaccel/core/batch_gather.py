@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..batching import join, rows, split
 from ..errors import DeviceError
 from ..stats import BatchStats
+from .priority_levels import BELL
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -114,11 +115,18 @@ class Batch:
 
 def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], limit: int,
            wait_until: float, device_busy: Callable[[], bool], claim: Callable[[Any], bool],
-           shell: Callable[[Any], None], stop: object) -> tuple[list[Job], Any]:
+           shell: Callable[[Any], None], stop: object, ranked: Callable[[], Job],
+           put_back: Callable[[Job], None]) -> tuple[list[Job], Any]:
     """``first`` (claimed) and the jobs queued behind it, up to ``limit`` rows; and the next
     job not taken (the stop sentinel, one that would overflow the batch, or a member of a
     failed batch back to run alone), if any. Withdrawn shells met on the way go to
-    ``shell``. Waits for more only while ``device_busy()`` and before ``wait_until``."""
+    ``shell``. Waits for more only while ``device_busy()`` and before ``wait_until``.
+
+    Once stage 0 is ranked by priority, the queue yields a ``BELL`` per job and ``ranked()``
+    gives the best job waiting, so the batch fills from the highest priority present and
+    lower ones only fill what is left. A ranked job that does not fit goes back to the head
+    of its level (``put_back``) rather than being held for the next batch, so a higher one
+    arriving meanwhile still goes first."""
     taken = [first]
     total = _rows(first)
     while total < limit:
@@ -132,11 +140,18 @@ def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], l
                 job = get(timeout=min(remaining, 0.0005))
             except Empty:
                 continue
-        if job is stop or job.solo:
+        if job is BELL:
+            job = ranked()
+            n = _rows(job)
+            if total + n > limit:
+                put_back(job)
+                return taken, None
+        elif job is stop or job.solo:
             return taken, job
-        n = _rows(job)
-        if total + n > limit:
-            return taken, job
+        else:
+            n = _rows(job)
+            if total + n > limit:
+                return taken, job
         if not claim(job):
             shell(job)  # withdrawn: only its empty shell goes back
             continue

@@ -527,12 +527,13 @@ def _enqueue_run(runner: Runner, lane: Lane, values: list[Any], tags: list[Any],
     append = lane.tickets.append
     submit = sup.submit
     index = lane.index
+    priority = lane.priority
     seq_of = runner._seq
     seqs: list[int] = []
     for k in range(start, stop):
         seq = next(seq_of)
         value = values[k]
-        job = Job(seq, value, index, now)
+        job = Job(seq, value, index, now, priority)
         ticket = Ticket(seq, tags[k], lane, None, job, now)
         ticket.gen = gen
         if retries:

@@ -9,6 +9,10 @@ own: the runner admits at most ``maxsize`` items and a withdrawn item keeps its 
 stage-0 worker hands its empty shell back, so no queue ever holds more than ``maxsize``.
 A failed job skips the remaining stages and goes straight to the bridge.
 
+Stage 0's hand-off serves the highest priority first once the runner has streams of more than
+one priority (:meth:`Pipeline.rank`, :mod:`aioaccel.core.priority_levels`); until then it is
+the plain FIFO.
+
 Worker threads never touch the event loop except through the
 :class:`~aioaccel.core.loop_bridge.Bridge`, and never touch the loop-side ticket of a job: only
 the :class:`Job` crosses threads.
@@ -30,6 +34,7 @@ from . import exit_guard
 from .batch_gather import Batch, BatchCounters, batch_of, gather, run_alone, run_batch
 from .jobs import QUEUED, RUNNING, WITHDRAWN, Job, Worker
 from .loop_bridge import SHORT_CALL, Bridge
+from .priority_levels import BELL, PriorityLevels
 
 __all__ = ["Job", "Pipeline", "Worker"]  # Job, Worker: re-exported from .jobs
 
@@ -57,6 +62,10 @@ class Pipeline:
         self.bridge = bridge
         self.runner_name = runner_name
         self.queues: list[SimpleQueue[Any]] = [SimpleQueue() for _ in specs]
+        #: stage 0's jobs by priority, once ranked (None: queues[0] holds the jobs, FIFO)
+        self.ranks: PriorityLevels | None = None
+        #: how a job enters stage 0: the FIFO's put, or the levels' once ranked
+        self.put: Callable[[Job], None] = self.queues[0].put
         self.workers = [
             Worker(i, spec, r)
             for i, spec in enumerate(specs)
@@ -98,7 +107,41 @@ class Pipeline:
         exit_guard.watch(self, exit_guard.PIPELINES)
 
     def submit(self, job: Job) -> None:
-        self.queues[0].put(job)
+        self.put(job)
+
+    def rank(self) -> None:
+        """From now on stage 0 takes the highest-priority job first (FIFO within a priority).
+        Called on the loop when the runner gets a stream of a second priority: the jobs
+        already queued move to their levels, in their order; a job a worker is taking right
+        now is simply run (it was first in line)."""
+        if self.ranks is not None:
+            return
+        queue = self.queues[0]
+        ranks = PriorityLevels(queue)
+        moved: list[Any] = []
+        while True:
+            try:
+                moved.append(queue.get_nowait())
+            except Empty:
+                break
+        self.ranks = ranks  # before any bell: a worker that takes one finds the levels
+        self.put = ranks.put
+        for item in moved:
+            if type(item) is Job and not item.solo:
+                ranks.put(item)
+            else:  # the stop sentinel, a failed batch's member back to run alone
+                queue.put(item)
+
+    def _ranked(self) -> Job:
+        """The job a bell stands for: the oldest of the highest priority waiting."""
+        ranks = self.ranks
+        assert ranks is not None  # bells are rung only once ranked
+        return ranks.take()
+
+    def _put_back(self, job: Job) -> None:
+        ranks = self.ranks
+        assert ranks is not None
+        ranks.put_back(job)
 
     def withdraw(self, job: Job) -> bool:
         """Take back a job no stage-0 worker has claimed yet; False if one already has. Its
@@ -227,10 +270,11 @@ class Pipeline:
         """The next job for ``w``; before blocking on an empty queue, flush any deferred
         wake-up so that no finished result waits for input that may never come."""
         try:
-            return queue.get_nowait()
+            job = queue.get_nowait()
         except Empty:
             self.bridge.flush()
-            return queue.get()
+            job = queue.get()
+        return self._ranked() if job is BELL else job
 
     def _take(self, w: Worker, job: Any, first: bool) -> bool:
         """Whether ``w`` should run ``job``; a withdrawn shell goes back to free its slot."""
@@ -262,7 +306,9 @@ class Pipeline:
             except Empty:
                 flush()  # about to wait: no deferred result may wait with us
                 job = get()
-            if job is _STOP:
+            if job is BELL:
+                job = self._ranked()
+            elif job is _STOP:
                 return
             if self.stopping:
                 continue
@@ -342,6 +388,8 @@ class Pipeline:
                 except Empty:
                     flush()
                     job = get()
+                if job is BELL:
+                    job = self._ranked()
             if job is _STOP:
                 return
             if self.stopping:
@@ -351,7 +399,7 @@ class Pipeline:
                 continue
             jobs, following = gather(job, get_nowait, get, self.batch,
                                      job.t_admit + self.batch_wait, device_busy, claim, shell,
-                                     _STOP)
+                                     _STOP, self._ranked, self._put_back)
             t0 = w.call_started = perf_counter()
             for j in jobs:
                 j.t_start = t0
@@ -388,7 +436,7 @@ class Pipeline:
                     jobs, following = gather(
                         job, queue.get_nowait, queue.get, self.batch,
                         job.t_admit + self.batch_wait, lambda: w.in_device > 0, self._claim,
-                        self._return_shell, _STOP)
+                        self._return_shell, _STOP, self._ranked, self._put_back)
                     tokens = batch_of(jobs, self.batching, perf_counter())  # type: ignore[arg-type]
                 for token in tokens:
                     if not self._submit_one(w, device, token, by_stream, forward, name):
