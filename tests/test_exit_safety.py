@@ -121,8 +121,10 @@ def test_the_exit_hook_runs_first_in_order_and_waits_for_loads() -> None:
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines == ["stage stopped with 10 s left", "runner stopped with 10 s left",
-                     "pipeline stopped with 10 s left", "load finished",
+    # stages get the whole budget (their native calls in progress finish); runners and
+    # orphan pipelines a short join (what is left there runs Python: exit_guard.PYTHON_JOIN)
+    assert lines == ["stage stopped with 10 s left", "runner stopped with 2 s left",
+                     "pipeline stopped with 0 s left", "load finished",
                      "a hook registered after the open", "a hook registered before the open"]
 
 

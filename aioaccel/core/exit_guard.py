@@ -35,16 +35,23 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any, Protocol
 
-__all__ = ["EXIT_WAIT", "PIPELINES", "RUNNERS", "STAGES", "Stoppable", "arm", "exiting",
-           "forget", "native_thread", "stop_everything", "watch"]
+__all__ = ["EXIT_WAIT", "PIPELINES", "PYTHON_JOIN", "RUNNERS", "STAGES", "Stoppable", "arm",
+           "exiting", "forget", "native_thread", "stop_everything", "watch"]
 
 log = logging.getLogger("aioaccel")
 
 #: seconds the exit hook may spend in all (calls in progress finish; a hung one is abandoned)
 EXIT_WAIT = 10.0
 
+
 #: the phases of the exit, in the order they run
 STAGES, RUNNERS, PIPELINES = 0, 1, 2
+
+#: seconds the workers get, per later phase, to finish a call that is not a guarded native
+#: one (native calls in progress were waited for in phase STAGES; what is left runs Python,
+#: which finalization stops safely): a runner left open 2 s, to finish what it runs; a
+#: pipeline no runner holds (closed and abandoned hung, or still warming up) a moment only
+PYTHON_JOIN = {RUNNERS: 2.0, PIPELINES: 0.25}
 
 
 class Stoppable(Protocol):
@@ -118,12 +125,17 @@ def stop_everything(timeout: float = EXIT_WAIT) -> None:
     def left() -> float:
         return max(0.0, deadline - perf_counter())
 
-    for phase in _watched:
+    for n, phase in enumerate(_watched):
         with _lock:
             objs = list(phase)
         for obj in objs:
+            # the native calls in progress were waited for in the first phase: a worker the
+            # later phases still find busy is in Python code (a user's function, a hung
+            # sleep), which finalization stops safely, so it gets a short join, not the rest
+            # of the budget
+            budget = left() if n == STAGES else min(left(), PYTHON_JOIN[n])
             try:
-                obj.stop_at_exit(left())
+                obj.stop_at_exit(budget)
             except Exception:  # one failure must not leave the others running
                 log.exception("stopping %r at interpreter exit failed", obj)
     with _lock:

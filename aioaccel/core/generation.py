@@ -204,8 +204,11 @@ class Generation:
         if not self.pipeline.join(join):
             self._finish()
             return
-        # joined at interpreter exit: releasing the model is native code too
-        native_thread(self.stop_sync, name=f"aioaccel-{self.runner_name}-reaper")
+        # a plain daemon thread, not joined at exit: it waits for workers the runner gave up on
+        # (a hung call), which must not hold the exit; native calls in progress are waited for
+        # by the exit hook itself (exit_guard's STAGES phase)
+        threading.Thread(target=self.stop_sync, name=f"aioaccel-{self.runner_name}-reaper",
+                         daemon=True).start()
 
     def stop_sync(self, timeout: float = 5.0) -> None:
         """Without the loop: stop, join (bounded), release."""
