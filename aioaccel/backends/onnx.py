@@ -27,7 +27,7 @@ from . import Model, require
 from ._exit import NativeCalls
 from ._segments import SegmentIO, Wiring, build_model, model_paths, plan
 
-__all__ = ["SPINNING", "OnnxStage", "default_threads", "load"]
+__all__ = ["HAND_OUT_ABOVE", "SPINNING", "OnnxStage", "default_threads", "load"]
 
 _DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -75,18 +75,147 @@ def _session(path: Path, providers: Sequence[str], num_threads: int | None,
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
+#: outputs up to this size are written into a buffer bound once per shape and copied out; a
+#: larger one gets a fresh buffer bound before each call and is handed out as it is (a copy
+#: of a few MB costs more than binding)
+HAND_OUT_ABOVE = 256 * 1024
+
+
+class _Binding:
+    """How one set of input shapes is bound: inputs copied into (or bound to) buffers,
+    outputs written into preallocated arrays. Made on the first call with these shapes."""
+
+    __slots__ = ("fresh", "inputs", "outputs", "shapes")
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...]):
+        self.shapes = shapes
+        #: per input: the buffer bound once (small inputs are copied into it), or None (the
+        #: caller's array is bound for each call)
+        self.inputs: list[np.ndarray | None] = []
+        #: per output: the array bound to it now
+        self.outputs: list[np.ndarray] = []
+        #: per output: whether it is handed out (and a fresh one bound before the next call)
+        self.fresh: list[bool] = []
+
+
 class OnnxStage(BlockingStage):
+    """One session, driven through an ``IOBinding`` made once per input shapes.
+
+    ``InferenceSession.run`` converts its arguments and builds its result list on every call;
+    ``run_with_iobinding`` runs what is bound. So small inputs are copied into buffers bound
+    once (larger ones, over :data:`HAND_OUT_ABOVE`, are bound in place for the call), and each
+    output is written into an array allocated for its shape: a small one is copied out (the
+    next call overwrites it), a large one is handed out and a fresh array bound before the
+    next call. An output's shape must follow from the input shapes: every dimension is fixed
+    or a symbol (``"batch"``) that an input also has. A model with other outputs (shapes that
+    depend on the data) runs through ``session.run``, as does any call that fails bound: the
+    item is run again that way, so a model whose declared shapes are wrong loses nothing (its
+    bound path is then turned off), and a real failure raises the session's own error.
+    """
+
     def __init__(self, session: Any, wiring: Wiring):
         self.session = session
         self._wiring = wiring
         self._outputs = list(wiring.outputs)
         self._calls = NativeCalls()  # finished before the interpreter exits
+        declared_inputs = {arg.name: arg for arg in session.get_inputs()}
+        self._keys = [key for _, key in wiring.feeds]
+        self._input_names = [name for name, _ in wiring.feeds]
+        self._input_dims = [list(declared_inputs[name].shape) for name in self._input_names]
+        by_name = {arg.name: arg for arg in session.get_outputs()}
+        self._output_args = [by_name[name] for name in self._outputs]
+        self._output_dtypes = [np.dtype(_DTYPES.get(arg.type, "object"))
+                               for arg in self._output_args]
+        #: whether to bind at all (turned off when a bound call fails and session.run works)
+        self.binds = all(dtype.kind != "O" for dtype in self._output_dtypes)
+        self._io = session.io_binding()
+        self._bound: _Binding | None = None
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.binds:
+            return self._run_plain(tensors)
+        values = [tensors[key] for key in self._keys]
+        shapes = tuple(value.shape for value in values)
+        bound = self._bound
+        if bound is None or bound.shapes != shapes:
+            bound = self._bind(values, shapes)
+            if bound is None:  # the outputs' shapes do not follow from the inputs'
+                return self._run_plain(tensors)
+        io = self._io
+        try:
+            for k, value in enumerate(values):
+                buffer = bound.inputs[k]
+                if buffer is None:  # large: bound in place for this call
+                    io.bind_cpu_input(self._input_names[k], value)
+                else:
+                    np.copyto(buffer, value, casting="no")  # validated: never casts
+            fresh = bound.fresh
+            for k, handed in enumerate(fresh):
+                if handed:  # the last call's array is the caller's now: bind a new one
+                    self._bind_output(bound, k, np.empty_like(bound.outputs[k]))
+            with self._calls:
+                self.session.run_with_iobinding(io)
+        except Exception:
+            # Bound wrongly (a model whose declared shapes lie), or the item fails: running
+            # it plainly tells which, and a failure raises the session's own error.
+            self._bound = None
+            outputs = self._run_plain(tensors)
+            self.binds = False  # it ran plainly after failing bound: binding is wrong here
+            return outputs
+        values_out = [array if handed else array.copy()
+                      for array, handed in zip(bound.outputs, fresh, strict=True)]
+        return self._wiring.pass_on_values(tensors, values_out)
+
+    def _run_plain(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wiring = self._wiring
         with self._calls:
             values = self.session.run(self._outputs, wiring.gather(tensors))
         return wiring.pass_on_values(tensors, values)
+
+    def _bind(self, values: list[np.ndarray], shapes: tuple[tuple[int, ...], ...]
+              ) -> _Binding | None:
+        """Bind buffers for these input shapes; None if an output's shape is not known from
+        them (then calls of these shapes run plainly)."""
+        self._bound = None
+        symbols: dict[str, int] = {}
+        for dims, shape in zip(self._input_dims, shapes, strict=True):
+            for dim, size in zip(dims, shape, strict=False):
+                if isinstance(dim, str):
+                    symbols.setdefault(dim, size)
+        out_shapes = []
+        for arg in self._output_args:
+            shape = []
+            for dim in arg.shape:
+                if isinstance(dim, int) and dim >= 0:
+                    shape.append(dim)
+                elif isinstance(dim, str) and dim in symbols:
+                    shape.append(symbols[dim])
+                else:
+                    return None
+            out_shapes.append(tuple(shape))
+        bound = _Binding(shapes)
+        io = self._io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, value in zip(self._input_names, values, strict=True):
+            if value.nbytes > HAND_OUT_ABOVE:
+                bound.inputs.append(None)
+                continue
+            buffer = np.empty(value.shape, value.dtype)
+            io.bind_cpu_input(name, buffer)
+            bound.inputs.append(buffer)
+        for k, (shape, dtype) in enumerate(zip(out_shapes, self._output_dtypes, strict=True)):
+            bound.outputs.append(np.empty(0, dtype))
+            self._bind_output(bound, k, np.empty(shape, dtype))
+            bound.fresh.append(bound.outputs[k].nbytes > HAND_OUT_ABOVE)
+        self._bound = bound
+        return bound
+
+    def _bind_output(self, bound: _Binding, k: int, array: np.ndarray) -> None:
+        # the binding holds only the pointer: ``bound`` keeps the array alive while it is bound
+        self._io.bind_output(self._outputs[k], "cpu", 0, array.dtype, array.shape,
+                             array.ctypes.data)
+        bound.outputs[k] = array
 
     def close(self) -> None:
         self._calls.forget()
