@@ -184,15 +184,15 @@ class OnnxStage(BlockingStage):
                     symbols.setdefault(dim, size)
         out_shapes = []
         for arg in self._output_args:
-            shape = []
+            sizes: list[int] = []
             for dim in arg.shape:
                 if isinstance(dim, int) and dim >= 0:
-                    shape.append(dim)
+                    sizes.append(dim)
                 elif isinstance(dim, str) and dim in symbols:
-                    shape.append(symbols[dim])
+                    sizes.append(symbols[dim])
                 else:
                     return None
-            out_shapes.append(tuple(shape))
+            out_shapes.append(tuple(sizes))
         bound = _Binding(shapes)
         io = self._io
         io.clear_binding_inputs()

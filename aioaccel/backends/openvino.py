@@ -415,11 +415,11 @@ class OpenVINOSyncStage(BlockingStage):
                 self._recover()  # this item fails alone; the next one gets a clean model
                 raise
         outputs = {}
-        for i, (name, out) in enumerate(zip(self._outputs, self._owned, strict=True)):
-            if out is None:  # read after the call: a dynamic output is reallocated per shape
+        for i, (name, owned) in enumerate(zip(self._outputs, self._owned, strict=True)):
+            if owned is None:  # read after the call: a dynamic output is reallocated per shape
                 outputs[name] = request.get_output_tensor(i).data.copy()
             else:
-                outputs[name] = out.array if out.handed_out else out.array.copy()
+                outputs[name] = owned.array if owned.handed_out else owned.array.copy()
         return self._wiring.pass_on(tensors, outputs)
 
     def _recover(self) -> None:
