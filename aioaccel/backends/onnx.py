@@ -110,7 +110,8 @@ class OnnxStage(BlockingStage):
     or a symbol (``"batch"``) that an input also has. A model with other outputs (shapes that
     depend on the data) runs through ``session.run``, as does any call that fails bound: the
     item is run again that way, so a model whose declared shapes are wrong loses nothing (its
-    bound path is then turned off), and a real failure raises the session's own error.
+    bound path is then turned off), and a real failure raises the session's own error (a
+    failing item costs two calls).
     """
 
     def __init__(self, session: Any, wiring: Wiring):
@@ -124,10 +125,12 @@ class OnnxStage(BlockingStage):
         self._input_dims = [list(declared_inputs[name].shape) for name in self._input_names]
         by_name = {arg.name: arg for arg in session.get_outputs()}
         self._output_args = [by_name[name] for name in self._outputs]
-        self._output_dtypes = [np.dtype(_DTYPES.get(arg.type, "object"))
-                               for arg in self._output_args]
-        #: whether to bind at all (turned off when a bound call fails and session.run works)
-        self.binds = all(dtype.kind != "O" for dtype in self._output_dtypes)
+        self._output_dtypes = [np.dtype(_DTYPES[arg.type]) for arg in self._output_args]
+        symbols = {dim for dims in self._input_dims for dim in dims if isinstance(dim, str)}
+        #: whether calls run bound: every output's shape follows from the inputs' (turned
+        #: off for good when a bound call fails and the same item then runs plainly)
+        self.binds = all((isinstance(dim, int) and dim >= 0) or dim in symbols
+                         for arg in self._output_args for dim in arg.shape)
         self._io = session.io_binding()
         self._bound: _Binding | None = None
 
@@ -137,12 +140,10 @@ class OnnxStage(BlockingStage):
         values = [tensors[key] for key in self._keys]
         shapes = tuple(value.shape for value in values)
         bound = self._bound
-        if bound is None or bound.shapes != shapes:
-            bound = self._bind(values, shapes)
-            if bound is None:  # the outputs' shapes do not follow from the inputs'
-                return self._run_plain(tensors)
         io = self._io
         try:
+            if bound is None or bound.shapes != shapes:  # first call, or other shapes
+                bound = self._bind(values, shapes)
             for k, value in enumerate(values):
                 buffer = bound.inputs[k]
                 if buffer is None:  # large: bound in place for this call
@@ -173,26 +174,14 @@ class OnnxStage(BlockingStage):
         return wiring.pass_on_values(tensors, values)
 
     def _bind(self, values: list[np.ndarray], shapes: tuple[tuple[int, ...], ...]
-              ) -> _Binding | None:
-        """Bind buffers for these input shapes; None if an output's shape is not known from
-        them (then calls of these shapes run plainly)."""
+              ) -> _Binding:
+        """Bind buffers for these input shapes (the outputs' shapes follow from them)."""
         self._bound = None
         symbols: dict[str, int] = {}
         for dims, shape in zip(self._input_dims, shapes, strict=True):
             for dim, size in zip(dims, shape, strict=False):
                 if isinstance(dim, str):
                     symbols.setdefault(dim, size)
-        out_shapes = []
-        for arg in self._output_args:
-            sizes: list[int] = []
-            for dim in arg.shape:
-                if isinstance(dim, int) and dim >= 0:
-                    sizes.append(dim)
-                elif isinstance(dim, str) and dim in symbols:
-                    sizes.append(symbols[dim])
-                else:
-                    return None
-            out_shapes.append(tuple(sizes))
         bound = _Binding(shapes)
         io = self._io
         io.clear_binding_inputs()
@@ -204,7 +193,9 @@ class OnnxStage(BlockingStage):
             buffer = np.empty(value.shape, value.dtype)
             io.bind_cpu_input(name, buffer)
             bound.inputs.append(buffer)
-        for k, (shape, dtype) in enumerate(zip(out_shapes, self._output_dtypes, strict=True)):
+        for k, (arg, dtype) in enumerate(zip(self._output_args, self._output_dtypes,
+                                             strict=True)):
+            shape = tuple(symbols[dim] if isinstance(dim, str) else dim for dim in arg.shape)
             bound.outputs.append(np.empty(0, dtype))
             self._bind_output(bound, k, np.empty(shape, dtype))
             bound.fresh.append(bound.outputs[k].nbytes > HAND_OUT_ABOVE)
