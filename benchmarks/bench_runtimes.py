@@ -33,9 +33,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +195,38 @@ def stage_only(runtime: str, case: Case) -> Callable[[np.ndarray], Any]:
     return call
 
 
+def measure_cpu(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int,
+                rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`measure`, plus each mode's CPU time per item over every thread of the process
+    (us): a cost that other processes' load moves far less than throughput."""
+    cpu: dict[str, list[float]] = {name: [] for name in modes}
+
+    def timed(name: str, mode: Mode) -> Mode:
+        async def run(n: int) -> None:
+            started = time.process_time()
+            await mode(n)
+            cpu[name].append((time.process_time() - started) / n * 1e6)
+        return run
+
+    rates = measure(loop, {name: timed(name, mode) for name, mode in modes.items()}, count,
+                    rounds)
+    return rates, {name: statistics.median(v[1:]) for name, v in cpu.items()}  # [0]: warm-up
+
+
+@contextmanager
+def cpu_per_item(runner: Any, n: int, into: list[tuple[float, float]]) -> Iterator[None]:
+    """Append (loop thread's, stage workers' CPU seconds) per item over the block, in us:
+    where the time goes when aioaccel is slower than the raw loop (Linux: per-thread clocks)."""
+    workers = [t for t in threading.enumerate()
+               if t.name.startswith(f"aioaccel-{runner.name}-") and t.ident is not None]
+    clocks = [time.pthread_getcpuclockid(t.ident) for t in workers]  # type: ignore[arg-type]
+    loop_started = time.thread_time()
+    started = [time.clock_gettime(c) for c in clocks]
+    yield
+    worker = sum(time.clock_gettime(c) - s for c, s in zip(clocks, started, strict=True))
+    into.append(((time.thread_time() - loop_started) / n * 1e6, worker / n * 1e6))
+
+
 def looped(fn: Callable[[np.ndarray], Any], xs: list[np.ndarray]) -> Mode:
     async def mode(n: int) -> None:
         for i in range(n):
@@ -210,21 +244,25 @@ def overhead(loop: asyncio.AbstractEventLoop, rounds: int, tmp: Path,
             runner = loop.run_until_complete(
                 aioaccel.open(case.target, maxsize=16, **case.options).__aenter__())
 
+            cpu: dict[str, list[tuple[float, float]]] = {STREAMING: [], INFER: []}
+
             async def streaming(n: int, runner: Any = runner, xs: list[Any] = xs) -> None:
-                await stream(runner, xs, n)
+                with cpu_per_item(runner, n, cpu[STREAMING]):
+                    await stream(runner, xs, n)
 
             async def infer64(n: int, runner: Any = runner, xs: list[Any] = xs) -> None:
                 async def caller(k: int) -> None:
                     for i in range(k, n, 64):
                         await runner.infer(xs[i % 16])
-                await asyncio.gather(*(caller(k) for k in range(64)))
+                with cpu_per_item(runner, n, cpu[INFER]):
+                    await asyncio.gather(*(caller(k) for k in range(64)))
 
             modes: dict[str, Mode] = {name: looped(fn, xs) for name, fn in case.raw.items()}
             modes[STAGE] = looped(stage_only(runtime, case), xs)
             modes[STREAMING] = streaming
             modes[INFER] = infer64
             modes.update(case.extra)
-            rates = measure(loop, modes, count, rounds)
+            rates, process_cpu = measure_cpu(loop, modes, count, rounds)
             loop.run_until_complete(runner.aclose())
             if case.cleanup is not None:
                 case.cleanup()
@@ -234,11 +272,21 @@ def overhead(loop: asyncio.AbstractEventLoop, rounds: int, tmp: Path,
             print_table(f"1. overhead, {runtime}, {label} ({best_us:.1f} us per item in the "
                         f"best raw loop), {count} items per round", rates, RAW,
                         {name: f"{rate / best:5.2f}x of the best raw loop, "
-                         f"{us[name]:7.1f} us/item" for name, rate in rates.items()})
+                         f"{us[name]:7.1f} us/item, CPU {process_cpu[name]:7.1f} us/item"
+                         for name, rate in rates.items()})
             print(f"  per item: the backend's adapter {us[STAGE] - best_us:+.1f} us over the "
                   f"best raw loop; aioaccel streaming {us[STREAMING] - us[STAGE]:+.1f} us, "
                   f"infer {us[INFER] - us[STAGE]:+.1f} us over the stage alone")
-            results[f"{runtime}, {label}"] = {"rates": rates, "best": best}
+            threads = {}
+            for name, samples in cpu.items():
+                loop_us = statistics.median(s[0] for s in samples[-rounds:])
+                worker_us = statistics.median(s[1] for s in samples[-rounds:])
+                threads[name] = {"loop": loop_us, "worker": worker_us}
+                print(f"  {name}: CPU per item on the event loop's thread {loop_us:.1f} us, on "
+                      f"the stage's worker thread {worker_us:.1f} us (of {us[name]:.1f} us "
+                      f"per item)")
+            results[f"{runtime}, {label}"] = {"rates": rates, "best": best, "cpu": threads,
+                                              "process_cpu": process_cpu}
 
 
 # ---- 2. pipelining ------------------------------------------------------------------------
@@ -363,8 +411,8 @@ def ab(old: Path, rounds: int, loop: str, runtimes: str) -> None:
         print(f"  round {n + 1}/{rounds} done", file=sys.stderr)
     print(f"bench_runtimes --ab: loop={loop}, {rounds} rounds, old={old}, new={new}")
     for case in samples["old"][0]:
-        print(f"\n  {case:<40} {'old':>9} {'new':>9} {'new/old':>8} {'range':>11}"
-              f" {'old vs raw':>10} {'new vs raw':>10}")
+        print(f"\n  {case:<34} {'old/s':>8} {'new/s':>8} {'new/old':>8} {'range':>11}"
+              f" {'old/raw':>8} {'new/raw':>8} {'CPU us/item old':>16} {'new':>6}")
         for mode in samples["old"][0][case]["rates"]:
             def median(side: str, key: str = mode) -> float:
                 return statistics.median(r[case]["rates"][key] for r in samples[side])
@@ -374,9 +422,12 @@ def ab(old: Path, rounds: int, loop: str, runtimes: str) -> None:
                                          for r in samples[side])
             ratios = sorted(b[case]["rates"][mode] / a[case]["rates"][mode]
                             for a, b in zip(samples["old"], samples["new"], strict=True))
-            print(f"  {mode:<40} {median('old'):>9.0f} {median('new'):>9.0f} "
+            def cpu(side: str, key: str = mode) -> float:
+                return statistics.median(r[case]["process_cpu"][key] for r in samples[side])
+            print(f"  {mode:<34} {median('old'):>8.0f} {median('new'):>8.0f} "
                   f"{statistics.median(ratios):>7.2f}x {ratios[0]:>5.2f}-{ratios[-1]:.2f}"
-                  f" {of_raw('old'):>9.2f}x {of_raw('new'):>9.2f}x")
+                  f" {of_raw('old'):>7.2f}x {of_raw('new'):>7.2f}x {cpu('old'):>16.1f} "
+                  f"{cpu('new'):>6.1f}")
 
 
 def main() -> None:
