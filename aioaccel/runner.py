@@ -156,14 +156,14 @@ class Runner:
         sup = self._sup
         sup.check_accepting(lane)
         while sup.is_in(State.RECOVERING):  # wait (bounded by the caller's timeouts)
-            await sup.healer.recovered.wait(sup.hub)  # type: ignore[arg-type]
+            await sup.healer.recovered.wait(sup.hub)
             self._sup.check_accepting(lane)
         if self._admission.try_take(lane):
             return
         await self._admission.wait(lane, sup.new_future)
         try:
             while sup.is_in(State.RECOVERING):
-                await sup.healer.recovered.wait(sup.hub)  # type: ignore[arg-type]
+                await sup.healer.recovered.wait(sup.hub)
         except BaseException:
             self._admission.release(lane)
             raise

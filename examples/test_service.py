@@ -11,15 +11,16 @@ import anyio
 import pytest
 
 import aioaccel
+from aioaccel.pytest_plugin import backends
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin runs these async tests
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    # anyio runs on every backend installed unless told; aioaccel runs on asyncio (and uvloop:
-    # ("asyncio", {"use_uvloop": True}))
-    return "asyncio"
+@pytest.fixture(params=backends("asyncio", "trio"))
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    # each test on asyncio and on trio (add "uvloop" for a third run); a library that is not
+    # installed is skipped, saying what to install
+    return request.param
 
 
 async def classify(runner: aioaccel.Runner, frames: list[int]) -> list[str]:

@@ -228,8 +228,11 @@ async def test_a_cancellation_storm_loses_and_duplicates_nothing(kind: str) -> N
 
 async def test_leaving_the_runner_through_a_cancel_scope_releases_everything() -> None:
     closed: list[bool] = []
-    with anyio.move_on_after(0.05) as scope:
-        async with aioaccel.open(SimulatedStage(latency=0.002), maxsize=4) as runner:
+    runner = aioaccel.open(SimulatedStage(latency=0.002), maxsize=4)
+    with anyio.CancelScope() as scope:
+        async with runner:
+            # the budget runs from the open on (under load an open can take longer than it)
+            scope.deadline = anyio.current_time() + 0.05
             async with anyio.create_task_group() as tg:
                 async def produce() -> None:
                     for i in range(10_000):
@@ -435,6 +438,85 @@ async def test_batching_groups_concurrent_callers_and_splits_the_answers() -> No
                for i in range(64))
     assert sum(calls) == 64 and max(calls) > 1
     assert stats.batching is not None and stats.batching.items == 64
+
+
+# ---- bulk APIs ------------------------------------------------------------------------------
+def _double_or_fail(x: int) -> int:
+    if x < 0:
+        raise ValueError(f"negative input {x}")
+    return x * 2
+
+
+async def test_infer_many_answers_in_order_and_a_cancel_scope_withdraws_the_rest() -> None:
+    stage = SimulatedStage(_double_or_fail, latency=0.001)
+    async with aioaccel.open(stage, maxsize=4) as runner:
+        assert await runner.infer_many(list(range(30))) == [2 * i for i in range(30)]
+        with anyio.move_on_after(0.01) as scope:
+            await runner.infer_many(list(range(200)))
+        assert scope.cancelled_caught
+        with anyio.fail_after(5):
+            while runner.stats().in_flight:  # the withdrawn shells come back
+                await anyio.sleep(0.005)
+        assert await runner.infer_many([5, 6]) == [10, 12]  # nothing was left holding a slot
+        out = await runner.infer_many([1, -1, 3], return_exceptions=True)
+    assert out[0] == 2 and out[2] == 6
+    assert isinstance(out[1], aioaccel.InferenceError) and "negative input" in str(out[1])
+
+
+async def test_push_many_and_results_deliver_lists_in_push_order() -> None:
+    stage = SimulatedStage(lambda x: x + 1, latency=0.0005, jitter=1.0, seed=3)
+    async with aioaccel.open(stage, maxsize=8, replicas=2) as runner:
+        async def produce() -> None:
+            await runner.push_many(list(range(50)), tags=[f"t{i}" for i in range(50)])
+            runner.close()
+
+        got: list[aioaccel.Result] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            async for chunk in runner.results(max_items=7):
+                assert 1 <= len(chunk) <= 7
+                got.extend(chunk)
+    assert [r.tag for r in got] == [f"t{i}" for i in range(50)]
+    assert [r.outputs for r in got] == [i + 1 for i in range(50)]
+
+
+# ---- bounded open, poison items -------------------------------------------------------------
+async def test_a_hung_warm_up_fails_open_within_open_timeout() -> None:
+    stage = SimulatedStage(lambda x: x, hang_at=0)
+    try:
+        with anyio.fail_after(10):
+            with pytest.raises(aioaccel.OpenTimeout, match="warm-up"):
+                async with aioaccel.open(stage, warmup=1, warmup_inputs=np.zeros(2),
+                                         open_timeout=0.3):
+                    pass
+    finally:
+        stage.release()
+
+
+def _breaks_on_13(x: np.ndarray) -> np.ndarray:
+    if (x == 13).any():
+        raise aioaccel.DeviceError("the device crashed on this input")
+    return x * 2
+
+
+async def test_a_poison_item_fails_alone_and_its_neighbours_are_answered() -> None:
+    device = SimulatedDevice(_breaks_on_13, latency=0.002, jitter=0.5, capacity=4)
+    async with aioaccel.open(device, maxsize=16, restart=FAST, retries=2) as runner:
+        rows = [np.full((1, 3), i, np.float32) for i in range(30)]
+        outcomes: list[Any] = [None] * 30
+
+        async def call(i: int) -> None:
+            try:
+                outcomes[i] = await runner.infer(rows[i])
+            except aioaccel.AccelError as exc:
+                outcomes[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(call, i)
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    assert failed == [13]
+    assert all(np.array_equal(o, rows[i] * 2) for i, o in enumerate(outcomes) if i != 13)
 
 
 # ---- the same program on each library -------------------------------------------------------

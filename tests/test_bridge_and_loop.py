@@ -97,4 +97,9 @@ async def test_loop_stays_responsive_at_full_load() -> None:
         await probe_task
     assert count == 16
     assert len(lags) > 50
-    assert max(lags) < 0.08, f"loop lag up to {max(lags) * 1000:.1f} ms"
+    # a stage call run on the loop would lag every tick it overlaps by up to its 100 ms; the
+    # median is immune to the few long lags a loaded machine gives any loop
+    lags.sort()
+    median, p90 = lags[len(lags) // 2], lags[int(len(lags) * 0.9)]
+    assert median < 0.02, f"median loop lag {median * 1e3:.1f} ms"
+    assert p90 < 0.08, f"p90 loop lag {p90 * 1e3:.1f} ms"

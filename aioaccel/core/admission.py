@@ -161,11 +161,12 @@ class Admission:
         if self.ring:
             self.dispatch()
 
-    async def wait(self, lane: Lane, new_future: Callable[[], Waiter[None]]) -> None:
+    async def wait(self, lane: Lane, new_future: Callable[[], Waiter[None]] | Any) -> None:
         """Wait until a slot is handed to ``lane`` (already counted when this returns).
-        ``new_future`` makes the running library's waiter (``loop.create_future``).
-        Cancelled, it leaves no trace: a slot handed over meanwhile is passed on."""
-        fut = new_future()
+        ``new_future`` makes the running library's waiter (``loop.create_future``; an asyncio
+        loop itself is taken too). Cancelled, it leaves no trace: a slot handed over
+        meanwhile is passed on."""
+        fut = getattr(new_future, "create_future", new_future)()
         if not lane.waiters:
             lane.vtime = max(lane.vtime, self._vclock)  # no credit for the time it was idle
             self._lanes.setdefault(lane)

@@ -524,10 +524,13 @@ class Flag:
     def clear(self) -> None:
         self._set = False
 
-    async def wait(self, hub: Hub, seconds: float | None = None) -> bool:
-        """Wait until set (True), or ``seconds`` have passed (False)."""
+    async def wait(self, hub: Hub | None = None, seconds: float | None = None) -> bool:
+        """Wait until set (True), or ``seconds`` have passed (False); ``hub``: the running
+        library's (found when not given)."""
         if self._set:
             return True
+        if hub is None:
+            hub = current_hub()
         waiter: Waiter[None] = hub.create_future()
         self._waiters.append(waiter)
         try:
