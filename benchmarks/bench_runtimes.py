@@ -14,7 +14,10 @@
 3. loop health -- event-loop lag p50/p99 (a 1 ms sleeper) while each backend runs flat out.
 4. memory      -- a producer flooding 1 MB inputs at a slow consumer: peak growth in items.
 
-Run: ``python benchmarks/bench_runtimes.py [--rounds 5] [--only overhead,pipelining,...]
+0. calls       -- (only with ``--only calls``) CPU per call of the raw loops and of the stage's
+                  ``run()`` on the tiny model, best of 15: the adapter's cost, steady under load.
+
+Run: ``python benchmarks/bench_runtimes.py [--rounds 5] [--only calls,overhead,pipelining,...]
 [--runtimes openvino,onnx,litert]``
 
 Before/after: ``python benchmarks/bench_runtimes.py --ab OLD_CHECKOUT [--rounds 6]`` runs the
@@ -232,6 +235,27 @@ def looped(fn: Callable[[np.ndarray], Any], xs: list[np.ndarray]) -> Mode:
         for i in range(n):
             fn(xs[i % len(xs)])
     return mode
+
+
+def calls(loop: asyncio.AbstractEventLoop, tmp: Path, runtimes: Sequence[str]) -> None:
+    """CPU per call (every thread of the process; best of 15 runs of 2000 calls), the raw loops
+    against the stage's run(): the adapter's own cost, which machine load moves far less than
+    throughput (the best run is the one least disturbed)."""
+    print("\n0. CPU per call (us, best of 15 x 2000 calls): raw loops and the stage alone")
+    for runtime in runtimes:
+        chain = MODELS[0][1]()
+        xs = [chain.random_input(s) for s in range(16)]
+        case = CASES[runtime](chain, tmp, loop, xs, False)
+        fns = {**case.raw, STAGE: stage_only(runtime, case)}
+        best = {name: float("inf") for name in fns}
+        for _ in range(15):
+            for name, fn in fns.items():  # interleaved
+                started = time.process_time()
+                for i in range(2000):
+                    fn(xs[i % 16])
+                best[name] = min(best[name], (time.process_time() - started) / 2000 * 1e6)
+        row = ", ".join(f"{name} {us:.2f}" for name, us in best.items())
+        print(f"  {runtime}, {MODELS[0][0]}: {row}")
 
 
 def overhead(loop: asyncio.AbstractEventLoop, rounds: int, tmp: Path,
@@ -457,6 +481,8 @@ def main() -> None:
           f"(medians of interleaved rounds)")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if "calls" in parts:
+            calls(loop, Path(tmp), runtimes)
         if "overhead" in parts:
             overhead(loop, args.rounds, Path(tmp), runtimes, results, not args.no_extra)
         if "pipelining" in parts:
