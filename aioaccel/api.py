@@ -8,8 +8,8 @@ from itertools import count
 from typing import TYPE_CHECKING, Any
 
 from .backends import get_backend, resolve_backend
-from .batching import BatchingUnsupported
 from .core.healing import Restart
+from .errors import BatchingUnsupported
 from .isolation import check_isolation
 from .options import DEFAULT_OPEN_TIMEOUT, check_batch, check_count
 from .runner import Runner
@@ -53,9 +53,13 @@ def open(
     a restart and for :meth:`~aioaccel.Runner.reload` (:class:`~aioaccel.OpenTimeout`).
 
     Self-healing (see :mod:`aioaccel.core.healing`): ``restart=aioaccel.Restart(...)`` reopens the
-    model after a fatal failure instead of breaking the runner; ``retries`` re-runs the items
-    the failed device held (up to that many times each); ``warmup`` runs that many inferences
-    on synthetic inputs of the model's spec (or ``warmup_inputs``) before admitting work.
+    model after a fatal failure instead of breaking the runner. ``retries`` is how many more
+    times an item is run after the device holding it failed (0: never; the item then fails
+    with that failure). Here the items the failed device held run again on the model
+    ``restart=`` reopened (or, during a :meth:`~aioaccel.Runner.reload`, on the new model);
+    default 0, as without ``restart=`` there is no device to run them on. ``warmup`` runs that
+    many inferences on synthetic inputs of the model's spec (or ``warmup_inputs``) before
+    admitting work.
 
     Dynamic batching (see :mod:`aioaccel.core.batch_gather`): ``batch=N`` groups up to N
     admitted items into one call of the first stage (inputs joined along axis 0, outputs split

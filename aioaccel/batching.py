@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import AccelError
+from .errors import BatchingUnsupported
 from .stages import DeviceStage
 
 if TYPE_CHECKING:
@@ -49,10 +49,6 @@ __all__ = [
 AUTO_SIZES = (1, 2, 4, 8, 16, 32)
 #: ``batch="auto"``: the most an item may wait for its batch plus the batched call (seconds)
 DEFAULT_LATENCY_BUDGET = 0.010
-
-
-class BatchingUnsupported(AccelError, ValueError):
-    """The model or runtime cannot run a batch along axis 0 (raised at open)."""
 
 
 def check_batch(batch: Any, batch_wait: Any = 0.0) -> int | str | None:

@@ -32,31 +32,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from ._optional import need
+from .errors import StreamClosed, StreamRefused
 
 __all__ = ["RESULT_FORMATS", "Reply", "StreamClient", "StreamClosed", "StreamRefused", "connect"]
 
 #: how the client may ask for results: ``.npy`` (exact dtype and shape) or JSON lists
 RESULT_FORMATS = ("npy", "json")
-
-
-class StreamRefused(ConnectionError):
-    """The server refused the stream at the handshake: ``status`` (409 a key in use, 400 a bad
-    key or option, 403 an origin not allowed) and its ``reason``."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(f"stream refused ({status}): {reason}")
-        self.status = status
-        self.reason = reason
-
-
-class StreamClosed(ConnectionError):
-    """The server closed the stream before its end message: ``code`` (4404 no such model,
-    1008 a protocol error, 1011 the model broke) and its ``reason``."""
-
-    def __init__(self, code: int | None, reason: str):
-        super().__init__(f"stream closed by the server ({code}): {reason or 'no reason given'}")
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True)

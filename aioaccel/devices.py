@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._callable_module import make_callable
 from .backends import BACKENDS
 from .errors import BackendUnavailable
 
@@ -140,3 +141,7 @@ def devices() -> list[Device]:
                                 f"devices: {exc!r}", available=False,
                                 install=BACKENDS[backend].install))
     return found
+
+
+# ``aioaccel.devices`` is this module, and calling it calls devices() (aioaccel._callable_module)
+make_callable(__name__, devices)

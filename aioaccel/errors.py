@@ -1,24 +1,38 @@
 """One exception tree for everything aioaccel raises.
 
-::
+Every error aioaccel raises to its callers is defined here and exported as ``aioaccel.<Name>``
+(the modules that raise them re-export them where they used to live: ``aioaccel.pool.MemberLost``
+is ``aioaccel.MemberLost``). ``except aioaccel.AccelError`` catches all of them::
 
     AccelError
      ├── InferenceError      one item failed; later items still flow (.seq, .tag, cause chained)
      ├── InputError          bad input, rejected before it reached the runtime (also ValueError)
+     │    └── NotAcceptable  the web integrations: no answer type the client's Accept takes (406)
      ├── DeviceError         fatal: the runner is broken, every waiter gets it
      │    └── DeviceTimeout  a runtime call hung past ``call_timeout``
+     ├── MemberLost          a pool member broke holding the item, and its ``retries`` ran out
+     ├── RemoteError         Ray: an item failed on the remote replica (the cause as text)
      ├── InferTimeout        ``infer(..., timeout=)`` ran out (also TimeoutError)
      ├── RunnerClosed        the runner no longer accepts input / was closed with items pending
-     ├── WouldBlock          ``push_nowait`` on a full runner
+     ├── WouldBlock          no room: ``push_nowait`` on a full runner, ``admit_timeout`` ran out
      ├── OpenError           a backend load or stage factory failed (cause chained)
      │    ├── OpenTimeout    opening (load, stages, warm-up) ran past ``open_timeout``
+     │    ├── BatchingUnsupported  ``batch=`` asked of a model or runtime that cannot batch
+     │    │                        (also ValueError)
      │    └── ModelLoadError a runtime cannot read or convert a model file (also ValueError)
      │         └── ModelNotFound  no such model file, or an IR without its .bin
      │                            (also FileNotFoundError)
-     └── BackendUnavailable  a runtime is not installed (the message says what to install)
+     ├── BackendUnavailable  a runtime is not installed (the message says what to install;
+     │                       also ImportError)
+     ├── DeployError         Ray: ``deploy`` could not bring the application up (also RuntimeError)
+     │    └── NotEnoughResources  the cluster cannot hold the replicas asked for
+     ├── StreamRefused       the stream client: the server refused the stream (also ConnectionError)
+     └── StreamClosed        the stream client: the server closed the stream (also ConnectionError)
 
 Native errors are translated at the boundary with ``raise ... from exc``, so the runtime's own
-exception is always available as ``__cause__``.
+exception is always available as ``__cause__``. Outside the tree, as in Python itself: a wrong
+argument to aioaccel's own functions (an option out of range, a wrong type) raises
+``ValueError`` / ``TypeError`` naming the argument, and ``StopAsyncIteration`` ends iteration.
 """
 
 from __future__ import annotations
@@ -28,16 +42,24 @@ from typing import Any
 __all__ = [
     "AccelError",
     "BackendUnavailable",
+    "BatchingUnsupported",
+    "DeployError",
     "DeviceError",
     "DeviceTimeout",
     "InferTimeout",
     "InferenceError",
     "InputError",
+    "MemberLost",
     "ModelLoadError",
     "ModelNotFound",
+    "NotAcceptable",
+    "NotEnoughResources",
     "OpenError",
     "OpenTimeout",
+    "RemoteError",
     "RunnerClosed",
+    "StreamClosed",
+    "StreamRefused",
     "WouldBlock",
     "copy_for_waiter",
     "device_error",
@@ -68,12 +90,27 @@ class InputError(AccelError, ValueError):
     """The input does not match the model's input spec; nothing reached the runtime."""
 
 
+class NotAcceptable(InputError):
+    """The web integrations: the request's ``Accept`` refuses every type the answer can take
+    (answered 406)."""
+
+
 class DeviceError(AccelError):
     """A fatal failure: the device or runtime is gone and the runner is broken."""
 
 
 class DeviceTimeout(DeviceError):
     """A runtime call ran past ``call_timeout``; the runner is broken."""
+
+
+class MemberLost(AccelError):
+    """A pool member broke while it held the item, and the item's ``retries`` were used up
+    (the member's error is ``__cause__``)."""
+
+
+class RemoteError(AccelError):
+    """Ray: an item failed on the remote side; the message carries the remote cause as text
+    (the remote exception object itself does not cross the wire)."""
 
 
 class InferTimeout(AccelError, TimeoutError):
@@ -85,11 +122,42 @@ class RunnerClosed(AccelError):
 
 
 class WouldBlock(AccelError):
-    """``push_nowait`` found the runner full (``maxsize`` items admitted and not consumed)."""
+    """No room: ``push_nowait`` found the runner full (``maxsize`` items admitted and not
+    consumed), or a call's ``admit_timeout`` ran out while it waited for room."""
 
 
 class BackendUnavailable(AccelError, ImportError):
     """The runtime a backend needs is not installed; the message says what to install."""
+
+
+class DeployError(AccelError, RuntimeError):
+    """Ray: ``deploy`` could not bring the application up (a replica failed to open its
+    runner, for instance); the message carries Serve's reason and nothing is left deployed."""
+
+
+class NotEnoughResources(DeployError):
+    """Ray: ``deploy`` asked for more replicas than the cluster's nodes can hold, or the
+    replicas were not running within ``deploy_timeout`` (waiting for resources, usually)."""
+
+
+class StreamRefused(AccelError, ConnectionError):
+    """The stream client: the server refused the stream at the handshake: ``status`` (409 a
+    key in use, 400 a bad key or option, 403 an origin not allowed) and its ``reason``."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"stream refused ({status}): {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class StreamClosed(AccelError, ConnectionError):
+    """The stream client: the server closed the stream before its end message: ``code``
+    (4404 no such model, 1008 a protocol error, 1011 the model broke) and its ``reason``."""
+
+    def __init__(self, code: int | None, reason: str):
+        super().__init__(f"stream closed by the server ({code}): {reason or 'no reason given'}")
+        self.code = code
+        self.reason = reason
 
 
 class OpenError(AccelError):
@@ -103,6 +171,11 @@ class OpenTimeout(OpenError, TimeoutError):
     ``open_timeout``: the message says which step (loading, making the stages, the warm-up)."""
 
 
+class BatchingUnsupported(OpenError, ValueError):
+    """``batch=`` was asked of a model or runtime that cannot run a batch along axis 0
+    (raised at open)."""
+
+
 class ModelLoadError(OpenError, ValueError):
     """A runtime cannot read or convert a model file: the message names the file, the runtime
     and its reason; the runtime's exception is ``__cause__``."""
@@ -110,7 +183,6 @@ class ModelLoadError(OpenError, ValueError):
 
 class ModelNotFound(ModelLoadError, FileNotFoundError):
     """The model file (or a file it needs, such as an OpenVINO IR's ``.bin``) does not exist."""
-
 
 
 # ---- translation at the boundary -------------------------------------------------------------

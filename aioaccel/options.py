@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_BATCH_WAIT",
     "DEFAULT_OPEN_TIMEOUT",
     "RELOAD_REFUSED",
+    "RETRIES",
     "check_batch",
     "check_count",
     "check_reload",
@@ -27,6 +28,14 @@ __all__ = [
 DEFAULT_BATCH_WAIT = 0.002
 #: the longest an open (load, stages, warm-up), a restart's reopen or a reload may take (s)
 DEFAULT_OPEN_TIMEOUT = 120.0
+
+#: What ``retries`` means, word for word the same in ``open()``, ``pool()`` and
+#: ``integrations.ray.connect()`` (each docstring quotes it, then says where the re-run goes:
+#: the model ``restart=`` reopened, another member, another replica). Checked everywhere with
+#: ``check_count("retries", value)``. What a runtime reports about one input (a per-item
+#: ``InferenceError``) is never re-run: the device did not fail, the item did.
+RETRIES = ("``retries`` is how many more times an item is run after the device holding it "
+           "failed (0: never; the item then fails with that failure).")
 
 #: options of ``open()`` that belong to the runner itself, not to the model: ``reload()``
 #: reopens the model only, so it refuses them rather than ignore them

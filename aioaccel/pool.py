@@ -15,8 +15,8 @@ the loop while the pool's load (on its own thread) waits, and closed on the loop
 feeder thread, leaving, waits.
 
 A member that breaks gives back the items it still held (its ``async for`` yields the finished
-prefix, then raises): each is re-run on another member, ``retries`` times at most, so nothing
-is lost or answered twice.
+prefix, then raises): each is re-run on another member, ``retries`` times at most (see
+:data:`aioaccel.options.RETRIES`), so nothing is lost or answered twice.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
+from ._callable_module import make_callable
 from .backends import Model
+from .core import exit_guard
 from .core.async_library import Flag, Hub, TaskHandle, current_hub, library_name
-from .errors import AccelError, DeviceError, RunnerClosed, WouldBlock
+from .errors import AccelError, DeviceError, MemberLost, RunnerClosed, WouldBlock
 from .options import check_count, check_seconds
 from .pool_policies import FINAL, Balance, Failover, MemberView, NoMember, ServiceClock, make_policy
 from .runner import Result, Runner
@@ -47,10 +49,6 @@ _RECHECK = 0.005
 #: the feeder may run this many times the members' capacity ahead: the items beyond it wait
 #: on the loop, so a member that frees a slot is refilled at once, without the feeder's hop
 _AHEAD = 2
-
-
-class MemberLost(AccelError):
-    """An item's member broke while it held the item, and its retries were used up."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +213,9 @@ class _Dispatch(DeviceStage):
         hub = self.hub
         if self._members_closed or hub is None:
             return
-        if hub.closed() or not hub.running():  # no loop left: stop their threads
+        # no loop left, or the interpreter is exiting (a loop on another thread would drain
+        # them for close_timeout while the exit waits): stop their threads here
+        if hub.closed() or not hub.running() or exit_guard.exiting():
             self._members_closed = True
             for m in self.members:
                 m.runner.stop_now()
@@ -497,8 +497,10 @@ def pool(*members: Runner, policy: str = "balance", maxsize: int | None = None,
     ``policy="balance"`` sends each item to the member expected to finish it soonest
     (measured service time x (queue depth + 1)); ``policy="failover"`` sends everything to the
     first member that is ready, the next one while it is broken or recovering, and returns to
-    the first once it is ready again. An item held by a member that breaks is re-run on
-    another one, ``retries`` times at most (inference is idempotent). ``maxsize`` bounds the
+    the first once it is ready again. ``retries`` is how many more times an item is run after
+    the device holding it failed (0: never; the item then fails with that failure). Here an
+    item held by a member that breaks runs again on another member (inference is
+    idempotent); used up, it fails with :class:`~aioaccel.MemberLost`. ``maxsize`` bounds the
     pool's own admission (default: twice the sum of the members' maxsizes: their queues, and
     as much again for results waiting for their turn behind an item on a slower member).
     """
@@ -565,3 +567,7 @@ def agreed_specs(runners: Sequence[Runner], which: str) -> list[TensorSpec] | No
 
 def _shape(spec: TensorSpec) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in spec.shape or ()) + ")"
+
+
+# ``aioaccel.pool`` is this module, and calling it calls pool() (see aioaccel._callable_module)
+make_callable(__name__, pool)

@@ -20,10 +20,8 @@ results keep flowing.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from itertools import count
 from time import perf_counter
 from types import TracebackType
@@ -63,7 +61,6 @@ __all__ = ["Result", "Runner", "State"]
 
 log = logging.getLogger("aioaccel")
 _names = count()
-_live: weakref.WeakSet[Runner] = weakref.WeakSet()
 
 
 class Runner:
@@ -103,7 +100,6 @@ class Runner:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Runner:
-        _live.add(self)
         await self._sup.open()
         return self
 
@@ -174,7 +170,7 @@ class Runner:
     def _enqueue(self, lane: Lane, inputs: Any, tag: Any, future: Outcome | None) -> Ticket:
         seq = next(self._seq)
         now = perf_counter()
-        job = Job(seq, inputs, lane.index, now)
+        job = Job(seq, inputs, lane.index, now, lane.priority)
         ticket = Ticket(seq, tag, lane, future, job, now)
         sup = self._sup
         ticket.gen = sup.gen
@@ -225,7 +221,8 @@ class Runner:
         prepare = self._sup.prepare
         if prepare is not None:
             inputs = prepare(inputs)
-        await self._admit(lane)
+        if not (self._sup.accepting and self._admission.try_take(lane)):  # no room: wait
+            await self._admit(lane)
         return self._enqueue(lane, inputs, tag, None).seq
 
     def _push_lane_nowait(self, lane: Lane, inputs: Any, tag: Any) -> int:
@@ -305,8 +302,8 @@ class Runner:
     def __aiter__(self) -> Runner:
         return self
 
-    async def __anext__(self) -> Result:
-        return await self._next(self._lane)
+    def __anext__(self) -> Coroutine[Any, Any, Result]:  # _next itself: one frame per item
+        return self._next(self._lane)
 
     async def _next(self, lane: Lane) -> Result:
         while True:
@@ -423,11 +420,3 @@ def _full(name: str, adm: Admission, lane: Lane, default: bool) -> str:
             f"and not consumed"
             + ("" if default else f", {lane.admitted} of this stream's maxsize={lane.cap}"))
 
-
-@atexit.register
-def _stop_all_at_exit() -> None:
-    """Interpreter exit with runners never closed: stop their threads and release their
-    devices while the runtimes still exist (a native call cut off mid-way can abort)."""
-    for runner in list(_live):
-        if runner.state is not State.CLOSED:
-            runner.stop_now(timeout=2.0)

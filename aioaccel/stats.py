@@ -171,6 +171,13 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def add_many(self, values: list[float]) -> None:
+        """:meth:`add` of each (a burst of completions: one call, not one per item)."""
+        counts, bounds = self.counts, self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        self.sum += sum(values)
+
     def cumulative(self) -> tuple[tuple[float, int], ...]:
         total, out = 0, []
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
@@ -185,6 +192,7 @@ class LatencyWindow:
     def __init__(self, size: int = 4096):
         self._values: deque[float] = deque(maxlen=size)
         self.add = self._values.append
+        self.add_many = self._values.extend
 
     def percentiles(self) -> tuple[float, float]:
         if not self._values:

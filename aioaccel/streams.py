@@ -111,8 +111,8 @@ class Stream:
     def __aiter__(self) -> Stream:
         return self
 
-    async def __anext__(self) -> Result:
-        return await self._ops.next(self._lane)
+    def __anext__(self) -> Awaitable[Result]:  # the runner's own, no frame of its own
+        return self._ops.next(self._lane)
 
     async def __aenter__(self) -> Stream:
         return self

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+import subprocess
+import sys
+import textwrap
 from types import ModuleType
 
 import pytest
@@ -49,6 +53,67 @@ def test_the_package_all_is_exactly_its_public_re_exports() -> None:
     public = {name for name, value in vars(aioaccel).items()
               if not name.startswith("_") and not isinstance(value, ModuleType)}
     assert set(aioaccel.__all__) == public
+
+
+# ---- aioaccel.pool / aioaccel.devices: the module, callable as the function ----------------
+#: each snippet runs in a fresh interpreter, so that its import order is the first one
+IMPORT_ORDERS = {
+    "submodule first": """
+        import aioaccel.pool as p
+        import aioaccel.devices as d
+        import aioaccel
+    """,
+    "package first": """
+        import aioaccel
+        import aioaccel.pool as p
+        import aioaccel.devices as d
+    """,
+    "from-imports first": """
+        from aioaccel import devices as d, pool as p
+        from aioaccel.pool import Pool, pool as pool_function
+        from aioaccel.devices import devices as devices_function
+        import aioaccel
+        assert inspect.isfunction(pool_function) and inspect.isfunction(devices_function)
+        assert isinstance(pool_function(aioaccel.open(lambda x: x)), Pool)
+    """,
+    "submodule imported by plain import": """
+        import aioaccel.pool
+        import aioaccel.devices
+        import aioaccel
+        p, d = aioaccel.pool, aioaccel.devices
+    """,
+}
+CHECKS = """
+    import sys
+    from types import ModuleType
+    assert isinstance(p, ModuleType) and p is sys.modules["aioaccel.pool"], p
+    assert isinstance(d, ModuleType) and d is sys.modules["aioaccel.devices"], d
+    assert aioaccel.pool is p and aioaccel.devices is d
+    assert p.Pool is aioaccel.Pool and p.MemberLost is aioaccel.MemberLost
+    assert d.Device is aioaccel.Device
+    made = aioaccel.pool(aioaccel.open(lambda x: x), aioaccel.open(lambda x: x), retries=2)
+    assert isinstance(made, aioaccel.Pool) and len(made.members) == 2
+    found = aioaccel.devices()
+    assert found and all(isinstance(x, aioaccel.Device) for x in found)
+    assert str(inspect.signature(aioaccel.pool)) == str(inspect.signature(p.pool))
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", list(IMPORT_ORDERS))
+def test_pool_and_devices_are_modules_that_call_their_function(order: str) -> None:
+    code = "import inspect\n" + textwrap.dedent(IMPORT_ORDERS[order]) + textwrap.dedent(CHECKS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_bad_call_of_the_module_is_the_function_s_error() -> None:
+    with pytest.raises(ValueError, match="at least one member"):
+        aioaccel.pool()
+    with pytest.raises(TypeError):
+        aioaccel.devices("cpu")  # devices() takes no argument
+    assert list(inspect.signature(aioaccel.pool).parameters)[:2] == ["members", "policy"]
 
 
 def test_every_module_is_found() -> None:

@@ -104,6 +104,13 @@ def unplugs_on_negative(x: np.ndarray) -> np.ndarray:
     return x * 3
 
 
+def dies_on_negative(x: np.ndarray) -> np.ndarray:
+    if x[0] < 0:
+        os._exit(1)  # a poisoned input crashes the runtime: the replica's process dies
+    time.sleep(0.002)
+    return x * 2
+
+
 def replica_names(app: str) -> list[str]:
     """The live replica actors of ``app`` (Serve names them ``SERVE_REPLICA::app#...#id``)."""
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -322,6 +329,70 @@ async def test_a_broken_runner_makes_serve_replace_its_replica(cluster: Any) -> 
             assert float(reply[0]) == 6.0
     finally:
         serve.delete("fragile")
+
+
+async def stream_with_poison(app: str, n: int, poison: int, **options: Any) -> tuple[
+        list[aioaccel.Result], Any]:
+    async with connect(app, **options) as remote:
+        xs = [np.array([-1.0 if i == poison else float(i)]) for i in range(n)]
+        results = await stream_all(remote, xs, tag=lambda i: i)
+        return results, remote.stats()
+
+
+def check_poisoned(results: list[aioaccel.Result], stats: Any, n: int, poison: int,
+                   factor: float) -> None:
+    """Only the poison item failed, alone and saying so; every neighbour was answered."""
+    assert [r.tag for r in results] == list(range(n))
+    failed = [r.tag for r in results if not r.ok]
+    assert failed == [poison], [r.error for r in results if not r.ok][:3]
+    error = results[poison].error
+    assert isinstance(error, aioaccel.InferenceError)
+    assert isinstance(error.__cause__, RemoteError)
+    assert "poison item" in str(error) and "failed two replicas" in str(error)
+    assert [float(r.outputs[0]) for r in results if r.ok] == [
+        factor * i for i in range(n) if i != poison]
+    profile = stats.profile
+    assert profile["poisoned"] == 1 and profile["suspects"] >= 1
+    assert stats.completed == n - 1 and stats.failed == 1 and stats.in_flight == 0
+
+
+@pytest.fixture
+def replica_killer(cluster: Any) -> Any:
+    """Two replicas whose process a negative input kills (deployed outside the test's own
+    time limit: a deploy takes seconds here)."""
+    deploy(dies_on_negative, name="poisoned", replicas=2, resources={"CPU": 0.25})
+    yield "poisoned"
+    serve.delete("poisoned")
+
+
+@pytest.fixture
+def runner_breaker(cluster: Any) -> Any:
+    """Two replicas whose runner a negative input breaks (a DeviceError)."""
+    deploy(unplugs_on_negative, name="unplugged", replicas=2, resources={"CPU": 0.25},
+           health_check_period=0.5)
+    yield "unplugged"
+    serve.delete("unplugged")
+
+
+async def test_a_poison_item_that_kills_replicas_fails_alone(replica_killer: str) -> None:
+    """Issue 26: over Ray a poison item that killed a replica failed 33-64 innocent items.
+    The items a dead replica held are re-sent alone, one at a time; the one that kills a
+    second replica is failed alone as the poison item, and every other item is answered."""
+    n, poison = 120, 50
+    results, stats = await stream_with_poison(replica_killer, n, poison, maxsize=32, batch=8,
+                                              retries=1, timeout=60)
+    check_poisoned(results, stats, n, poison, 2.0)
+
+
+async def test_a_poison_item_that_breaks_replica_runners_fails_alone(runner_breaker: str
+                                                                     ) -> None:
+    """The same when the item breaks the replica's runner (a DeviceError) instead of its
+    process: the broken replica refuses later items without blaming them until Serve
+    replaces it, and only the poison item fails."""
+    n, poison = 80, 30
+    results, stats = await stream_with_poison(runner_breaker, n, poison, maxsize=16, batch=4,
+                                              retries=1, timeout=60)
+    check_poisoned(results, stats, n, poison, 3.0)
 
 
 async def test_connect_to_an_unknown_application_says_so(cluster: Any) -> None:

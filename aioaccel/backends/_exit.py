@@ -1,23 +1,21 @@
 """Native calls that must not be running when the interpreter finalizes.
 
 A runner never closed can leave a worker thread inside a runtime call (ONNX Runtime ``run``,
-OpenVINO ``infer``) at exit. Finalization then stops daemon threads where they stand, inside
-C++ frames, which aborts the process (``terminate called without an active exception``). An
-``atexit`` hook, which runs while every thread still runs, lets the call in progress finish
-and refuses later ones.
+OpenVINO ``infer``, LiteRT ``invoke``) at exit. Finalization then ends daemon threads where
+they stand, inside C++ frames, which aborts the process (``terminate called without an active
+exception``). The exit hook (:mod:`aioaccel.core.exit_guard`, which runs while every thread
+still runs) lets the call in progress finish and refuses later ones.
 """
 
 from __future__ import annotations
 
-import atexit
 import threading
-import weakref
 from types import TracebackType
 
-__all__ = ["EXIT_WAIT", "NativeCalls", "stop_all"]
+from ..core import exit_guard
+from ..core.exit_guard import EXIT_WAIT
 
-#: seconds the exit hook waits for one call in progress
-EXIT_WAIT = 10.0
+__all__ = ["EXIT_WAIT", "NativeCalls"]
 
 
 class NativeCalls:
@@ -26,7 +24,7 @@ class NativeCalls:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
-        _live.add(self)
+        exit_guard.watch(self, exit_guard.STAGES)
 
     def __enter__(self) -> None:
         self._lock.acquire()
@@ -43,18 +41,10 @@ class NativeCalls:
         if self._lock.acquire(timeout=timeout):
             self._stopped = True
             self._lock.release()
-        _live.discard(self)
+        exit_guard.forget(self, exit_guard.STAGES)
+
+    stop_at_exit = stop
 
     def forget(self) -> None:
         """The stage closed: nothing to wait for at exit."""
-        _live.discard(self)
-
-
-_live: weakref.WeakSet[NativeCalls] = weakref.WeakSet()
-
-
-@atexit.register
-def stop_all() -> None:
-    """Let every native call in progress finish before the interpreter finalizes."""
-    for calls in list(_live):
-        calls.stop()
+        exit_guard.forget(self, exit_guard.STAGES)

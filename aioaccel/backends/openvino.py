@@ -41,15 +41,14 @@ batches are not padded: measured here, a dynamic batch of 5 runs as fast as a st
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from queue import SimpleQueue
+from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -60,6 +59,7 @@ from ..batching import (
     batched_model,
     require_batch_axis,
 )
+from ..core import exit_guard
 from ..errors import ModelLoadError
 from ..stages import BlockingStage, Complete, DeviceStage, StageSpec
 from ..tensors import TensorSpec
@@ -224,11 +224,11 @@ class OpenVINOStage(DeviceStage):
             slot.thread.start()
             self._slots.append(slot)
             self._idle.put(slot)
-        _running.add(self)
+        exit_guard.watch(self, exit_guard.STAGES)  # its requests finish before the exit
 
     def submit(self, token: object, tensors: dict[str, np.ndarray]) -> None:
         slot = self._idle.get()  # blocks while every request is busy: backpressure
-        with self._lock:  # against _finish_at_exit: nothing starts after it has begun
+        with self._lock:  # against stop_at_exit: nothing starts after it has begun
             if self._exiting:
                 self._idle.put(slot)
                 raise RuntimeError("the interpreter is exiting: OpenVINO takes no more items")
@@ -294,25 +294,22 @@ class OpenVINOStage(DeviceStage):
             self._exiting = True
             for slot in stopping:
                 slot.jobs.put(_STOP)  # after whatever it runs: that is waited for first
-        _running.discard(self)
+        exit_guard.forget(self, exit_guard.STAGES)
+        deadline = None if timeout is None else perf_counter() + timeout
         for slot in stopping:
             if slot.thread is not None:
-                slot.thread.join(timeout)
+                slot.thread.join(None if deadline is None else max(0.0, deadline - perf_counter()))
+
+    def stop_at_exit(self, timeout: float) -> None:
+        """A runner never closed may leave requests running at exit; interpreter finalization
+        would then end their threads inside OpenVINO's C++ ``wait`` (which aborts the process),
+        or OpenVINO would unload under them: the exit hook lets them finish first, while every
+        thread still runs, and nothing starts after. (Sync stages use
+        :class:`~aioaccel.backends._exit.NativeCalls`.)"""
+        self._stop(timeout)
 
 
 _STOP = object()
-#: async stages whose requests may be running: finished before the interpreter exits
-_running: weakref.WeakSet[OpenVINOStage] = weakref.WeakSet()
-
-
-@atexit.register
-def _finish_at_exit() -> None:
-    """A runner never closed may leave requests running at exit. Interpreter finalization then
-    stops daemon threads where they stand, inside OpenVINO's C++ ``wait`` (which aborts the
-    process), or OpenVINO unloads under running requests: let them finish first, while every
-    thread still runs. (Sync stages use :class:`~aioaccel.backends._exit.NativeCalls`.)"""
-    for stage in list(_running):
-        stage._stop(timeout=10.0)
 
 
 #: element types whose request tensors NumPy can write in place (others go through OpenVINO's

@@ -20,9 +20,13 @@ from queue import Empty
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..batching import join, rows, split
 from ..errors import DeviceError
 from ..stats import BatchStats
+from .jobs import QUEUED
+from .priority_levels import BELL
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -94,33 +98,63 @@ class Batch:
     def unbatch(self, now: float) -> list[Job]:
         """The members with their own rows of the outputs (or the batch's error)."""
         members = self.members
+        work, at = self.work, self.at
         if self.error is None:
-            try:
-                parts = split(self.value, self.counts)
-            except ValueError as exc:
-                self.error = exc
-            else:
+            parts = _row_each(self.value, self.counts, len(members))
+            if parts is None:
+                try:
+                    parts = split(self.value, self.counts)
+                except ValueError as exc:
+                    self.error = exc
+            if parts is not None:
                 for job, part in zip(members, parts, strict=True):
                     job.value = part
+                    job.work += work
+                    job.at = at
+                    job.t_done = now
+                return members
         for job in members:
-            if self.error is not None:
-                job.error = self.error
-                job.failed_stage = self.failed_stage
-            job.work += self.work
-            job.at = self.at
+            job.error = self.error
+            job.failed_stage = self.failed_stage
+            job.work += work
+            job.at = at
             job.t_done = now
         return members
 
 
+def _row_each(value: Any, counts: list[int], n: int) -> list[Any] | None:
+    """:func:`~aioaccel.batching.split` for the hot case (one output by name, one row per
+    member, as many rows as members): each member's row copied (as ``split`` does: a result
+    never pins its batch-mates' memory); None for anything else, which ``split`` handles."""
+    if type(value) is dict and len(value) == 1 and counts.count(1) == n:
+        for name, array in value.items():
+            if type(array) is np.ndarray and array.ndim and array.shape[0] == n:
+                return [{name: array[i:i + 1].copy()} for i in range(n)]
+    return None
+
+
 def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], limit: int,
-           wait_until: float, device_busy: Callable[[], bool], claim: Callable[[Any], bool],
-           shell: Callable[[Any], None], stop: object) -> tuple[list[Job], Any]:
+           wait_until: float, device_busy: Callable[[], bool],
+           claim_many: Callable[[list[Any]], list[Job]], shell: Callable[[Any], None],
+           stop: object, ranked: Callable[[], Job],
+           put_back: Callable[[Job], None]) -> tuple[list[Job], Any]:
     """``first`` (claimed) and the jobs queued behind it, up to ``limit`` rows; and the next
     job not taken (the stop sentinel, one that would overflow the batch, or a member of a
-    failed batch back to run alone), if any. Withdrawn shells met on the way go to
-    ``shell``. Waits for more only while ``device_busy()`` and before ``wait_until``."""
+    failed batch back to run alone), if any. The jobs taken behind ``first`` are claimed
+    together at the end (``claim_many``: one lock for the lot, not one per job; it sends
+    the withdrawn ones back as shells and returns the others, in order); a job seen withdrawn
+    already goes to ``shell`` at once and leaves its place to the next. Waits for more only
+    while ``device_busy()`` and before ``wait_until``.
+
+    Once stage 0 is ranked by priority, the queue yields a ``BELL`` per job and ``ranked()``
+    gives the best job waiting, so the batch fills from the highest priority present and
+    lower ones only fill what is left. A ranked job that does not fit goes back to the head
+    of its level (``put_back``) rather than being held for the next batch, so a higher one
+    arriving meanwhile still goes first."""
     taken = [first]
     total = _rows(first)
+    queued: list[Any] = []
+    following: Any = None
     while total < limit:
         try:
             job = get_nowait()
@@ -132,25 +166,37 @@ def gather(first: Job, get_nowait: Callable[[], Any], get: Callable[..., Any], l
                 job = get(timeout=min(remaining, 0.0005))
             except Empty:
                 continue
-        if job is stop or job.solo:
-            return taken, job
-        n = _rows(job)
-        if total + n > limit:
-            return taken, job
-        if not claim(job):
-            shell(job)  # withdrawn: only its empty shell goes back
+        if job is BELL:
+            job = ranked()
+            n = _rows(job)
+            if total + n > limit:
+                put_back(job)
+                break
+        elif job is stop or job.solo:
+            following = job
+            break
+        else:
+            n = _rows(job)
+            if total + n > limit:
+                following = job
+                break
+        if job.state != QUEUED:  # withdrawn already (a state that never goes back): its
+            shell(job)           # shell frees its slot, and it takes no place in the batch
             continue
-        taken.append(job)
-        total += n
-    return taken, None
+        queued.append(job)
+        total += n  # one withdrawn between this look and the claim makes the batch smaller
+    if queued:
+        taken += claim_many(queued)
+    return taken, following
 
 
 def batch_of(jobs: list[Job], counters: BatchCounters, now: float) -> list[Any]:
     """``jobs`` as one :class:`Batch` to hand to a device (or each on its own when there
     is one, or they cannot be joined)."""
     if len(jobs) > 1:
+        values = [job.value for job in jobs]
         try:
-            value, counts = join([job.value for job in jobs])
+            value, counts = _join_named(values) or join(values)
         except ValueError:
             pass
         else:
@@ -161,9 +207,40 @@ def batch_of(jobs: list[Job], counters: BatchCounters, now: float) -> list[Any]:
     return list(jobs)
 
 
-def _rows(job: Job) -> int:
+def _join_named(values: list[Any]) -> tuple[dict[str, np.ndarray], list[int]] | None:
+    """:func:`~aioaccel.batching.join` for the hot case (what a one-input model's validator
+    hands on: a dict of one array under the same name): one concatenation, with ``casting=
+    "no"`` checking the dtypes in C. None for anything else (``join`` then checks it all and
+    names what differs)."""
+    first = values[0]
+    if type(first) is not dict or len(first) != 1:
+        return None
+    (name,) = first
+    column = []
     try:
-        return rows(job.value)
+        for value in values:
+            if type(value) is not dict or len(value) != 1:
+                return None
+            column.append(value[name])
+        counts = [array.shape[0] for array in column]  # not an array / no axis 0: raises
+        return {name: np.concatenate(column, casting="no")}, counts
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _rows(job: Job) -> int:
+    value = job.value
+    # the hot cases inline (per job on the batching worker, holding the GIL): what the
+    # validators hand on (a dict of arrays by name), or one array
+    if type(value) is dict:
+        for array in value.values():
+            if type(array) is np.ndarray and array.ndim:
+                return array.shape[0]  # type: ignore[no-any-return]
+            break
+    elif type(value) is np.ndarray and value.ndim:
+        return value.shape[0]  # type: ignore[no-any-return]
+    try:
+        return rows(value)
     except ValueError:
         return 1
 
@@ -175,10 +252,14 @@ def run_batch(run: Callable[[Any], Any], jobs: list[Job], stage: str,
     propagates: the device is gone."""
     if len(jobs) == 1:
         return [_solo(run, jobs[0], stage, counters, now)]
-    try:
-        value, counts = join([job.value for job in jobs])
-    except ValueError:
-        return [_solo(run, job, stage, counters, now) for job in jobs]
+    values = [job.value for job in jobs]
+    joined = _join_named(values)
+    if joined is None:
+        try:
+            joined = join(values)
+        except ValueError:
+            return [_solo(run, job, stage, counters, now) for job in jobs]
+    value, counts = joined
     batch = Batch(jobs, value, counts)
     counters.count(len(jobs), sum(now - job.t_admit for job in jobs))
     t0 = perf_counter()

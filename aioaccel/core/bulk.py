@@ -75,6 +75,16 @@ class Gathered:
         if not self.pending:
             self.finish()
 
+    def settle_run(self, start: int, parts: list[Any]) -> None:
+        """:meth:`settle` of the consecutive items from ``start`` on, all succeeded (a
+        chunk's members: one slice assignment, not a call per item)."""
+        if self.final:
+            return
+        self.values[start:start + len(parts)] = parts
+        self.pending -= len(parts)
+        if not self.pending:
+            self.finish()
+
     def over(self) -> bool:
         """Whether the call has its answer (re-read after an await)."""
         return self.final
@@ -160,7 +170,12 @@ class Chunk:
                 gathered.settle(index, _chunk_error(exc), True)
             return
         self.runner._done.completed += len(parts) - 1  # the ticket counted one
-        for (index, _), part in zip(self.items, parts, strict=True):
+        items = self.items
+        start = items[0][0]
+        if len(parts) == len(items) and items[-1][0] - start == len(items) - 1:
+            gathered.settle_run(start, parts)  # a run of consecutive items: the usual case
+            return
+        for (index, _), part in zip(items, parts, strict=True):
             gathered.settle(index, part, False)
 
     def set_exception(self, error: BaseException) -> None:
@@ -183,8 +198,8 @@ def split_views(outputs: Any, counts: list[int]) -> list[Any]:
     if type(outputs) is dict and len(outputs) == 1:
         ((name, array),) = outputs.items()
         if type(array) is np.ndarray and array.ndim and array.shape[0] == sum(counts):
-            if all(c == 1 for c in counts):
-                return [{name: array[i:i + 1]} for i in range(len(counts))]
+            if counts.count(1) == len(counts):  # one row each (counted in C)
+                return [{name: row} for row in array[:, None]]
             ends = list(accumulate(counts))
             return [{name: array[a:b]} for a, b in zip([0, *ends], ends, strict=False)]
     return split(outputs, counts)
@@ -247,6 +262,9 @@ def plan(runner: Runner, items: list[Any], limit: int, keep_errors: bool) -> lis
     items (``(index, prepared input)``, or an InputError standing in its place)."""
     units: list[Any] = []
     if limit > 1:
+        uniform = plan_uniform(runner, items, limit)
+        if uniform is not None:
+            return uniform
         for run in chunks(runner, items, limit):
             joined = join_chunk(runner, run)
             if joined is not None:
@@ -255,6 +273,38 @@ def plan(runner: Runner, items: list[Any], limit: int, keep_errors: bool) -> lis
             units.extend(_singles(runner, run, len(items), keep_errors))
         return units
     return _singles(runner, list(enumerate(items)), len(items), keep_errors)
+
+
+def plan_uniform(runner: Runner, items: list[Any], limit: int) -> list[Any] | None:
+    """:func:`plan` for the usual call (arrays of one shape and dtype, each of at most
+    ``limit`` rows): all joined with one concatenation, then cut into runs of ``limit`` rows
+    (views), each validated once. None for anything else, which the general path plans item
+    by item (and its checks name what is wrong)."""
+    first = items[0]
+    if type(first) is not np.ndarray or not first.ndim or len(items) < 2:
+        return None
+    shape, dtype = first.shape, first.dtype
+    for item in items:
+        if type(item) is not np.ndarray or item.shape != shape or item.dtype != dtype:
+            return None
+    per_item = shape[0]
+    if not 0 < per_item <= limit:
+        return None
+    per_run = limit // per_item
+    whole = np.concatenate(items)
+    prepare = runner._sup.prepare
+    indexed = list(enumerate(items))
+    units: list[Any] = []
+    for start in range(0, len(items), per_run):
+        stop = min(start + per_run, len(items))
+        value: Any = whole[start * per_item:stop * per_item]
+        if prepare is not None:
+            try:
+                value = prepare(value)
+            except InputError:
+                return None  # the items one by one: each one's own check names the fault
+        units.append([indexed[start:stop], value, [per_item] * (stop - start)])
+    return units
 
 
 def _singles(runner: Runner, run: list[tuple[int, Any]], count: int,
@@ -527,12 +577,13 @@ def _enqueue_run(runner: Runner, lane: Lane, values: list[Any], tags: list[Any],
     append = lane.tickets.append
     submit = sup.submit
     index = lane.index
+    priority = lane.priority
     seq_of = runner._seq
     seqs: list[int] = []
     for k in range(start, stop):
         seq = next(seq_of)
         value = values[k]
-        job = Job(seq, value, index, now)
+        job = Job(seq, value, index, now, priority)
         ticket = Ticket(seq, tags[k], lane, None, job, now)
         ticket.gen = gen
         if retries:

@@ -57,10 +57,12 @@ class Completions:
         unfinished = self.unfinished
         woken: set[Lane] = set()
         default = self.default_lane
-        release = self.admission.release
-        latency, histogram = self.latency.add, self.histogram.add
-        queued, working = self.queued.add, self.working.add
-        settled = 0
+        # the hot path's figures are gathered over the burst and added once at the end (one
+        # call per figure per burst, not per item), and so are the slots it frees
+        took: list[float] = []
+        queued: list[float] = []
+        working: list[float] = []
+        freed = 0
         streamed = False
         for job in jobs:
             ticket = unfinished.pop(job.seq, None)
@@ -71,13 +73,10 @@ class Completions:
                     and not ticket.withdrawn):
                 # the common case of a streamed item, inlined: its result waits in the
                 # default lane's outbox (which is never closed early nor orphaned)
-                took = job.t_done - ticket.t_admit
-                latency(took)
-                histogram(took)
+                took.append(job.t_done - ticket.t_admit)
                 if job.t_start:
-                    queued(job.t_start - ticket.t_admit)
-                working(job.work)
-                settled += 1
+                    queued.append(job.t_start - ticket.t_admit)
+                working.append(job.work)
                 ticket.done = True
                 streamed = True
                 continue
@@ -89,24 +88,28 @@ class Completions:
                 continue
             if inline and fut is not None:
                 # the common case of an infer-style item, inlined (the loop's hot path)
-                took = job.t_done - ticket.t_admit
-                latency(took)
-                histogram(took)
+                took.append(job.t_done - ticket.t_admit)
                 if job.t_start:
-                    queued(job.t_start - ticket.t_admit)
-                working(job.work)
-                settled += 1
+                    queued.append(job.t_start - ticket.t_admit)
+                working.append(job.work)
                 try:
                     fut.set_result(job.value)
                 except Exception:  # never lose the rest of the burst
                     log.exception("aioaccel: settling item %s failed", job.seq)
-                release(default)
+                freed += 1
                 continue
             try:
                 self._settle(ticket, job, woken)
             except Exception:  # never lose the rest of the burst
                 log.exception("aioaccel: settling item %s failed", job.seq)
-        self.completed += settled
+        if took:
+            self.completed += len(took)
+            self.latency.add_many(took)
+            self.histogram.add_many(took)
+            self.queued.add_many(queued)
+            self.working.add_many(working)
+        if freed:
+            self.admission.release_many(default, freed)
         if streamed:
             woken.add(default)
         for lane in woken:

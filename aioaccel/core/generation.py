@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import AccelError, DeviceError, DeviceTimeout, OpenTimeout, open_error
+from . import exit_guard
 from .async_library import Hub, Waiter, current_hub
+from .exit_guard import native_thread
 from .hang_watchdog import Watchdog
 from .jobs import Job
 from .loop_bridge import Bridge
@@ -202,8 +204,8 @@ class Generation:
         if not self.pipeline.join(join):
             self._finish()
             return
-        threading.Thread(target=self.stop_sync, name=f"aioaccel-{self.runner_name}-reaper",
-                         daemon=True).start()
+        # joined at interpreter exit: releasing the model is native code too
+        native_thread(self.stop_sync, name=f"aioaccel-{self.runner_name}-reaper")
 
     def stop_sync(self, timeout: float = 5.0) -> None:
         """Without the loop: stop, join (bounded), release."""
@@ -222,6 +224,8 @@ class Generation:
         if hung:
             log.warning("runner %r: threads %s did not stop; abandoned (daemon threads)",
                         self.runner_name, hung)
+        else:
+            exit_guard.forget(self.pipeline, exit_guard.PIPELINES)
         self.release(stages=not hung)
 
     def release(self, stages: bool = True) -> None:
@@ -290,9 +294,9 @@ async def load_on_thread(load: Callable[[], Model], runner_name: str,
             if outcome[0] and outcome[1].close is not None:
                 outcome[1].close()
 
-    thread = threading.Thread(target=main, name=f"aioaccel-{runner_name}-load", daemon=True)
     started = perf_counter()
-    thread.start()
+    # joined at interpreter exit: a program may leave while the model compiles (native code)
+    thread = native_thread(main, name=f"aioaccel-{runner_name}-load")
     try:
         model: Model = await fut
     except BaseException:

@@ -249,7 +249,8 @@ class Healer:
             ticket = self._suspects.pop(0)
             if unfinished.get(ticket.seq) is not ticket:
                 continue  # failed or settled meanwhile (a close)
-            job = Job(ticket.seq, ticket.inputs, ticket.lane.index, ticket.t_admit)
+            job = Job(ticket.seq, ticket.inputs, ticket.lane.index, ticket.t_admit,
+                      ticket.lane.priority)
             ticket.job = job
             ticket.gen = gen
             self.retried += 1
@@ -260,7 +261,7 @@ class Healer:
                 return  # the next one when this one is settled (check_trial)
         self.trial = None
         if self._set_submit is not None:
-            self._set_submit(gen.pipeline.queues[0].put)
+            self._set_submit(gen.pipeline.put)
         held, self._held = self._held, []
         self._held_seqs.clear()
         for job in held:

@@ -25,11 +25,14 @@ class Job:
     """What travels through the stages for one admitted item (owned by one thread at a time:
     the worker or device holding it, then the loop once the bridge delivered it)."""
 
-    __slots__ = ("abandoned", "at", "error", "failed_stage", "seq", "solo", "state", "stream",
-                 "t_admit", "t_done", "t_start", "value", "work")
+    __slots__ = ("abandoned", "at", "error", "failed_stage", "priority", "seq", "solo", "state",
+                 "stream", "t_admit", "t_done", "t_start", "value", "work")
 
-    def __init__(self, seq: int, value: Any, stream: int = 0, t_admit: float = 0.0):
+    def __init__(self, seq: int, value: Any, stream: int = 0, t_admit: float = 0.0,
+                 priority: int = 0):
         self.seq = seq
+        #: its stream's priority: stage 0 serves the highest first (see .priority_levels)
+        self.priority = priority
         self.t_admit = t_admit        # when the runner admitted it (read-only here)
         self.solo = False             # run on its own, never in a batch (a failed batch's)
         #: set by the runner when the infer() waiting for it is gone (cancelled or timed out)

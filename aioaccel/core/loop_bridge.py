@@ -86,6 +86,22 @@ class Bridge:
         self._scheduled = True
         self.call_soon(self._drain)
 
+    def deliver_many(self, jobs: list[Any], now: float = 0.0, defer: bool = False) -> None:
+        """Hand several finished jobs to the loop at once (a batch's members): one append
+        of the lot and at most one wake-up, as :meth:`deliver` of each with ``defer`` for
+        all but the last would give."""
+        self._jobs.extend(jobs)
+        if self._scheduled:
+            return
+        if defer:
+            oldest = self._oldest or now
+            if now - oldest < COALESCE_WINDOW:
+                self._oldest = oldest
+                return
+        self._oldest = 0.0
+        self._scheduled = True
+        self.call_soon(self._drain)
+
     def flush(self) -> None:
         """Schedule the drain of deferred jobs now (a worker is about to wait)."""
         if self._jobs and not self._scheduled:

@@ -9,6 +9,10 @@ own: the runner admits at most ``maxsize`` items and a withdrawn item keeps its 
 stage-0 worker hands its empty shell back, so no queue ever holds more than ``maxsize``.
 A failed job skips the remaining stages and goes straight to the bridge.
 
+Stage 0's hand-off serves the highest priority first once the runner has streams of more than
+one priority (:meth:`Pipeline.rank`, :mod:`aioaccel.core.priority_levels`); until then it is
+the plain FIFO.
+
 Worker threads never touch the event loop except through the
 :class:`~aioaccel.core.loop_bridge.Bridge`, and never touch the loop-side ticket of a job: only
 the :class:`Job` crosses threads.
@@ -26,9 +30,11 @@ from typing import Any, Protocol
 from ..errors import DeviceError
 from ..stages import BlockingStage, DeviceStage, StageSpec
 from ..stats import StageStats
+from . import exit_guard
 from .batch_gather import Batch, BatchCounters, batch_of, gather, run_alone, run_batch
 from .jobs import QUEUED, RUNNING, WITHDRAWN, Job, Worker
 from .loop_bridge import SHORT_CALL, Bridge
+from .priority_levels import BELL, PriorityLevels
 
 __all__ = ["Job", "Pipeline", "Worker"]  # Job, Worker: re-exported from .jobs
 
@@ -56,6 +62,10 @@ class Pipeline:
         self.bridge = bridge
         self.runner_name = runner_name
         self.queues: list[SimpleQueue[Any]] = [SimpleQueue() for _ in specs]
+        #: stage 0's jobs by priority, once ranked (None: queues[0] holds the jobs, FIFO)
+        self.ranks: PriorityLevels | None = None
+        #: how a job enters stage 0: the FIFO's put, or the levels' once ranked
+        self.put: Callable[[Job], None] = self.queues[0].put
         self.workers = [
             Worker(i, spec, r)
             for i, spec in enumerate(specs)
@@ -92,9 +102,46 @@ class Pipeline:
             name = f"aioaccel-{self.runner_name}-{w.spec.name}-{w.replica}"
             w.thread = threading.Thread(target=self._thread_main, args=(w,), name=name, daemon=True)
             w.thread.start()
+        # stopped and joined at interpreter exit even if no runner holds it any more (still
+        # opening, warming up, or left behind by a restart): its workers call into runtimes
+        exit_guard.watch(self, exit_guard.PIPELINES)
 
     def submit(self, job: Job) -> None:
-        self.queues[0].put(job)
+        self.put(job)
+
+    def rank(self) -> None:
+        """From now on stage 0 takes the highest-priority job first (FIFO within a priority).
+        Called on the loop when the runner gets a stream of a second priority: the jobs
+        already queued move to their levels, in their order; a job a worker is taking right
+        now is simply run (it was first in line)."""
+        if self.ranks is not None:
+            return
+        queue = self.queues[0]
+        ranks = PriorityLevels(queue)
+        moved: list[Any] = []
+        while True:
+            try:
+                moved.append(queue.get_nowait())
+            except Empty:
+                break
+        self.ranks = ranks  # before any bell: a worker that takes one finds the levels
+        self.put = ranks.put
+        for item in moved:
+            if type(item) is Job and not item.solo:
+                ranks.put(item)
+            else:  # the stop sentinel, a failed batch's member back to run alone
+                queue.put(item)
+
+    def _ranked(self) -> Job:
+        """The job a bell stands for: the oldest of the highest priority waiting."""
+        ranks = self.ranks
+        assert ranks is not None  # bells are rung only once ranked
+        return ranks.take()
+
+    def _put_back(self, job: Job) -> None:
+        ranks = self.ranks
+        assert ranks is not None
+        ranks.put_back(job)
 
     def withdraw(self, job: Job) -> bool:
         """Take back a job no stage-0 worker has claimed yet; False if one already has. Its
@@ -118,6 +165,11 @@ class Pipeline:
     def exited(self) -> bool:
         return all(w.exited for w in self.workers)
 
+    def stop_at_exit(self, timeout: float) -> None:
+        """Interpreter exit: stop the workers and join them (bounded)."""
+        self.stop()
+        self.join(timeout)
+
     def join(self, timeout: float | None = None) -> list[str]:
         """Join the worker threads (bounded); the names of those still running."""
         deadline = None if timeout is None else perf_counter() + timeout
@@ -140,6 +192,22 @@ class Pipeline:
             job.state = RUNNING
             return True
 
+    def _claim_many(self, jobs: list[Job]) -> list[Job]:
+        """Claim ``jobs`` under one lock (a batch's worth, not a lock per job); the withdrawn
+        ones go back as shells. Returns the claimed ones, in order."""
+        claimed: list[Job] = []
+        shells: list[Job] = []
+        with self._claim_lock:
+            for job in jobs:
+                if job.state == QUEUED:
+                    job.state = RUNNING
+                    claimed.append(job)
+                else:
+                    shells.append(job)
+        for job in shells:
+            self._return_shell(job)
+        return claimed
+
     def _forward(self, index: int) -> _Forward:
         """Where jobs leaving stage ``index`` go: the next queue, or the bridge.
 
@@ -147,10 +215,16 @@ class Pipeline:
         wake-up may wait for the next result (see ``bridge.COALESCE_WINDOW``).
         """
         deliver = self.bridge.deliver
+        # a bridge without deliver_many (an isolated child's, which writes each result to
+        # its pipe) gets the members one by one, each deferred but the last
+        deliver_many = getattr(self.bridge, "deliver_many", None)
 
         def leave(job: Any, now: float, defer: bool = False) -> None:
             if type(job) is Batch:  # the split happens once, as the batch leaves
                 members = job.unbatch(now)
+                if deliver_many is not None:
+                    deliver_many(members, now, defer)  # one append, one wake-up at most
+                    return
                 for member in members[:-1]:
                     deliver(member, now, True)
                 deliver(members[-1], now, defer)
@@ -218,10 +292,11 @@ class Pipeline:
         """The next job for ``w``; before blocking on an empty queue, flush any deferred
         wake-up so that no finished result waits for input that may never come."""
         try:
-            return queue.get_nowait()
+            job = queue.get_nowait()
         except Empty:
             self.bridge.flush()
-            return queue.get()
+            job = queue.get()
+        return self._ranked() if job is BELL else job
 
     def _take(self, w: Worker, job: Any, first: bool) -> bool:
         """Whether ``w`` should run ``job``; a withdrawn shell goes back to free its slot."""
@@ -253,7 +328,9 @@ class Pipeline:
             except Empty:
                 flush()  # about to wait: no deferred result may wait with us
                 job = get()
-            if job is _STOP:
+            if job is BELL:
+                job = self._ranked()
+            elif job is _STOP:
                 return
             if self.stopping:
                 continue
@@ -333,6 +410,8 @@ class Pipeline:
                 except Empty:
                     flush()
                     job = get()
+                if job is BELL:
+                    job = self._ranked()
             if job is _STOP:
                 return
             if self.stopping:
@@ -341,8 +420,9 @@ class Pipeline:
                 shell(job)
                 continue
             jobs, following = gather(job, get_nowait, get, self.batch,
-                                     job.t_admit + self.batch_wait, device_busy, claim, shell,
-                                     _STOP)
+                                     job.t_admit + self.batch_wait, device_busy,
+                                     self._claim_many, shell, _STOP, self._ranked,
+                                     self._put_back)
             t0 = w.call_started = perf_counter()
             for j in jobs:
                 j.t_start = t0
@@ -378,8 +458,9 @@ class Pipeline:
                 if batching and not job.solo:
                     jobs, following = gather(
                         job, queue.get_nowait, queue.get, self.batch,
-                        job.t_admit + self.batch_wait, lambda: w.in_device > 0, self._claim,
-                        self._return_shell, _STOP)
+                        job.t_admit + self.batch_wait, lambda: w.in_device > 0,
+                        self._claim_many, self._return_shell, _STOP, self._ranked,
+                        self._put_back)
                     tokens = batch_of(jobs, self.batching, perf_counter())  # type: ignore[arg-type]
                 for token in tokens:
                     if not self._submit_one(w, device, token, by_stream, forward, name):

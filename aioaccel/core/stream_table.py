@@ -53,6 +53,9 @@ class StreamTable:
         self._lanes: dict[Any, Lane] = {}
         self._free_indices: list[int] = []   # indices given back, smallest first
         self._next_index = 0
+        #: called once a stream's priority differs from the default lane's (stage 0 then
+        #: serves the highest priority first: see aioaccel.core.priority_levels)
+        self.on_priority: Callable[[], None] | None = None
 
     # ---- making and finding -------------------------------------------------------------
     def find(self, key: Any, maxsize: int | None) -> Stream | None:
@@ -96,6 +99,8 @@ class StreamTable:
             heapq.heappush(self._free_indices, index)
             raise
         self._lanes[key] = lane
+        if priority != self.default.priority and self.on_priority is not None:
+            self.on_priority()
         return self._new_handle(lane)
 
     def _new_handle(self, lane: Lane) -> Stream:

@@ -28,6 +28,7 @@ from ..errors import (
     device_error,
     open_error,
 )
+from . import exit_guard
 from .async_library import Flag, Hub, Waiter, current_hub
 from .generation import Generation, open_generation
 from .hang_watchdog import Watchdog
@@ -105,6 +106,9 @@ class Supervisor:
         self.gen: Generation | None = None
         self.prepare: Callable[[Any], Any] | None = None
         self.submit: Callable[[Job], None] = _not_open
+        #: stage 0 ranks jobs by priority (streams of more than one priority exist)
+        self.ranked = False
+        streams.on_priority = weakly(self.rank_priorities)
         self.watchdog: Watchdog | None = None
         self.closing: Waiter[None] | None = None  # set once aclose() started
         self.opened = Flag()                     # open() finished, either way
@@ -159,6 +163,7 @@ class Supervisor:
         self.loop = hub.loop
         self.new_future = hub.create_future
         self.cancelled = hub.cancelled
+        exit_guard.watch(self, exit_guard.RUNNERS)  # a program may exit leaving it open
         try:
             gen = await self.open_generation(self.healer.load)
         except BaseException as exc:
@@ -193,10 +198,25 @@ class Supervisor:
     def _set_submit(self, submit: Callable[[Job], None]) -> None:
         self.submit = submit
 
+    def rank_priorities(self) -> None:
+        """The runner got a stream of a second priority: from now on (this generation and
+        every later one) stage 0 serves the highest priority first, not FIFO."""
+        if self.ranked:
+            return
+        self.ranked = True
+        gen = self.gen
+        if gen is not None:
+            fifo = gen.pipeline.put
+            gen.pipeline.rank()
+            if self.submit == fifo:  # not while a probation holds new jobs back
+                self.submit = gen.pipeline.put
+
     def switch_to(self, gen: Generation) -> None:
         self.gen = gen
         self.prepare = gen.model.prepare
-        self.submit = gen.pipeline.queues[0].put  # the job goes to stage 0's hand-off
+        if self.ranked:
+            gen.pipeline.rank()
+        self.submit = gen.pipeline.put  # the job goes to stage 0's hand-off
         if self.watchdog is not None:
             self.watchdog.watch(gen.pipeline)
 
@@ -298,6 +318,12 @@ class Supervisor:
         self.set_state(State.CLOSED)
         if self.gen is not None:
             self.gen.stop_sync(timeout)
+
+    def stop_at_exit(self, timeout: float) -> None:
+        """Interpreter exit with the runner still open: stop it as :meth:`stop_now` does."""
+        if self.state is not State.CLOSED:
+            self.stop_now(timeout)
+        exit_guard.forget(self, exit_guard.RUNNERS)
 
     @property
     def threads_alive(self) -> bool:

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InputError
+from ..errors import NotAcceptable
 
 __all__ = ["JSON", "NPY", "NotAcceptable", "acceptable"]
 
 JSON = "application/json"
 NPY = "application/x-npy"
 OFFERED = (JSON, NPY)
-
-
-class NotAcceptable(InputError):
-    """The client's ``Accept`` header refuses every type the server can answer with (406)."""
 
 
 @dataclass(frozen=True)

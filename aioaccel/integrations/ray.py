@@ -22,15 +22,28 @@ the client.
   The stage sends items in small batches (one Serve call carries up to ``batch`` inputs, each
   gets its own answer), with at most ``calls`` calls in flight, so Ray's per-call cost of
   milliseconds is paid per batch, not per item.
-* **Failures.** A replica that dies (killed, node lost) or does not answer within ``timeout``
-  fails its call; the unanswered items are re-sent (inference is idempotent) at most
-  ``retries`` times each, counted in ``stats().profile["retries"]``; after that the item fails
-  with :class:`~aioaccel.InferenceError`. Items that failed on the replica fail the same way on
-  the client, with the remote cause as text (:class:`RemoteError`). Bad input is refused at the
-  client (:class:`~aioaccel.InputError`) against the input spec ``connect`` fetched once.
-  When Serve's queue is full (``max_queued``), the batch waits and is re-sent: the overload
-  reaches callers as the client's own backpressure (``push`` waits, ``push_nowait`` and
-  ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web integrations 503).
+* **Failures.** A replica that dies (killed, node lost), whose runner breaks, or that does not
+  answer within ``timeout`` fails the items it held; they are re-sent (inference is
+  idempotent) at most ``retries`` times each, counted in ``stats().profile["retries"]``; after
+  that the item fails with :class:`~aioaccel.InferenceError`. Items that failed on the replica
+  fail the same way on the client, with the remote cause as text (:class:`RemoteError`).
+* **Poison items.** The items a lost replica held are *suspects*: they are re-sent one at a
+  time, each alone in its call, with nothing else of this client in flight (new items wait
+  meanwhile: a short probation, only after a failure). A suspect that fails its replica again
+  while alone has failed two replicas: it is failed alone as the poison item (a
+  :class:`RemoteError` that says so), never re-sent; the others are answered. So a poison item
+  costs two replicas and fails nobody else (``profile["suspects"]``, ``profile["poisoned"]``).
+  Limits: another client's traffic on the same replicas is not held back, so a replica lost to
+  something else while a suspect runs on it (another client's poison, an operator's kill) makes
+  that suspect look guilty. A replica whose runner is already broken refuses new items
+  without blame (it answers "refused", they go again after a pause, for up to
+  ``UNAVAILABLE_FOR`` seconds, as when no replica is available) until Serve replaces it.
+* **Bad input** is refused at the client (:class:`~aioaccel.InputError`) against the input
+  spec ``connect`` fetched once.
+* **Overload.** When Serve's queue is full (``max_queued``), the batch waits and is re-sent:
+  the overload reaches callers as the client's own backpressure (``push`` waits,
+  ``push_nowait`` and ``infer(admit_timeout=)`` raise :class:`~aioaccel.WouldBlock`, the web
+  integrations 503).
 * **Cancellation.** An ``infer`` cancelled before its batch was sent is never sent; a call
   whose items were all cancelled is cancelled in Serve (``DeploymentResponse.cancel``).
 """
@@ -51,7 +64,15 @@ from typing import Any
 
 from .._optional import need
 from ..backends import Model
-from ..errors import AccelError, DeviceError, RunnerClosed
+from ..errors import (
+    AccelError,
+    DeployError,
+    DeviceError,
+    NotEnoughResources,
+    RemoteError,
+    RunnerClosed,
+)
+from ..options import check_count, check_seconds
 from ..runner import Runner
 from ..stages import Complete, DeviceStage, StageSpec, made
 from ..tensors import InputValidator, TensorSpec
@@ -77,27 +98,17 @@ DEFAULT_MAX_ONGOING = 8
 #: the replica runner's maxsize unless open_options give one: room for every ongoing batch
 DEFAULT_REPLICA_MAXSIZE = 64
 _FEATURE = "aioaccel.integrations.ray"
-_OK, _FAILED, _REPLICA_BROKEN = 0, 1, 2  # reply kinds, per item
+#: reply kinds, per item: answered; failed on its own; the replica broke while holding it; the
+#: replica was already broken when it came (not the item's doing: it goes again, unblamed)
+_OK, _FAILED, _REPLICA_BROKEN, _REPLICA_REFUSED = 0, 1, 2, 3
+#: seconds an item keeps going again while every replica it reaches refuses it (broken, being
+#: replaced) or none is available, before it fails
+UNAVAILABLE_FOR = 30.0
 
 
 def _serve() -> Any:
     need("ray", "ray", _FEATURE)
     return need("ray.serve", "ray", _FEATURE)
-
-
-class RemoteError(AccelError):
-    """An item failed on the remote side; the message carries the remote cause as text (the
-    remote exception object itself does not cross the wire)."""
-
-
-class DeployError(AccelError, RuntimeError):
-    """``deploy`` could not bring the application up (a replica failed to open its runner, for
-    instance); the message carries Serve's reason and nothing is left deployed."""
-
-
-class NotEnoughResources(DeployError):
-    """``deploy`` asked for more replicas than the cluster's nodes can hold, or the replicas
-    were not running within ``deploy_timeout`` (waiting for resources, usually)."""
 
 
 # ---- the replica (server side) ----------------------------------------------------------
@@ -141,8 +152,11 @@ class AccelReplica:
         return self._where, list(answers)
 
     async def _infer_one(self, inputs: Any) -> tuple[int, Any]:
+        runner = self._runner
+        if runner.closed:  # broken before this item came: refuse it, the item is not to blame
+            return _REPLICA_REFUSED, f"replica {self._where} is broken or closing"
         try:
-            return _OK, await self._runner.infer(inputs)
+            return _OK, await runner.infer(inputs)
         except (DeviceError, RunnerClosed) as exc:  # this replica cannot serve: try another
             return _REPLICA_BROKEN, _describe_error(exc)
         except AccelError as exc:
@@ -251,16 +265,18 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
     (a model path, a picklable callable). It blocks until the replicas run: from async code,
     ``await asyncio.to_thread(deploy, ...)``.
     """
-    serve = _serve()
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
-    if not isinstance(max_queued, int) or (max_queued < 1 and max_queued != -1):
+    check_count("replicas", replicas, 1)
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or (
+            max_queued < 1 and max_queued != -1):
         raise ValueError(f"max_queued must be a positive int (or -1: unbounded), "
                          f"got {max_queued!r}")
-    if not isinstance(open_retries, int) or open_retries < 1:
-        raise ValueError(f"open_retries must be a positive int, got {open_retries!r}")
-    if not isinstance(max_ongoing, int) or max_ongoing < 1:
-        raise ValueError(f"max_ongoing must be a positive int, got {max_ongoing!r}")
+    # not ``retries``: that is an item's re-runs; this is a replica's attempts at opening
+    check_count("open_retries", open_retries, 1)
+    check_count("max_ongoing", max_ongoing, 1)
+    check_seconds("deploy_timeout", deploy_timeout, zero=False)
+    if health_check_period is not None:
+        check_seconds("health_check_period", health_check_period, zero=False)
+    serve = _serve()
     actor_options = _actor_options(resources)
     _ensure_serve(serve)
     if check_resources:
@@ -283,46 +299,86 @@ def deploy(target: Any, *, name: str, replicas: int = 1,
         max_ongoing_requests=max_ongoing, max_queued_requests=max_queued,
         max_constructor_retry_count=open_retries, **options,
     ).bind(target, dict(open_options))
-    handle = serve._run(app, name=name, route_prefix=None, _blocking=False)
-    _wait_running(serve, name, deploy_timeout)
-    return handle
+    return _run_bounded(serve, app, name, deploy_timeout)
 
 
 def _ensure_serve(serve: Any) -> None:
     """Connect to Ray (``RAY_ADDRESS`` or a local cluster) and start Serve if it is not running,
-    without its HTTP proxy: clients come through handles (``connect``), not HTTP."""
+    without its HTTP proxy: clients come through handles (``connect``), not HTTP. A Serve that
+    runs already is joined as it is (``serve.start`` leaves its options alone then)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))
-    from ray.serve.context import _get_global_client
-
-    if _get_global_client(raise_if_no_controller_running=False) is None:
-        serve.start(proxy_location="Disabled")
+    serve.start(proxy_location="Disabled")
 
 
-def _wait_running(serve: Any, name: str, timeout: float) -> None:
+def _run_bounded(serve: Any, app: Any, name: str, timeout: float) -> Any:
+    """``serve.run(app)`` within ``timeout`` seconds: the application's handle once it runs,
+    else :class:`DeployError` / :class:`NotEnoughResources` with Serve's reason, and the
+    application deleted.
+
+    Serve's public ``run`` waits for the application to be running with no bound (replicas
+    waiting for resources wait forever), so it runs on a thread while this one watches
+    ``serve.status()`` up to the deadline. Past it the application is deleted, which ends
+    that wait too (Serve then says the application does not exist). The two threads block in
+    Ray's own client calls (like ``ray-cancel``, below), so they are named for Ray, not for a
+    runner: each ends when Serve is done (``serve.delete`` gives up after 60 s itself).
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["handle"] = serve.run(app, name=name, route_prefix=None, blocking=False)
+        except BaseException as exc:  # reported by the watching thread
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, name=f"ray-serve-run-{name}", daemon=True)
+    runner.start()
     deadline = time.monotonic() + timeout
     pause = 0.05
     while True:
-        app = serve.status().applications.get(name)
-        status = str(getattr(app, "status", "NOT_STARTED"))
-        status = status.rsplit(".", 1)[-1]
-        if status == "RUNNING":
-            return
-        message = getattr(app, "message", "") or ""
-        if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
-            detail = "; ".join(
-                f"{dep}: {d.status}: {d.message}"
-                for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
-            serve.delete(name, _blocking=False)  # pending replicas may take long to go
-            if status == "DEPLOY_FAILED":
-                raise DeployError(f"application {name!r} failed to deploy: {message} {detail}"
-                                  .strip())
+        runner.join(pause)
+        pause = min(pause * 1.5, 0.5)
+        if not runner.is_alive() and "error" not in outcome:
+            return outcome["handle"]
+        status, message, detail = _app_status(serve, name)
+        if status == "RUNNING" and "error" not in outcome:
+            runner.join(max(0.0, min(deadline - time.monotonic(), 5.0)))  # returns within 1 s
+            return outcome.get("handle") or serve.get_app_handle(name)
+        failed = "error" in outcome or status == "DEPLOY_FAILED"
+        if failed or time.monotonic() > deadline:
+            # not waited for: deleting replicas that never started takes Serve a while
+            _delete_in_background(serve, name)
+            if failed:
+                cause = outcome.get("error")
+                reason = message or (str(cause) if cause is not None else "")
+                raise DeployError(f"application {name!r} failed to deploy: {reason} {detail}"
+                                  .strip()) from cause
             raise NotEnoughResources(f"application {name!r} was not running after {timeout} s "
                                      f"(status {status}): {message} {detail}".strip())
-        time.sleep(pause)
-        pause = min(pause * 1.5, 0.5)
+
+
+def _app_status(serve: Any, name: str) -> tuple[str, str, str]:
+    """The application's status name, Serve's message, and what its deployments say."""
+    app = serve.status().applications.get(name)
+    status = str(getattr(app, "status", "NOT_STARTED")).rsplit(".", 1)[-1]
+    message = getattr(app, "message", "") or ""
+    detail = "; ".join(
+        f"{dep}: {d.status}: {d.message}"
+        for dep, d in (getattr(app, "deployments", None) or {}).items() if d.message)
+    return status, message, detail
+
+
+def _delete_in_background(serve: Any, name: str) -> None:
+    """``serve.delete(name)`` (public; it waits for the deletion, up to 60 s) off this thread."""
+    def delete() -> None:
+        try:
+            serve.delete(name)
+        except Exception as exc:  # the deploy's own error is what the caller needs
+            log.warning("ray app %r: deleting it after a failed deploy failed: %s", name, exc)
+
+    threading.Thread(target=delete, name=f"ray-serve-delete-{name}", daemon=True).start()
 
 
 # ---- the client -------------------------------------------------------------------------
@@ -333,22 +389,25 @@ def connect(name: str, *, maxsize: int = 64, timeout: float | None = None, retri
 
     Open it like a local runner (``async with connect(...) as runner``). ``maxsize`` bounds
     items admitted and not consumed, as for any runner. ``timeout`` (seconds) bounds each
-    remote call: past it the call counts as failed and its items are re-sent (None: wait as
-    long as Serve takes; Serve itself reports dead replicas). Each item is re-sent at most
-    ``retries`` times. One call carries up to ``batch`` items (default: ``maxsize`` spread over
+    remote call: past it the call counts as failed, as if its replica had died (None: wait as
+    long as Serve takes; Serve itself reports dead replicas). ``retries`` is how many more
+    times an item is run after the device holding it failed (0: never; the item then fails
+    with that failure). Here an item whose replica died, broke or timed out is sent again, to
+    whichever replica Serve picks; used up, it fails with :class:`~aioaccel.RemoteError` as
+    the cause. One call carries up to ``batch`` items (default: ``maxsize`` spread over
     ``calls``), with up to ``calls`` calls in flight (default: 2 per replica).
     ``connect_timeout`` bounds fetching the model's spec when the runner opens.
     """
-    _serve()
-    if not isinstance(maxsize, int) or maxsize < 1:
-        raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-    if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    # the arguments first: a bad one is refused the same way with or without Ray installed
+    check_count("maxsize", maxsize, 1)
+    check_seconds("timeout", timeout, none=True, zero=False, infinite=True)
+    check_count("retries", retries)
     for label, value in (("batch", batch), ("calls", calls)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{label} must be a positive int or None, got {value!r}")
+        if value is not None:
+            check_count(label, value, 1)
+    check_seconds("close_timeout", close_timeout)
+    check_seconds("connect_timeout", connect_timeout, zero=False)
+    _serve()
     settings = _ClientSettings(name, maxsize, timeout, retries, batch, calls, connect_timeout)
     return Runner(functools.partial(_load_remote, settings), maxsize=maxsize,
                   name=runner_name or f"ray-{name}", close_timeout=close_timeout)
@@ -408,12 +467,14 @@ def _running_replicas(serve: Any, app: str) -> int:
 class _Pending:
     """One item on the client side of the wire."""
 
-    __slots__ = ("attempts", "inputs", "token")
+    __slots__ = ("attempts", "failure", "inputs", "token", "unavailable_since")
 
     def __init__(self, token: object, inputs: Any):
         self.token = token
         self.inputs = inputs
         self.attempts = 0
+        self.failure = ""                 # why its replica failed it the first time (a suspect)
+        self.unavailable_since = 0.0      # first refusal / no replica available (monotonic)
 
 
 def _abandoned(token: object) -> bool:
@@ -441,6 +502,9 @@ class _RemoteStage(DeviceStage):
         self._lock = threading.Lock()
         self._wake_scheduled = False
         self._in_flight: dict[asyncio.Task[None], list[_Pending]] = {}
+        # probation (see the module docstring): items a lost replica held, to re-send alone
+        self._suspects: deque[_Pending] = deque()
+        self._trial: _Pending | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -449,6 +513,7 @@ class _RemoteStage(DeviceStage):
         self._sent_calls = self._sent_items = self._retried = self._lost_calls = 0
         self._cancelled_unsent = self._cancelled_calls = self._overloaded = 0
         self._cancelled_items = 0  # answered "cancelled": never sent, or their call cancelled
+        self._tried_alone = self._poisoned = self._refused = 0
         self._answered_by: dict[str, int] = {}  # "<actor id>@<node id>" -> items answered
 
     def counters(self) -> dict[str, Any]:
@@ -459,6 +524,8 @@ class _RemoteStage(DeviceStage):
                 "overloaded_calls": self._overloaded, "cancelled_unsent": self._cancelled_unsent,
                 "cancelled_calls": self._cancelled_calls,
                 "cancelled_items": self._cancelled_items, "in_flight_calls": len(self._in_flight),
+                "suspects": self._tried_alone, "poisoned": self._poisoned,
+                "refused": self._refused,
                 "batch": self._batch, "max_calls": self._calls,
                 "answered_by": dict(self._answered_by)}
 
@@ -519,13 +586,16 @@ class _RemoteStage(DeviceStage):
         loop.create_task(finish())
 
     def _dispatch(self) -> None:
-        """Start calls while fewer than ``calls`` are in flight and items wait."""
+        """Start calls while fewer than ``calls`` are in flight and items wait; during a
+        probation, only the next suspect, alone."""
         with self._lock:
             self._wake_scheduled = False
         if self._stopping:
             return
         arrived, loop = self._arrived, self._loop
         assert loop is not None
+        if (self._suspects or self._trial is not None) and not self._next_trial():
+            return  # new items wait until the probation is over
         while arrived and len(self._in_flight) < self._calls:
             batch: list[_Pending] = []
             while arrived and len(batch) < self._batch:
@@ -540,10 +610,30 @@ class _RemoteStage(DeviceStage):
                 task = loop.create_task(self._call(batch))
                 self._in_flight[task] = batch
 
-    async def _call(self, batch: list[_Pending]) -> None:
+    def _next_trial(self) -> bool:
+        """Start the next suspect's call, alone, once nothing else of ours is in flight (so a
+        replica lost meanwhile was lost to it). True when the probation is over."""
+        if self._trial is not None or self._in_flight:
+            return False
+        loop = self._loop
+        assert loop is not None
+        while self._suspects:
+            pending = self._suspects.popleft()
+            if _abandoned(pending.token):
+                self._cancelled_items += 1
+                self._answer(pending, None, RemoteError("cancelled before it was sent again"))
+                continue
+            self._trial = pending
+            self._tried_alone += 1
+            task = loop.create_task(self._call([pending], trial=True))
+            self._in_flight[task] = [pending]
+            return False
+        return True
+
+    async def _call(self, batch: list[_Pending], trial: bool = False) -> None:
         try:
             while batch:
-                batch = await self._attempt(batch)
+                batch = await self._attempt(batch, trial)
         except asyncio.CancelledError:
             if self._stopping:  # the runner has failed what was pending already
                 raise
@@ -553,11 +643,15 @@ class _RemoteStage(DeviceStage):
                 self._answer(p, None, RemoteError("cancelled"))
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if trial:
+                self._trial = None
             if not self._stopping:
                 self._dispatch()
 
-    async def _attempt(self, batch: list[_Pending]) -> list[_Pending]:
-        """One Serve call for ``batch``; returns the items to send again."""
+    async def _attempt(self, batch: list[_Pending], trial: bool = False) -> list[_Pending]:
+        """One Serve call for ``batch``; returns the items to send again in this same call
+        (overload, or no replica could take them); the items a lost replica held become
+        suspects (or, for the suspect on ``trial``, the poison item)."""
         from ray.exceptions import RayActorError, TaskCancelledError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -578,9 +672,11 @@ class _RemoteStage(DeviceStage):
             raise
         except TimeoutError:
             _cancel_in_background(response)
-            return self._again(batch, f"no answer within timeout={self._timeout} s")
-        except (RayActorError, TaskCancelledError, DeploymentUnavailableError) as exc:
-            return self._again(batch, f"replica lost ({type(exc).__name__}: {exc})")
+            return self._lost(batch, f"no answer within timeout={self._timeout} s", trial)
+        except DeploymentUnavailableError as exc:  # no replica at all: nobody is to blame
+            return await self._unavailable(batch, f"no replica available ({exc})")
+        except (RayActorError, TaskCancelledError) as exc:
+            return self._lost(batch, f"replica lost ({type(exc).__name__}: {exc})", trial)
         except Exception as exc:  # the call itself failed (e.g. an input that does not pickle)
             self._lost_calls += 1
             for p in batch:
@@ -588,32 +684,71 @@ class _RemoteStage(DeviceStage):
             return []
         replica, answers = replies
         self._answered_by[replica] = self._answered_by.get(replica, 0) + len(batch)
-        again: list[_Pending] = []
-        reason = ""
+        broken: list[_Pending] = []
+        refused: list[_Pending] = []
+        reason = refusal = ""
         for p, (kind, value) in zip(batch, answers, strict=True):
             if kind == _OK:
+                p.unavailable_since = 0.0
                 self._answer(p, value, None)
             elif kind == _REPLICA_BROKEN:
-                again.append(p)
+                broken.append(p)
                 reason = value
+            elif kind == _REPLICA_REFUSED:
+                refused.append(p)
+                refusal = value
             else:
                 self._answer(p, None, RemoteError(value))
-        return self._again(again, f"replica broken ({reason})") if again else []
+        if broken:
+            self._lost(broken, f"replica broken ({reason})", trial)
+        if refused:
+            self._refused += len(refused)
+            return await self._unavailable(refused, f"refused ({refusal})")
+        return []
 
-    def _again(self, batch: list[_Pending], reason: str) -> list[_Pending]:
-        """Items whose call failed: those with retries left go again, the others fail."""
+    def _lost(self, items: list[_Pending], reason: str, trial: bool) -> list[_Pending]:
+        """A replica failed ``items`` (it died, broke or did not answer): those with retries
+        left become suspects, to be re-sent alone; the suspect on ``trial`` failed a replica
+        alone, the second time: it is the poison item. Returns nothing to re-send at once."""
         self._lost_calls += 1
-        log.warning("ray app %r: a call with %d items failed: %s", self._app, len(batch), reason)
-        again = []
-        for p in batch:
-            if p.attempts < self._retries and not _abandoned(p.token):
+        log.warning("ray app %r: a call with %d items failed: %s", self._app, len(items), reason)
+        for p in items:
+            gave_up = (f"{reason}; gave up after {p.attempts + 1} attempts "
+                       f"(retries={self._retries})")
+            if trial:
+                self._poisoned += 1
+                self._answer(p, None, RemoteError(
+                    f"{gave_up}: a poison item: it failed two replicas, the second time sent "
+                    f"alone (the first time: {p.failure}); not re-sent again"))
+            elif p.attempts < self._retries and not _abandoned(p.token):
                 p.attempts += 1
                 self._retried += 1
-                again.append(p)
+                p.failure = reason
+                self._suspects.append(p)
             else:
+                self._answer(p, None, RemoteError(gave_up))
+        return []
+
+    async def _unavailable(self, items: list[_Pending], reason: str) -> list[_Pending]:
+        """No replica could take ``items`` (the one reached was broken, or none is
+        available): not their doing. They go again after a pause, for up to
+        ``UNAVAILABLE_FOR`` seconds each, then fail."""
+        now = time.monotonic()
+        again = []
+        for p in items:
+            if not p.unavailable_since:
+                p.unavailable_since = now
+            if _abandoned(p.token):
+                self._cancelled_items += 1
+                self._answer(p, None, RemoteError("cancelled"))
+            elif now - p.unavailable_since > UNAVAILABLE_FOR:
                 self._answer(p, None, RemoteError(
-                    f"{reason}; gave up after {p.attempts + 1} attempts (retries="
-                    f"{self._retries})"))
+                    f"{reason}; no replica could take it for {UNAVAILABLE_FOR:g} s"))
+            else:
+                again.append(p)
+        if again:
+            waited = now - min(p.unavailable_since for p in again)
+            await asyncio.sleep(min(0.5, 0.02 + waited / 10))
         return again
 
     async def _reap(self) -> None:

@@ -101,7 +101,7 @@ def _load(spec: ChildSpec) -> Model:
         options["runner_name"] = spec.runner_name
     if spec.batch is not None and spec.batch > 1:
         if "batch" not in accepted:
-            from ..batching import BatchingUnsupported
+            from ..errors import BatchingUnsupported
 
             raise BatchingUnsupported(f"the {spec.backend} backend cannot batch "
                                       f"(batch={spec.batch} given): its runtime takes one item "
