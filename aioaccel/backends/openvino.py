@@ -333,6 +333,20 @@ class _Input:
         self.shared = False        # the request holds a caller's array instead of ``tensor``
 
 
+class _Output:
+    """One output of a sync request with a static shape: the array the request writes it
+    into (set with ``set_output_tensor``, so OpenVINO's contract, not chance, says where the
+    result is)."""
+
+    __slots__ = ("array", "handed_out", "index")
+
+    def __init__(self, index: int, array: np.ndarray):
+        self.index = index
+        self.array = array
+        #: large: the array goes to the caller, and a fresh one is set before the next call
+        self.handed_out = array.nbytes > SHARE_ABOVE
+
+
 class OpenVINOSyncStage(BlockingStage):
     """One infer request, driven synchronously by its own worker thread.
 
@@ -340,8 +354,12 @@ class OpenVINOSyncStage(BlockingStage):
     own tensor (its shape set only when it changes; inputs over :data:`SHARE_ABOVE` bytes are
     shared with the request instead of copied), ``infer()`` runs with no argument to convert,
     and each output is copied out once (results are the caller's to keep: the next call
-    overwrites the request's tensors). After a failed item the model is compiled anew (see
-    :class:`Recompiling`) and the stage takes a request of the new one.
+    overwrites the request's tensors). An output of static shape is written into an array of
+    ours set as the request's output tensor, so copying it out needs no tensor lookup; one
+    over :data:`SHARE_ABOVE` bytes is handed out as it is, and a fresh array set before the
+    next call (a copy of a few MB costs more than setting a tensor). After a failed item the
+    model is compiled anew (see :class:`Recompiling`) and the stage takes a request of the
+    new one.
     """
 
     def __init__(self, compiled: Recompiling, wiring: Wiring):
@@ -352,12 +370,26 @@ class OpenVINOSyncStage(BlockingStage):
         self._bind()
 
     def _bind(self) -> None:
-        """Take a request of the current compiled model, and its input tensors."""
+        """Take a request of the current compiled model, its input tensors, and arrays of
+        ours for its static outputs."""
         holder = self.compiled
         generation, request = holder.generation, holder.compiled.create_infer_request()
         inputs = [_Input(i, key, request.get_input_tensor(i))
                   for i, (_, key) in enumerate(self._wiring.feeds)]
         self._in_place = all(_writable(port) for port in request.model_inputs)
+        #: per output: an _Output (static shape, plain NumPy type), or None (the request
+        #: allocates it: read after each call)
+        owned: list[_Output | None] = []
+        for i, port in enumerate(request.model_outputs):
+            shape = port.get_partial_shape()
+            if not (self._in_place and _writable(port) and shape.is_static):
+                owned.append(None)
+                continue
+            array = np.empty(tuple(port.get_shape()), port.get_element_type().to_dtype())
+            request.set_output_tensor(i, _tensor_of(array))
+            owned.append(_Output(i, array))
+        self._owned = owned
+        self._fresh = [o for o in owned if o is not None and o.handed_out]
         self.request, self._inputs, self._generation = request, inputs, generation
 
     def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -369,6 +401,9 @@ class OpenVINOSyncStage(BlockingStage):
                 if self._in_place:
                     for slot in self._inputs:
                         self._fill(request, slot, tensors[slot.key])
+                    for out in self._fresh:  # the last call's array is the caller's now
+                        out.array = np.empty_like(out.array)
+                        request.set_output_tensor(out.index, _tensor_of(out.array))
                     request.infer(share_outputs=True)  # outputs are copied once, below
                 else:  # OpenVINO converts (share_inputs=False: copied in)
                     request.infer(dict(enumerate(self._wiring.gather_list(tensors))),
@@ -376,9 +411,12 @@ class OpenVINOSyncStage(BlockingStage):
             except BaseException:
                 self._recover()  # this item fails alone; the next one gets a clean model
                 raise
-        # the tensor after the call: a dynamic output's is reallocated to its new shape
-        output = request.get_output_tensor
-        outputs = {name: output(i).data.copy() for i, name in enumerate(self._outputs)}
+        outputs = {}
+        for i, (name, owned) in enumerate(zip(self._outputs, self._owned, strict=True)):
+            if owned is None:  # read after the call: a dynamic output is reallocated per shape
+                outputs[name] = request.get_output_tensor(i).data.copy()
+            else:
+                outputs[name] = owned.array if owned.handed_out else owned.array.copy()
         return self._wiring.pass_on(tensors, outputs)
 
     def _recover(self) -> None:
