@@ -333,6 +333,7 @@ def test_a_killed_parent_leaves_no_child_and_no_segment(tmp_path: Path,
     before = _shm()
     parent = subprocess.Popen([sys.executable, str(script), child_state],
                               stdout=subprocess.PIPE, text=True)
+    pid: int | None = None
     try:
         assert parent.stdout is not None
         line = parent.stdout.readline()
@@ -345,6 +346,8 @@ def test_a_killed_parent_leaves_no_child_and_no_segment(tmp_path: Path,
         # generous: on a loaded machine the forkserver's own exit (the child's parent) can lag
         assert wait_gone(pid, 30.0), f"child {pid} outlived its killed parent ({child_state})"
     finally:
+        if pid is not None and alive(pid):  # a failed run must not leave a spinning child
+            os.kill(pid, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)

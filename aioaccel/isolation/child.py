@@ -87,6 +87,21 @@ def _watch_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+    # Under the forkserver our parent is the forkserver, which exits only once every holder of
+    # its "alive" pipe is gone -- and multiprocessing hands that pipe's write end to each child
+    # it forks (so that a child could start processes through it too, which ours never do).
+    # Kept open here, a child stuck holding the GIL would keep the forkserver alive after the
+    # runner died, and the forkserver it: neither would ever go. Closed, the runner's death
+    # ends the forkserver, and PR_SET_PDEATHSIG ends us.
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(forkserver, "_forkserver", None)
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(alive_fd, int):
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 def _load(spec: ChildSpec) -> Model:
