@@ -127,7 +127,7 @@ class _Dispatch(DeviceStage):
         self._cond = threading.Condition()
         self._pending = 0            # submitted and not yet completed
         self._room = sum(r.maxsize for r in runners)  # capacity of the members still alive
-        self._dead: DeviceError | None = None
+        self._dead: AccelError | None = None
         self._inbox: deque[_Job] = deque()
         self._scheduled = False
         # loop side
@@ -359,8 +359,13 @@ class _Dispatch(DeviceStage):
 
     def _all_lost(self) -> None:
         causes = "; ".join(f"{m.label}: {m.lost or m.state()}" for m in self.members)
-        dead = DeviceError(f"every member of pool {self.pool_name!r} is broken or closed: "
-                           f"{causes}")
+        dead: AccelError
+        if exit_guard.exiting():  # the exit hook stopped the members: closed, not broken
+            dead = RunnerClosed(f"pool {self.pool_name!r} was closed: the interpreter is "
+                                f"exiting ({causes})")
+        else:
+            dead = DeviceError(f"every member of pool {self.pool_name!r} is broken or "
+                               f"closed: {causes}")
         with self._cond:
             self._dead = dead
             self._cond.notify_all()

@@ -59,7 +59,12 @@ def cluster() -> Any:
             serve.shutdown()
         finally:
             ray.shutdown()
-            cluster.shutdown()
+            for _ in range(3):  # a late serve.delete thread may reconnect the driver meanwhile:
+                try:           # Cluster.shutdown then disconnects it and refuses; again
+                    cluster.shutdown()
+                    break
+                except ValueError:
+                    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
