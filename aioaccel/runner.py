@@ -38,6 +38,7 @@ from .core.lifecycle import State
 from .core.records import Lane, Outcome, Ticket
 from .core.results import Result
 from .core.stream_table import StreamTable
+from .core.streamed_chunk import ChunkTicket, take_one
 from .core.supervision import Supervisor
 from .errors import (
     DeviceError,
@@ -65,10 +66,8 @@ _names = count()
 
 class Runner:
     """Runs a model (one or more stages) for async code (asyncio, uvloop, trio, anyio). Create
-    it with :func:`aioaccel.open`.
-
-    Use it as ``async with aioaccel.open(...) as runner`` (or ``runner = await aioaccel.open(...)``
-    and later ``await runner.aclose()``).
+    it with :func:`aioaccel.open`. Use it as ``async with aioaccel.open(...) as runner`` (or
+    ``runner = await aioaccel.open(...)`` and later ``await runner.aclose()``).
     """
 
     def __init__(self, load: Callable[[], Model], *, maxsize: int = 8, name: str | None = None,
@@ -311,6 +310,8 @@ class Runner:
             if tickets:
                 head = tickets[0]
                 if head.done:
+                    if type(head) is ChunkTicket:  # a streamed chunk: its next item
+                        return take_one(self, lane, head)
                     tickets.popleft()
                     self._done.free(head)
                     job = head.job

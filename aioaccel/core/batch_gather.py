@@ -200,10 +200,10 @@ def batch_of(jobs: list[Job], counters: BatchCounters, now: float) -> list[Any]:
         except ValueError:
             pass
         else:
-            counters.count(len(jobs), sum(now - job.t_admit for job in jobs))
+            counters.count(*_items_waited(jobs, now))
             return [Batch(jobs, value, counts)]
     for job in jobs:
-        counters.count(1, now - job.t_admit)
+        counters.count(job.items, (now - job.t_admit) * job.items)
     return list(jobs)
 
 
@@ -261,7 +261,7 @@ def run_batch(run: Callable[[Any], Any], jobs: list[Job], stage: str,
             return [_solo(run, job, stage, counters, now) for job in jobs]
     value, counts = joined
     batch = Batch(jobs, value, counts)
-    counters.count(len(jobs), sum(now - job.t_admit for job in jobs))
+    counters.count(*_items_waited(jobs, now))
     t0 = perf_counter()
     try:
         batch.value = run(value)
@@ -273,6 +273,16 @@ def run_batch(run: Callable[[Any], Any], jobs: list[Job], stage: str,
     batch.work += perf_counter() - t0
     batch.at = 1
     return [batch]
+
+
+def _items_waited(jobs: list[Job], now: float) -> tuple[int, float]:
+    """The items ``jobs`` carry (a streamed chunk's job carries several) and the seconds they
+    waited for this call, as :meth:`BatchCounters.count` takes them."""
+    items, waited = 0, 0.0
+    for job in jobs:
+        items += job.items
+        waited += (now - job.t_admit) * job.items
+    return items, waited
 
 
 def run_alone(run: Callable[[Any], Any], job: Job, stage: str) -> None:
@@ -292,7 +302,7 @@ def run_alone(run: Callable[[Any], Any], job: Job, stage: str) -> None:
 def _solo(run: Callable[[Any], Any], job: Job, stage: str, counters: BatchCounters,
           now: float, counted: bool = False) -> Job:
     if not counted:
-        counters.count(1, now - job.t_admit)
+        counters.count(job.items, (now - job.t_admit) * job.items)
     run_alone(run, job, stage)
     job.at = 1
     return job

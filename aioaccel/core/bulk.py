@@ -29,6 +29,7 @@ from ..errors import AccelError, InferenceError, InferTimeout, InputError
 from .jobs import Job
 from .records import Ticket
 from .results import Result
+from .streamed_chunk import ChunkTicket, chunk_limit, plan_rows, push_chunked, take_from_chunk
 
 if TYPE_CHECKING:
     from .async_library import Waiter
@@ -549,6 +550,10 @@ async def push_many_lane(runner: Runner, lane: Lane, inputs: Iterable[Any],
     labels = check_tags(tags, len(items))
     sup = runner._sup
     sup.check_accepting(lane)
+    limit = chunk_limit(runner, lane)
+    planned = plan_rows(runner, items, limit) if limit > 1 and len(items) > 1 else None
+    if planned is not None:  # runs of items as one job each (see .streamed_chunk)
+        return await push_chunked(runner, lane, planned[1], planned[0], labels)
     prepared = prepare_all(runner, items, False)
     adm = runner._admission
     seqs: list[int] = []
@@ -614,6 +619,9 @@ def take_ready(runner: Runner, lane: Lane, limit: int) -> list[Result]:
         head = tickets[0]
         if not head.done:
             break
+        if type(head) is ChunkTicket:  # its items, as many as fit (it leaves once consumed)
+            out.extend(take_from_chunk(runner._done, head, limit - len(out)))
+            continue
         tickets.popleft()
         if not head.released:  # Completions.free, for the whole run at once below
             head.released = True

@@ -22,6 +22,7 @@ from ..errors import AccelError, InferenceError, copy_for_waiter, inference_erro
 from ..stats import LatencyHistogram, LatencyWindow
 from .bulk import Slot
 from .records import Lane, Ticket
+from .streamed_chunk import ChunkTicket, settle_chunk
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -73,6 +74,9 @@ class Completions:
                     and not ticket.withdrawn):
                 # the common case of a streamed item, inlined: its result waits in the
                 # default lane's outbox (which is never closed early nor orphaned)
+                if type(ticket) is ChunkTicket:  # a run of push_many's items as one job
+                    settle_chunk(self, ticket, job, woken)
+                    continue
                 took.append(job.t_done - ticket.t_admit)
                 if job.t_start:
                     queued.append(job.t_start - ticket.t_admit)
@@ -118,6 +122,9 @@ class Completions:
         self.check_idle()
 
     def _settle(self, ticket: Ticket, job: Job, woken: set[Lane]) -> None:
+        if type(ticket) is ChunkTicket:
+            settle_chunk(self, ticket, job, woken)
+            return
         lane = ticket.lane
         if ticket.withdrawn:  # the empty shell of a withdrawn infer: its slot is free now
             self.admission.release(lane)
@@ -190,7 +197,10 @@ class Completions:
         so its finished results must not hold the runner's capacity)."""
         if not ticket.released:
             ticket.released = True
-            self.admission.release(ticket.lane)
+            if type(ticket) is ChunkTicket:  # the slots of the items not consumed yet
+                self.admission.release_many(ticket.lane, ticket.count - ticket.taken)
+            else:
+                self.admission.release(ticket.lane)
 
     def check_idle(self) -> None:
         if not self.unfinished and self.idle is not None and not self.idle.done():
@@ -228,15 +238,15 @@ class Completions:
             if withdraw is not None:
                 withdraw(ticket.job)
             if ticket.withdrawn:
-                self.admission.release(ticket.lane)
+                self.admission.release_many(ticket.lane, ticket.count)
                 continue
             fut = ticket.future
             if fut is not None:
                 if not fut.done():
                     fut.set_exception(copy_for_waiter(failure))
                 self.admission.release(ticket.lane)
-            self.failed += 1
-            ticket.lane.failed += 1
+            self.failed += ticket.count  # items: a streamed chunk counts each of its own
+            ticket.lane.failed += ticket.count
         for lane in lanes:
             tickets = lane.tickets
             kept: deque[Ticket] = deque()
@@ -244,7 +254,7 @@ class Completions:
                 kept.append(tickets.popleft())
             for ticket in tickets:
                 if not ticket.released:
-                    self.admission.release(lane)
+                    self.admission.release_many(lane, ticket.count - ticket.taken)
             if tickets:  # its consumer gets the failure after the finished prefix
                 lane.failure = failure
             lane.tickets = kept

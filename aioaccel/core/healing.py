@@ -33,6 +33,7 @@ from ..stats import LatencyHistogram
 from .async_library import Flag
 from .jobs import Job
 from .lifecycle import State
+from .streamed_chunk import expand_chunks
 
 if TYPE_CHECKING:
     from ..backends import Model
@@ -189,12 +190,14 @@ class Healer:
         retry: list[Ticket] = []
         trial, self.trial = self.trial, None
         waiting = {t.seq for t in self._suspects} | self._held_seqs  # never on the device
+        # a streamed chunk the device held: its items, each retried (or failed) on its own
+        expand_chunks(done, lambda t: (t.gen is gen or gen is None) and t.seq not in waiting)
         for seq, ticket in list(done.unfinished.items()):
             if (ticket.gen is not gen and gen is not None) or seq in waiting:
                 continue
             if ticket.withdrawn:
                 del done.unfinished[seq]
-                done.admission.release(ticket.lane)
+                done.admission.release_many(ticket.lane, ticket.count)
                 if ticket.lane is not done.default_lane and done.on_lane_released is not None:
                     done.on_lane_released(ticket.lane)  # a closed stream may be done now
             elif ticket is trial:

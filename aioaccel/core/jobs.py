@@ -28,6 +28,9 @@ class Job:
     __slots__ = ("abandoned", "at", "error", "failed_stage", "priority", "seq", "solo", "state",
                  "stream", "t_admit", "t_done", "t_start", "value", "work")
 
+    #: items it carries: one, but for a streamed chunk's job (``streamed_chunk.ChunkJob``)
+    items = 1
+
     def __init__(self, seq: int, value: Any, stream: int = 0, t_admit: float = 0.0,
                  priority: int = 0):
         self.seq = seq

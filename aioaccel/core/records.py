@@ -129,6 +129,11 @@ class Ticket:
         "withdrawn",
     )
 
+    #: items it stands for, and how many of them were consumed: one and none, but for a
+    #: streamed chunk (:class:`~aioaccel.core.streamed_chunk.ChunkTicket`)
+    count = 1
+    taken = 0
+
     def __init__(self, seq: int, tag: Any, lane: Lane, future: Outcome | None,
                  job: Job, t_admit: float):
         self.seq = seq

@@ -127,7 +127,7 @@ class Pipeline:
         self.ranks = ranks  # before any bell: a worker that takes one finds the levels
         self.put = ranks.put
         for item in moved:
-            if type(item) is Job and not item.solo:
+            if isinstance(item, Job) and not item.solo:
                 ranks.put(item)
             else:  # the stop sentinel, a failed batch's member back to run alone
                 queue.put(item)
@@ -434,7 +434,7 @@ class Pipeline:
             t1 = perf_counter()
             w.call_started = 0.0
             w.busy += t1 - t0
-            w.calls += len(jobs)
+            w.calls += sum(job.items for job in jobs)  # items (a chunk's job holds several)
             for k, item in enumerate(out):
                 forward(item, t1, k < len(out) - 1)
 

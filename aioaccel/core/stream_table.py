@@ -165,8 +165,8 @@ class StreamTable:
             if (not ticket.done and done.unfinished.get(ticket.seq) is ticket
                     and gen is not None and gen.pipeline.withdraw(ticket.job)):
                 ticket.withdrawn = True
-                done.withdrawn += 1
-                count += 1
+                done.withdrawn += ticket.count  # items (a streamed chunk holds several)
+                count += ticket.count
             else:
                 kept.append(ticket)
         lane.tickets = kept
