@@ -43,7 +43,7 @@ Targets (issue 21): <= 7 us of loop CPU per batched item, <= 12 us unbatched.
 
 Run: ``python benchmarks/bench_overhead.py [--loop asyncio|uvloop] [--rounds 3] [--width 64]
 [--batch 16] [--seconds 0.3] [--only onnx,stage30] [--profile] [--switch 0.5,0.05]
-[--switchinterval S] [--best]``
+[--switchinterval S] [--best] [--modes push_many,...]``
 """
 
 from __future__ import annotations
@@ -543,8 +543,18 @@ async def _open_sized(target: Any, maxsize: int) -> aioaccel.Runner:
 
 
 # ---- the sections -----------------------------------------------------------------------------
+def picked(modes: dict[str, Mode], only: list[str]) -> dict[str, Mode]:
+    """``modes`` whose name holds one of ``only`` (all when empty), and the raw loops (the
+    ratios' baselines) always."""
+    if not only:
+        return modes
+    return {name: mode for name, mode in modes.items()
+            if name.startswith("raw") or any(part in name for part in only)}
+
+
 def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds: int,
-                 seconds: float, profile: bool, switch: list[float]) -> None:
+                 seconds: float, profile: bool, switch: list[float],
+                 only: list[str] | None = None) -> None:
     import onnxruntime as ort
 
     chain = dense_chain(width, 4, dynamic_batch=True, seed=width)
@@ -575,9 +585,10 @@ def onnx_section(loop: asyncio.AbstractEventLoop, width: int, batch: int, rounds
                  **runner_modes(off, xs, "batching off"),
                  **runner_modes(on, xs, f"batch={batch}")}
         if switch:
-            picked = {k: v for k, v in modes.items()
-                      if k.endswith(f"batch={batch}") and k.startswith(("infer,", "push +"))}
-            modes.update(with_switch(picked, switch))
+            batched = {k: v for k, v in modes.items()
+                       if k.endswith(f"batch={batch}") and k.startswith(("infer,", "push +"))}
+            modes.update(with_switch(batched, switch))
+        modes = picked(modes, only or [])
         try:
             figures = measure(loop, modes, count, rounds, profile)
         finally:
@@ -647,6 +658,9 @@ def main() -> None:
                         help="comma-separated switch intervals in ms (e.g. 0.5,0.05): the "
                              "batched infer/push modes and the stage30 push modes again, each "
                              "with that interval for its rounds, interleaved with the others")
+    parser.add_argument("--modes", default="",
+                        help="comma-separated parts of mode names to run (e.g. 'push_many,"
+                             "floor: bridge'); the raw loops always run (default: every mode)")
     parser.add_argument("--best", action="store_true",
                         help="report each mode's best round (highest rate, least CPU) instead "
                              "of the median: for a machine other processes load")
@@ -663,7 +677,7 @@ def main() -> None:
         switch = [float(ms) / 1e3 for ms in args.switch.split(",") if ms.strip()]
         if "onnx" in parts:
             onnx_section(loop, args.width, args.batch, args.rounds, args.seconds, args.profile,
-                         switch)
+                         switch, [m.strip() for m in args.modes.split(",") if m.strip()])
         if "stage30" in parts:
             stage30_section(loop, args.rounds, args.profile, switch)
     finally:

@@ -283,9 +283,15 @@ async def test_a_device_fault_mid_chunk_heals_with_per_item_outcomes(kind: str) 
                   if kind == "device" else SimulatedStage(breaks_on_13, latency=0.0005))
     async with aioaccel.open(stage, maxsize=32, batch=8, restart=FAST, retries=2) as runner:
         xs = frames(40)
-        await runner.push_many(xs, tags=list(range(40)))
-        runner.close()
-        results = [r async for r in runner]
+        results: list[aioaccel.Result] = []
+
+        async def produce() -> None:  # 40 items, 32 slots: it waits for the consumer
+            await runner.push_many(xs, tags=list(range(40)))
+            runner.close()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            results.extend([r async for r in runner])
         stats = runner.stats()
     assert [r.tag for r in results] == list(range(40))
     assert [r.tag for r in results if not r.ok] == [13]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -310,8 +311,12 @@ def take_from_chunk(done: Completions, chunk: ChunkTicket, limit: int) -> list[R
         lane.tickets.popleft()
     job = chunk.job
     latency = job.t_done - chunk.t_admit
-    seq, tags, parts = chunk.seq, chunk.tags, chunk.parts
-    return [Result(parts[i], tags[i], seq + i, latency, None) for i in range(start, stop)]
+    seq = chunk.seq
+    if stop - start == 1:
+        return [Result(chunk.parts[start], chunk.tags[start], seq + start, latency, None)]
+    # map, not a comprehension: no Python frame per item, only the records' own __init__
+    return list(map(Result, chunk.parts[start:stop], chunk.tags[start:stop],
+                    range(seq + start, seq + stop), repeat(latency), repeat(None)))
 
 
 def take_one(runner: Runner, lane: Lane, chunk: ChunkTicket) -> Result:
