@@ -178,6 +178,11 @@ class LatencyHistogram:
             counts[bisect_left(bounds, value)] += 1
         self.sum += sum(values)
 
+    def add_repeated(self, value: float, count: int) -> None:
+        """:meth:`add` of ``value``, ``count`` times (the items of a streamed chunk)."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+
     def cumulative(self) -> tuple[tuple[float, int], ...]:
         total, out = 0, []
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from itertools import repeat
+from itertools import islice, repeat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -167,8 +167,8 @@ def enqueue(runner: Runner, lane: Lane, value: Any, tags: list[Any], per: int) -
     item, an ordinary ticket. Returns their sequence numbers."""
     seq_of = runner._seq
     seq = next(seq_of)
-    for _ in range(len(tags) - 1):  # the items' numbers: consecutive (nothing runs between)
-        next(seq_of)
+    if len(tags) > 1:  # the other items' numbers, consumed in C: consecutive (nothing runs
+        next(islice(seq_of, len(tags) - 2, None))  # on the loop between)
     now = perf_counter()
     sup = runner._sup
     job = (ChunkJob(seq, value, lane.index, now, lane.priority, len(tags)) if len(tags) > 1
@@ -208,7 +208,7 @@ def settle_chunk(done: Completions, ticket: ChunkTicket, job: Job, woken: set[La
     took = [latency] * count
     done.completed += count
     done.latency.add_many(took)
-    done.histogram.add_many(took)
+    done.histogram.add_repeated(latency, count)
     if job.t_start:
         done.queued.add_many([job.t_start - ticket.t_admit] * count)
     done.working.add_many([job.work / count] * count)
