@@ -23,7 +23,7 @@ from time import perf_counter, thread_time
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, new_loop, print_table, stream
+from _common import add_cpus_argument, apply_cpus, measure, new_loop, print_table, stream
 
 import aioaccel
 
@@ -82,9 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--rounds", type=int, default=5)
+    add_cpus_argument(parser)
     args = parser.parse_args()
+    pinned = apply_cpus(args.cpus)
     loop = new_loop(args.loop)
-    print(f"bench_core: loop={args.loop}, rounds={args.rounds} (medians of interleaved rounds)")
+    print(f"bench_core: loop={args.loop}, rounds={args.rounds} (medians of interleaved rounds), "
+          f"{pinned}")
     for label, seconds, count in (("~30 us work item", 30e-6, 6000),
                                   ("~1 ms work item", 1e-3, 600)):
         work = make_work(seconds)
