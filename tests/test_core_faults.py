@@ -55,9 +55,9 @@ async def test_dropped_streams_are_reclaimed_and_stats_stay_cheap() -> None:
         gc.collect()
         await asyncio.sleep(0.01)  # the drop callbacks hop to the loop with call_soon
         assert len(runner.stats().streams) < 10
-        started = time.perf_counter()
+        started = time.thread_time()  # its CPU: a loaded machine stretches the wall clock
         runner.stats()
-        assert time.perf_counter() - started < 0.01
+        assert time.thread_time() - started < 0.01
         kept = runner.stream("kept")
         await kept.push(1)
         del kept
@@ -141,7 +141,7 @@ async def test_cancelling_the_task_that_owns_async_with_returns_promptly() -> No
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 2.5  # promptly: a drain of the 8 items would take 4 s
 
 
 async def test_asyncio_timeout_around_async_with_returns_promptly() -> None:
@@ -153,7 +153,7 @@ async def test_asyncio_timeout_around_async_with_returns_promptly() -> None:
                 await runner.push(i)
             async for _ in runner:
                 pass
-    assert time.perf_counter() - t0 < 1.2
+    assert time.perf_counter() - t0 < 2.5  # promptly: a drain of the 8 items would take 4 s
 
 
 async def test_cancelling_open_while_a_factory_hangs_returns_at_once() -> None:
@@ -171,7 +171,7 @@ async def test_cancelling_open_while_a_factory_hangs_returns_at_once() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 3.0  # at once: the factory holds its thread 10 s
     release.set()  # the factory returns; its thread sees the stop and ends
 
 
@@ -190,7 +190,8 @@ async def test_aclose_timeout_with_a_hung_call_and_no_watchdog_takes_about_the_t
     await runner.aclose(timeout=0.3)
     elapsed = time.perf_counter() - t0
     release.set()
-    assert elapsed < 0.8, f"aclose(timeout=0.3) took {elapsed:.2f} s"
+    # about the timeout, not close_timeout=10 or the call's 10 s (slack for a loaded machine)
+    assert elapsed < 0.3 + 2.5, f"aclose(timeout=0.3) took {elapsed:.2f} s"
 
 
 async def test_aclose_racing_open_ends_closed_with_no_thread_left() -> None:
@@ -230,7 +231,7 @@ async def test_a_stage_close_that_raises_does_not_hold_aclose() -> None:
     assert await runner.infer(1) == 1
     t0 = time.perf_counter()
     await runner.aclose()
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 3.0  # not close_timeout=10
 
 
 # ---- process level -----------------------------------------------------------------------
