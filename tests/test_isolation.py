@@ -36,6 +36,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time ``pid`` has used (user + system)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while alive(pid):
@@ -354,6 +361,14 @@ def test_a_killed_parent_leaves_no_child_and_no_segment(tmp_path: Path,
         assert line, "the parent script did not start its runner"
         pid = int(line.split()[0])
         assert alive(pid)
+        if child_state == "hang":
+            # killed only once the child spins holding its GIL (the parent printed before it
+            # sent the item): else the child is idle, sees its pipe close and goes, and the
+            # case is not tested at all (it passed on the code before the fix that way)
+            start, deadline = cpu_seconds(pid), time.monotonic() + 30.0
+            while cpu_seconds(pid) - start < 0.5:
+                assert time.monotonic() < deadline, "the child never started its hang"
+                time.sleep(0.05)  # another process's CPU clock: there is no event to await
         assert _shm() - before == set(), "the slot ring should be unlinked once attached"
         parent.kill()
         parent.wait(10)
