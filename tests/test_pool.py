@@ -323,25 +323,6 @@ async def test_every_member_broken_breaks_the_pool() -> None:
             await pool.push(1)
 
 
-async def test_members_stopped_by_the_exit_hook_close_the_pool_and_do_not_break_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Regression: the interpreter's exit hook stops every runner left open, members before
-    the pool perhaps (in no set order); a thread still pushing into the pool then saw
-    DeviceError 'every member of pool ... is broken' (a traceback at a clean exit)."""
-    from aioaccel.core import exit_guard
-
-    members = [sim(0.0, "a"), sim(0.0, "b")]
-    async with aioaccel.pool(*members) as pool:
-        assert await pool.infer(1) == 1
-        monkeypatch.setattr(exit_guard, "_exiting", True)  # the hook's first step
-        for member in members:  # its RUNNERS phase reached the members first
-            member._sup.stop_at_exit(5.0)
-        with pytest.raises(aioaccel.RunnerClosed, match="the interpreter is exiting"):
-            await asyncio.wait_for(pool.infer(2), 10)
-        with pytest.raises(aioaccel.RunnerClosed):
-            await pool.push(3)
-
-
 async def test_a_per_item_failure_stays_with_its_item() -> None:
     bad = SimulatedStage(fail_if=lambda x: x == 7, name="picky")
     async with aioaccel.pool(aioaccel.open(bad, name="picky")) as pool:
