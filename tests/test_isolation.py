@@ -203,8 +203,12 @@ async def test_a_crash_fails_the_items_the_child_held_naming_the_cause(kind: str
         with LoopLag() as lag:
             results = await asyncio.gather(*(runner.infer(i) for i in range(8)),
                                            return_exceptions=True)
-        assert results[:3] == [0, 1, 2]
-        errors = [r for r in results[3:] if isinstance(r, BaseException)]
+        # the items before the fault are answered unless their replies were still in the
+        # child's writer thread when it died (a loaded machine: lost with the child, and
+        # failed with the rest); nothing after it is answered
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        assert answered == list(range(len(answered))) and len(answered) <= 3
+        errors = results[len(answered):]
         assert errors and all(isinstance(e, aioaccel.DeviceError) for e in errors)
         assert cause in str(errors[0]) and str(pid) in str(errors[0])
         assert runner.state == "broken"
