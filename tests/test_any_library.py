@@ -156,11 +156,25 @@ async def test_an_infer_cancelled_before_a_worker_took_it_is_withdrawn() -> None
 
 
 async def test_fail_after_raises_timeout_error_and_infer_timeout_raises_infer_timeout() -> None:
-    gate = threading.Event()
-    async with aioaccel.open(lambda x: gate.wait(5) and x, maxsize=3) as runner:
+    gate, taken = threading.Event(), threading.Event()
+
+    def held(x: int) -> int:
+        taken.set()
+        gate.wait(5)
+        return x
+
+    async with aioaccel.open(held, maxsize=3) as runner:
         with pytest.raises(TimeoutError):
-            with anyio.fail_after(0.05):
-                await runner.infer(1)  # the worker took it: its result will be discarded
+            with anyio.fail_after(10) as scope:
+                async def expire_once_taken() -> None:
+                    # the deadline passes once the worker has the item, however long a loaded
+                    # machine takes to start it (a fixed 0.05 s could end before: withdrawn)
+                    assert await anyio.to_thread.run_sync(taken.wait, 10)
+                    scope.deadline = anyio.current_time()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(expire_once_taken)
+                    await runner.infer(1)  # the worker took it: its result will be discarded
         with pytest.raises(aioaccel.InferTimeout, match=r"within 0\.05 s"):
             await runner.infer(2, timeout=0.05)  # withdrawn: its shell holds a slot a while
         runner.push_nowait(3)  # the third slot: full

@@ -129,7 +129,8 @@ async def test_a_reopen_whose_warm_up_fails_or_hangs_is_bounded_and_breaks_the_r
         outcomes = await asyncio.gather(*(runner.infer(i) for i in range(12)),
                                         return_exceptions=True)
         health = runner.health()
-    assert time.perf_counter() - started < 5.0
+    # two reopens, each bounded by open_timeout (a hung one would hold the gate's 30 s)
+    assert time.perf_counter() - started < FAST.limit * OPEN_BOUND + LIMIT
     assert health.state == "broken" and model.loads == 1 + FAST.limit
     assert outcomes[:7] == list(range(7))
     assert all(isinstance(o, aioaccel.DeviceError) for o in outcomes[7:])
@@ -170,7 +171,8 @@ async def test_aclose_while_recovering_stops_the_recovery_at_once(
     await runner.aclose()
     elapsed = time.perf_counter() - started
     outcomes = await asyncio.gather(*waiters, return_exceptions=True)
-    assert elapsed < 1.0, f"aclose took {elapsed:.2f} s"
+    # at once: far from close_timeout (slack for a loaded machine, not for a drain)
+    assert elapsed < 3.0, f"aclose took {elapsed:.2f} s"
     assert runner.state == "closed"
     assert outcomes[:7] == list(range(7))
     assert all(isinstance(o, aioaccel.AccelError) for o in outcomes[7:])

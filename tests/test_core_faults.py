@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,9 +55,9 @@ async def test_dropped_streams_are_reclaimed_and_stats_stay_cheap() -> None:
         gc.collect()
         await asyncio.sleep(0.01)  # the drop callbacks hop to the loop with call_soon
         assert len(runner.stats().streams) < 10
-        started = time.perf_counter()
+        started = time.thread_time()  # its CPU: a loaded machine stretches the wall clock
         runner.stats()
-        assert time.perf_counter() - started < 0.01
+        assert time.thread_time() - started < 0.01
         kept = runner.stream("kept")
         await kept.push(1)
         del kept
@@ -140,7 +141,7 @@ async def test_cancelling_the_task_that_owns_async_with_returns_promptly() -> No
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 2.5  # promptly: a drain of the 8 items would take 4 s
 
 
 async def test_asyncio_timeout_around_async_with_returns_promptly() -> None:
@@ -152,7 +153,7 @@ async def test_asyncio_timeout_around_async_with_returns_promptly() -> None:
                 await runner.push(i)
             async for _ in runner:
                 pass
-    assert time.perf_counter() - t0 < 1.2
+    assert time.perf_counter() - t0 < 2.5  # promptly: a drain of the 8 items would take 4 s
 
 
 async def test_cancelling_open_while_a_factory_hangs_returns_at_once() -> None:
@@ -170,7 +171,7 @@ async def test_cancelling_open_while_a_factory_hangs_returns_at_once() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 3.0  # at once: the factory holds its thread 10 s
     release.set()  # the factory returns; its thread sees the stop and ends
 
 
@@ -189,7 +190,8 @@ async def test_aclose_timeout_with_a_hung_call_and_no_watchdog_takes_about_the_t
     await runner.aclose(timeout=0.3)
     elapsed = time.perf_counter() - t0
     release.set()
-    assert elapsed < 0.8, f"aclose(timeout=0.3) took {elapsed:.2f} s"
+    # about the timeout, not close_timeout=10 or the call's 10 s (slack for a loaded machine)
+    assert elapsed < 0.3 + 2.5, f"aclose(timeout=0.3) took {elapsed:.2f} s"
 
 
 async def test_aclose_racing_open_ends_closed_with_no_thread_left() -> None:
@@ -229,19 +231,31 @@ async def test_a_stage_close_that_raises_does_not_hold_aclose() -> None:
     assert await runner.infer(1) == 1
     t0 = time.perf_counter()
     await runner.aclose()
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 3.0  # not close_timeout=10
 
 
 # ---- process level -----------------------------------------------------------------------
 SCRIPT = textwrap.dedent("""
-    import asyncio, signal, sys, time
-    import aioaccel
+    import asyncio, atexit, signal, sys, time
 
     # Ctrl-C as in a terminal, even where the test runner's shell started us with SIGINT
-    # ignored (background jobs of a non-interactive shell inherit SIG_IGN)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # ignored (background jobs of a non-interactive shell inherit SIG_IGN); the time it came
+    interrupted = []
+
+    def interrupt(signum, frame):
+        interrupted.append(time.perf_counter())
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, interrupt)
+    # registered first, so it runs last: after aioaccel's exit hook, which re-arms to run first
+    atexit.register(lambda: interrupted and print(
+        f"exit hooks done after {{time.perf_counter() - interrupted[0]:.3f}} s",
+        file=sys.stderr, flush=True))
+
+    import aioaccel
 
     def stage(x):
+        print("started", x, flush=True)
         time.sleep({delay})
         return x
 
@@ -264,20 +278,27 @@ def test_sigint_to_a_streaming_script_exits_promptly_and_cleanly(delay: float) -
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(delay=delay)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        if delay < 1:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().startswith("result")
+        # streaming results, or inside the hung call: told by the script, however long a
+        # loaded machine takes to start it
+        want = "result" if delay < 1 else "started"
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(want):
+                break
         else:
-            time.sleep(1.0)  # let it start and block inside the hung call (nothing to await)
-        t0 = time.perf_counter()
+            pytest.fail(f"the script ended before it printed {want!r}")
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
-        elapsed = time.perf_counter() - t0
+        _, err = proc.communicate(timeout=30)  # a hang guard: the exit itself is timed below
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()  # reaped and its pipes closed, whatever happened
-    assert elapsed < 1.5, f"exit took {elapsed:.2f} s"
+    # from the signal to the end of the exit hooks, timed in the script (the interpreter's
+    # start and its own teardown are not the runner's doing): a hung Python stage held the
+    # exit for its runner's 2 s join, or for close_timeout
+    found = re.search(r"exit hooks done after ([\d.]+) s", err)
+    assert found, err
+    assert float(found.group(1)) < 1.5, f"exit took {found.group(1)} s"
     assert "KeyboardInterrupt" in err
     assert "Exception in thread" not in err and "was never closed" not in err
 

@@ -240,17 +240,21 @@ async def test_call_timeout_under_backpressure_openvino_async() -> None:
     pytest.importorskip("openvino")
     from aioaccel.testing.models import dense_chain
 
-    chain = dense_chain(1024, 8, batch=64)
+    # A few ms per call, and call_timeout over 100 calls' worth: a loaded machine that slows
+    # each call 10-20x (one OpenVINO thread on a shared core) stays far from it, while the
+    # queue in front of the last items (maxsize calls) is twice call_timeout, so a clock
+    # started at submit would trip on half of them.
+    chain = dense_chain(1024, 4, batch=8)
     x = chain.random_input()
     async with aioaccel.open(chain.openvino_model(), api="async", jobs=1, maxsize=4,
                              config={"INFERENCE_NUM_THREADS": 1}) as probe:
         await probe.infer(x)
         started = time.perf_counter()
-        for _ in range(5):
+        for _ in range(10):
             await probe.infer(x)
-        per_item = (time.perf_counter() - started) / 5
-    timeout = max(0.3, 6 * per_item)  # generous: the machine may be busy
-    maxsize = min(512, int(2 * timeout / per_item) + 1)  # the queue alone would trip a
+        per_item = (time.perf_counter() - started) / 10
+    timeout = max(1.0, 100 * per_item)
+    maxsize = min(1024, int(2 * timeout / per_item) + 1)  # the queue alone would trip a
     async with aioaccel.open(chain.openvino_model(), api="async", jobs=1,  # submit-time clock
                              maxsize=maxsize, config={"INFERENCE_NUM_THREADS": 1},
                              call_timeout=timeout) as runner:

@@ -36,6 +36,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time ``pid`` has used (user + system)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while alive(pid):
@@ -45,8 +52,21 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return True
 
 
+def cpu_wait() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (the kernel's
+    schedstat); 0.0 where the kernel does not keep it."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class LoopLag:
-    """The longest the loop was late for a 2 ms timer while it ran."""
+    """The longest the loop was late for a 2 ms timer while it ran, less the time its thread
+    waited for a CPU meanwhile: on a loaded machine the scheduler alone can hold any loop off
+    its core for 100s of ms, while a stall of ours (a blocking wait for the child on the loop,
+    the GIL held by a thread of ours) keeps it from running though it could."""
 
     def __init__(self) -> None:
         self.worst = 0.0
@@ -55,9 +75,10 @@ class LoopLag:
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            before = loop.time()
+            before, waited = loop.time(), cpu_wait()
             await asyncio.sleep(0.002)
-            self.worst = max(self.worst, loop.time() - before - 0.002)
+            late = loop.time() - before - 0.002 - (cpu_wait() - waited)
+            self.worst = max(self.worst, late)
 
     def __enter__(self) -> LoopLag:
         self._task = asyncio.ensure_future(self._tick())
@@ -182,8 +203,12 @@ async def test_a_crash_fails_the_items_the_child_held_naming_the_cause(kind: str
         with LoopLag() as lag:
             results = await asyncio.gather(*(runner.infer(i) for i in range(8)),
                                            return_exceptions=True)
-        assert results[:3] == [0, 1, 2]
-        errors = [r for r in results[3:] if isinstance(r, BaseException)]
+        # the items before the fault are answered unless their replies were still in the
+        # child's writer thread when it died (a loaded machine: lost with the child, and
+        # failed with the rest); nothing after it is answered
+        answered = [r for r in results if not isinstance(r, BaseException)]
+        assert answered == list(range(len(answered))) and len(answered) <= 3
+        errors = results[len(answered):]
         assert errors and all(isinstance(e, aioaccel.DeviceError) for e in errors)
         assert cause in str(errors[0]) and str(pid) in str(errors[0])
         assert runner.state == "broken"
@@ -340,6 +365,14 @@ def test_a_killed_parent_leaves_no_child_and_no_segment(tmp_path: Path,
         assert line, "the parent script did not start its runner"
         pid = int(line.split()[0])
         assert alive(pid)
+        if child_state == "hang":
+            # killed only once the child spins holding its GIL (the parent printed before it
+            # sent the item): else the child is idle, sees its pipe close and goes, and the
+            # case is not tested at all (it passed on the code before the fix that way)
+            start, deadline = cpu_seconds(pid), time.monotonic() + 30.0
+            while cpu_seconds(pid) - start < 0.5:
+                assert time.monotonic() < deadline, "the child never started its hang"
+                time.sleep(0.05)  # another process's CPU clock: there is no event to await
         assert _shm() - before == set(), "the slot ring should be unlinked once attached"
         parent.kill()
         parent.wait(10)

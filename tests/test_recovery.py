@@ -86,8 +86,10 @@ async def test_a_hang_is_recovered_within_call_timeout_plus_backoff_and_reopen()
         stage.release()  # the abandoned thread may end now
     assert [r.outputs for r in results] == list(range(120))
     assert stats.restarts == 1
-    assert elapsed < 0.2 + 0.02 + 1.0 + 0.5, f"took {elapsed:.2f} s"
-    assert stats.recovery_sum < 1.0
+    # call_timeout, backoff and a reopen, with slack for a loaded machine: far from the 10 s
+    # (close_timeout) a recovery waiting for the hung call would take
+    assert elapsed < 0.2 + 0.02 + 5.0, f"took {elapsed:.2f} s"
+    assert stats.recovery_sum < 3.0
 
 
 async def test_an_exhausted_restart_budget_breaks_the_runner_and_fails_every_waiter() -> None:

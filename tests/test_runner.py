@@ -197,7 +197,8 @@ async def test_hung_call_ends_in_device_timeout_and_aclose_returns_promptly() ->
         assert "call_timeout=0.2" in str(outcomes[3])
         started = time.perf_counter()
         await runner.aclose()
-        assert time.perf_counter() - started < 2.0
+        # promptly: not close_timeout's 10 s for the hung call (slack for a loaded machine)
+        assert time.perf_counter() - started < 5.0
         assert stage.hanging.is_set()
     finally:
         stage.release()  # lets the abandoned thread end, for the no-thread-left check
@@ -373,7 +374,8 @@ async def test_cancelling_open_while_the_model_loads_does_not_block_the_loop(
     started = time.perf_counter()
     with pytest.raises(asyncio.CancelledError):
         await opening
-    assert time.perf_counter() - started < 0.5, "the loop waited for the load to finish"
+    # the load holds its thread 10 s
+    assert time.perf_counter() - started < 3.0, "the loop waited for the load to finish"
     release.set()
 
 
