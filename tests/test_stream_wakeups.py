@@ -121,3 +121,32 @@ async def test_a_deferred_result_is_flushed_when_the_worker_runs_dry(
         gate.set()
         with anyio.fail_after(10):
             assert [(await anext(runner)).outputs for _ in range(16)] == list(range(16))
+
+
+async def test_deferred_results_do_not_wait_for_a_slow_next_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker defers after short calls expecting the next to be short too; when the next
+    call is slow (here: it blocks until the test ends it), the loop's hold timer delivers the
+    deferred results meanwhile instead of leaving them behind it."""
+    monkeypatch.setattr(stage_threads, "SHORT_CALL", 1e9)
+    monkeypatch.setattr(loop_bridge, "COALESCE_WINDOW", 1e9)
+    gate, slow = threading.Event(), threading.Event()
+
+    def stage(x: int) -> int:
+        if x == 0:
+            gate.wait(5.0)
+        elif x == 5:
+            slow.wait(10.0)  # held until the first five results arrived
+        return x
+
+    async with aioaccel.open(stage, maxsize=16) as runner:
+        for i in range(16):
+            runner.push_nowait(i)  # 0-4 complete with more than a quarter queued: deferred
+        gate.set()
+        try:
+            with anyio.fail_after(5):
+                assert [(await anext(runner)).outputs for _ in range(5)] == list(range(5))
+        finally:
+            slow.set()
+        with anyio.fail_after(10):
+            assert [(await anext(runner)).outputs for _ in range(11)] == list(range(5, 16))
