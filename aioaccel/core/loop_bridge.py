@@ -12,10 +12,10 @@ completion comes within microseconds. Deferral is bounded by ``COALESCE_WINDOW``
 oldest undelivered job, and a worker about to block on an empty queue calls
 :meth:`Bridge.flush` first, so a deferred result never waits for input that may not come.
 Those two bounds are checked by the worker, so they hold only if its *next* call is short; a
-next call that is slow (or hangs) would hold the deferred results with it. So while workers defer, a loop-side timer (``HOLD_LIMIT``,
-re-armed while results keep coming, stopped once the bridge is idle) drains what was held:
-no result waits longer than that, whatever the worker does next. The worker arms it (one
-wake-up) only when it defers while no timer runs.
+next call that is slow (or hangs) would hold the deferred results with it. So while workers
+defer, a loop-side timer (``HOLD_LIMIT``, re-armed while results keep coming, stopped once
+the bridge is idle) drains what was held: no result waits longer than that, whatever the
+worker does next. The worker arms it (one wake-up) only when it defers while no timer runs.
 
 Race analysis: the drain clears ``_scheduled`` *before* it empties the deque, so a job
 appended after the flag was cleared either is taken by this drain or schedules the next one;
