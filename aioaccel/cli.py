@@ -34,7 +34,7 @@ import numpy as np
 
 import aioaccel
 from aioaccel.backends import BACKENDS
-from aioaccel.loops import add_loop_arguments, resolve_loop
+from aioaccel.loops import add_loop_arguments, keep_on_cpus, resolve_loop
 from aioaccel.loops import run as run_on_loop
 from aioaccel.serve.command import add_parser as add_serve_parser
 from aioaccel.serve.command import batch_option
@@ -128,6 +128,7 @@ def _main(argv: list[str] | None = None) -> int:
             if args.segments > 1 and args.model != ["builtin"]:
                 parser.error("--segments splits the builtin model; give segment files instead")
             resolve_loop(args.loop)
+            keep_on_cpus(args.cpus)
             return run_on_loop(run_bench(args), args.loop)
         return asyncio.run(run_info(args.model, args.backend))
     except aioaccel.BackendUnavailable as exc:
@@ -289,7 +290,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                           "inputs": {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
                                      for k, v in x.items()},
                           "concurrency": args.concurrency, "count": args.count,
-                          "batch": args.batch, "loop": loop,
+                          "batch": args.batch, "loop": loop, "cpus": _cpus_now(),
                           "rounds": len(share_rounds), "results": rows,
                           "latency_split": {k: {"p50": v[0], "p99": v[1]}
                                             for k, v in split.items()}}, indent=2))
@@ -494,6 +495,11 @@ def demo_verdict(ratio: float, ratios: list[float], segments: int) -> str:
                  f"vary ({min(ratios):.2f}x to {max(ratios):.2f}x); the median is the figure "
                  f"to quote.")
     return text
+
+
+def _cpus_now() -> list[int] | None:
+    """The CPUs this process may run on (what ``--cpus`` set), None where the OS does not say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 if __name__ == "__main__":

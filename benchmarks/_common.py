@@ -2,18 +2,64 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import socket
 import statistics
+import subprocess
+import time
 from collections.abc import Awaitable, Callable
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import Any
+
+import numpy as np
 
 # One BLAS/OpenMP thread per call: the benchmarks compare scheduling, not library threading.
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
 Mode = Callable[[int], Awaitable[None]]
+
+
+def make_work(target_seconds: float):  # type: ignore[no-untyped-def]
+    """A GIL-releasing NumPy multiply sized to take about ``target_seconds``."""
+    n = 200_000
+    for _ in range(3):
+        a = np.ones(n, np.float32)
+        b = np.ones(n, np.float32)
+        out = np.empty_like(a)
+        # sized on this thread's CPU clock, not the wall clock: on a shared machine a wall
+        # clock counts the time other processes held the core, and the work came out short
+        started = thread_time()
+        for _ in range(50):
+            np.multiply(a, b, out=out)
+        per_call = (thread_time() - started) / 50
+        n = max(1000, int(n * target_seconds / per_call))
+    a, b, out = np.ones(n, np.float32), np.ones(n, np.float32), np.empty(n, np.float32)
+
+    def work(_: object) -> np.ndarray:
+        return np.multiply(a, b, out=out)
+
+    return work
+
+
+def add_cpus_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus", default="",
+        help="comma-separated CPU numbers the whole run is kept on (e.g. 0): with the loop "
+             "thread and the worker threads on one core, a hand-off costs no cross-core "
+             "wake-up, and the run does not swing with where the scheduler puts the threads")
+
+
+def apply_cpus(spec: str) -> str:
+    """Keep this process (and every thread it starts from now on) on the CPUs of ``spec``;
+    returns what to print about it."""
+    if not spec:
+        return "cpus: any"
+    cpus = {int(c) for c in spec.split(",") if c.strip()}
+    os.sched_setaffinity(0, cpus)
+    return f"cpus: {','.join(map(str, sorted(cpus)))}"
 
 
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -79,3 +125,27 @@ async def stream(runner: Any, xs: list[Any], count: int) -> None:
     for _ in range(count):
         await anext(runner)
     await producer
+
+
+# ---- servers the web benchmarks start -------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    """Until ``url``/healthz answers 200 (60 s at most); the server's exit is an error."""
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server for {url} did not start")

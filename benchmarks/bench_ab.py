@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+BENCH = Path(__file__).resolve().parent
+
 CHILD = r'''
 import asyncio, json, sys
 from time import perf_counter, thread_time
@@ -36,20 +38,11 @@ from time import perf_counter, thread_time
 import numpy as np
 
 import aioaccel
+from _common import make_work  # benchmarks/ is on PYTHONPATH after the checkout
 
 COUNT = 4000
 
 
-def make_work(target):
-    n = 200_000
-    for _ in range(3):
-        a = np.ones(n, np.float32); b = np.ones(n, np.float32); out = np.empty_like(a)
-        started = perf_counter()
-        for _ in range(50):
-            np.multiply(a, b, out=out)
-        n = max(1000, int(n * target / ((perf_counter() - started) / 50)))
-    a, b, out = np.ones(n, np.float32), np.ones(n, np.float32), np.empty(n, np.float32)
-    return lambda _: np.multiply(a, b, out=out)
 
 
 async def streaming(work, maxsize):
@@ -107,7 +100,8 @@ else:
 
 
 def one_round(checkout: Path, loop: str) -> dict[str, dict[str, float]]:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(BENCH)]),
+           "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CHILD, loop], env=env, cwd=checkout,
                           capture_output=True, text=True, timeout=600, check=True)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import new_loop, percentile
+from _common import add_cpus_argument, apply_cpus, new_loop, percentile
 
 import aioaccel
 from aioaccel.testing.models import Chain, dense_chain
@@ -444,11 +444,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after each table, profile the loop thread during one round of "
                              "aioaccel infer (batching on when available)")
+    add_cpus_argument(parser)
     args = parser.parse_args()
+    pinned = apply_cpus(args.cpus)
     loop = new_loop(args.loop)
     try:
         batching = loop.run_until_complete(runner_batches())
-        print(f"loop: {args.loop}; runner batching: {'available' if batching else NA}")
+        print(f"loop: {args.loop}; runner batching: {'available' if batching else NA}; {pinned}")
         floor: dict[str, Mode] = {"loop floor": loop_floor,
                                   "loop floor, one callback per burst": loop_floor_coalesced}
         parts = args.only.split(",")

@@ -18,36 +18,20 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from time import perf_counter, thread_time
-
-import numpy as np
+from time import perf_counter
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import measure, new_loop, print_table, stream
+from _common import (
+    add_cpus_argument,
+    apply_cpus,
+    make_work,
+    measure,
+    new_loop,
+    print_table,
+    stream,
+)
 
 import aioaccel
-
-
-def make_work(target_seconds: float):  # type: ignore[no-untyped-def]
-    """A GIL-releasing NumPy multiply sized to take about ``target_seconds``."""
-    n = 200_000
-    for _ in range(3):
-        a = np.ones(n, np.float32)
-        b = np.ones(n, np.float32)
-        out = np.empty_like(a)
-        # sized on this thread's CPU clock, not the wall clock: on a shared machine a wall
-        # clock counts the time other processes held the core, and the work came out short
-        started = thread_time()
-        for _ in range(50):
-            np.multiply(a, b, out=out)
-        per_call = (thread_time() - started) / 50
-        n = max(1000, int(n * target_seconds / per_call))
-    a, b, out = np.ones(n, np.float32), np.ones(n, np.float32), np.empty(n, np.float32)
-
-    def work(_: object) -> np.ndarray:
-        return np.multiply(a, b, out=out)
-
-    return work
 
 
 def modes_for(work, count_hint: int):  # type: ignore[no-untyped-def]
@@ -82,9 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--rounds", type=int, default=5)
+    add_cpus_argument(parser)
     args = parser.parse_args()
+    pinned = apply_cpus(args.cpus)
     loop = new_loop(args.loop)
-    print(f"bench_core: loop={args.loop}, rounds={args.rounds} (medians of interleaved rounds)")
+    print(f"bench_core: loop={args.loop}, rounds={args.rounds} (medians of interleaved rounds), "
+          f"{pinned}")
     for label, seconds, count in (("~30 us work item", 30e-6, 6000),
                                   ("~1 ms work item", 1e-3, 600)):
         work = make_work(seconds)

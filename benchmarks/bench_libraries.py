@@ -31,20 +31,11 @@ import anyio
 import numpy as np
 
 import aioaccel
+from _common import make_work  # benchmarks/ is on PYTHONPATH after the checkout
 
 COUNT = 4000
 
 
-def make_work(target):
-    n = 200_000
-    for _ in range(3):
-        a = np.ones(n, np.float32); b = np.ones(n, np.float32); out = np.empty_like(a)
-        started = perf_counter()
-        for _ in range(50):
-            np.multiply(a, b, out=out)
-        n = max(1000, int(n * target / ((perf_counter() - started) / 50)))
-    a, b, out = np.ones(n, np.float32), np.ones(n, np.float32), np.empty(n, np.float32)
-    return lambda _: np.multiply(a, b, out=out)
 
 
 async def streaming(work, maxsize):
@@ -103,7 +94,8 @@ LIBRARIES = ("asyncio", "uvloop", "trio")
 
 def one_run(library: str) -> dict[str, list[float]]:
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "benchmarks")]),
+           "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CHILD, library], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600, check=True)

@@ -70,7 +70,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import new_loop
+from _common import add_cpus_argument, apply_cpus, new_loop
 from bench_core import make_work
 
 import aioaccel
@@ -676,7 +676,9 @@ def main() -> None:
     parser.add_argument("--best", action="store_true",
                         help="report each mode's best round (highest rate, least CPU) instead "
                              "of the median: for a machine other processes load")
+    add_cpus_argument(parser)
     args = parser.parse_args()
+    pinned = apply_cpus(args.cpus)
     Figures.best = args.best
     count_wakeups()
     if args.switchinterval is not None:
@@ -684,7 +686,8 @@ def main() -> None:
     loop = new_loop(args.loop)
     print(f"bench_overhead: loop={args.loop}, rounds={args.rounds} "
           f"({'best' if args.best else 'median'} of them), switch interval "
-          f"{sys.getswitchinterval() * 1e3:g} ms, aioaccel from {Path(aioaccel.__file__).parent}")
+          f"{sys.getswitchinterval() * 1e3:g} ms, {pinned}, "
+          f"aioaccel from {Path(aioaccel.__file__).parent}")
     try:
         parts = args.only.split(",")
         switch = [float(ms) / 1e3 for ms in args.switch.split(",") if ms.strip()]

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, wait_ready
 from fastapi import Request  # at module level: FastAPI resolves the handler's annotations here
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +103,7 @@ def grpc_floor_main(port: int) -> None:
     import grpc
     import uvloop
 
-    from aioaccel.serve import grpc_service_pb2 as pb
+    from aioaccel.serve._grpc import grpc_service_pb2 as pb
 
     reply = pb.ModelInferResponse(model_name=MODEL_NAME)
     reply.outputs.add(name="output", datatype="FP32", shape=[1, 64])
@@ -161,8 +163,8 @@ async def run_http(url: str, body: bytes, headers: dict[str, str], callers: int,
 async def run_grpc(address: str, x: Any, callers: int, seconds: float) -> dict[str, float]:
     import grpc
 
-    from aioaccel.serve import grpc_service_pb2 as pb
-    from aioaccel.serve import grpc_service_pb2_grpc as stubs
+    from aioaccel.serve._grpc import grpc_service_pb2 as pb
+    from aioaccel.serve._grpc import grpc_service_pb2_grpc as stubs
 
     request = pb.ModelInferRequest(model_name=MODEL_NAME)
     request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
@@ -252,26 +254,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ---- the driver -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server for {url} did not start")
 
 
 def wait_listening(address: str, process: subprocess.Popen[bytes]) -> None:

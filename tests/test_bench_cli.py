@@ -109,3 +109,24 @@ def test_bench_prints_one_p50_figure_for_aioaccel() -> None:
     assert len([cell for cell in row.split("│") if cell.strip()]) == 5  # mode, items/s, x, p50, p99
     assert "end to end" not in text  # the table's p50 is the only end-to-end figure
     assert "queued" in text and "on the device" in text
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="Linux only")
+def test_bench_cpus_keeps_the_run_on_those_cpus_and_bad_ones_are_refused(
+        tmp_path: Path) -> None:
+    import os
+
+    path = dense_chain(16, 2, inputs=8).write_onnx(tmp_path / "m.onnx")
+    common = ("bench", str(path), "--count", "16", "--rounds", "2", "--concurrency", "2",
+              "--json")
+    first = min(os.sched_getaffinity(0))
+    proc = cli(*common, "--cpus", str(first))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cpus"] == [first]
+    free = json.loads(cli(*common).stdout)["cpus"]
+    assert free == sorted(os.sched_getaffinity(0))  # without --cpus the affinity is left alone
+    for bad, message in (("x", "comma-separated CPU numbers"), (",", "at least one CPU"),
+                         ("4096", "CPU 4096 is not one this process may run on")):
+        refused = cli(*common, "--cpus", bad)
+        assert refused.returncode == 2, refused.stderr
+        assert message in refused.stderr and "Traceback" not in refused.stderr

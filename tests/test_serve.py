@@ -142,6 +142,8 @@ def test_usage_errors_name_what_was_wrong(tmp_path: Path, onnx_model: Path) -> N
     unknown = run_serve(str(onnx_model), "--option", "no_such_option=1")
     assert unknown.returncode == 2 and "no_such_option" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+    cpus = run_serve(str(onnx_model), "--cpus", "4096")
+    assert cpus.returncode == 2 and "CPU 4096 is not one this process may run on" in cpus.stderr
 
 
 def test_batch_passes_through_to_open(onnx_model: Path) -> None:

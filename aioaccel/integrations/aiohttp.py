@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import (
+    CLIENT_CLOSED,
     AccelBase,
     NotAcceptable,
     acceptable,
@@ -63,8 +64,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ACCEL", "CLIENT_CLOSED", "DISCONNECT_POLL", "Accel"]
 
-#: status logged for a request whose client went away (nginx's convention; never sent)
-CLIENT_CLOSED = 499
 #: seconds between looks at a waiting request's connection (aiohttp has no event for it)
 DISCONNECT_POLL = 0.05
 

@@ -31,8 +31,8 @@ from ..errors import InputError
 from ..tensors import DEFAULT_MAX_INPUT_BYTES, TensorSpec
 from .negotiation import JSON, NPY, NotAcceptable, acceptable
 
-__all__ = ["NPY", "decode_json", "decode_npy", "encode_npy", "encode_outputs", "jsonable",
-           "value_limit"]
+__all__ = ["NPY", "decode_json", "decode_npy", "encode_npy", "encode_outputs", "holds_bool",
+           "jsonable", "value_limit"]
 
 #: room for the keys of ``{"inputs": {"name": ...}}`` in the value count
 _KEY_SLACK = 4
@@ -186,7 +186,7 @@ def _array(name: str, value: Any, spec: TensorSpec | None, booleans: bool) -> np
         if array.dtype.kind != "b":
             raise InputError(f"{where} takes booleans (true/false), got numbers")
         return array
-    if array.dtype.kind == "b" or (booleans and _holds_bool(value)):
+    if array.dtype.kind == "b" or (booleans and holds_bool(value)):
         raise InputError(f"{where} takes {dtype} numbers, got booleans (true/false)")
     if dtype.kind in "iu":
         if array.dtype.kind == "f":
@@ -209,7 +209,7 @@ def _array(name: str, value: Any, spec: TensorSpec | None, booleans: bool) -> np
     return converted
 
 
-def _holds_bool(value: Any) -> bool:
+def holds_bool(value: Any) -> bool:
     """Whether a nested list holds a bool anywhere (NumPy turns [True, 1.5] into floats)."""
     stack = [value]
     while stack:

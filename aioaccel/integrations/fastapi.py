@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._optional import need
 from .http import (
+    CLIENT_CLOSED,
     AccelBase,
     NotAcceptable,
     acceptable,
@@ -64,8 +65,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CLIENT_CLOSED", "Accel", "deny"]
 
-#: status logged for a request whose client went away (nginx's convention; never sent)
-CLIENT_CLOSED = 499
 
 
 class Accel(AccelBase):

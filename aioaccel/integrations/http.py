@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ..runner import Runner
 
 __all__ = [
+    "CLIENT_CLOSED",
     "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_MAX_BODY",
     "NPY",
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 NPY = bodies.NPY
+#: status logged for a request whose client went away (nginx's convention; never sent)
+CLIENT_CLOSED = 499
 #: request body cap (bytes) unless the app sets its own
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 #: seconds a client has to send its whole body (else 408) unless the app sets its own

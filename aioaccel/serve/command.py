@@ -23,7 +23,7 @@ import aioaccel
 
 from .._optional import need
 from ..backends import BACKENDS
-from ..loops import add_loop_arguments, resolve_loop
+from ..loops import add_loop_arguments, keep_on_cpus, resolve_loop
 from ..loops import run as run_on_loop
 from .limits import DEFAULT_HEADER_TIMEOUT
 
@@ -223,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     need("uvicorn", "serve", "aioaccel serve")
     try:
         resolve_loop(args.loop)
+        keep_on_cpus(args.cpus)
         runners = open_runners(args)
     except (UsageError, ValueError) as exc:
         print(f"aioaccel serve: {exc}", file=sys.stderr)

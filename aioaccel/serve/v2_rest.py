@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..errors import InputError, RunnerClosed
-from ..integrations.http import OFF_LOOP_BYTES
+from ..integrations.http import CLIENT_CLOSED, OFF_LOOP_BYTES
 from .status import HEALTHY, model_state
 from .v2_infer import UnknownModel, problem, run_request
 from .v2_metrics import V2Requests
@@ -43,8 +43,6 @@ log = logging.getLogger("aioaccel.v2")
 SERVER_NAME = "aioaccel"
 #: the protocol extensions served (Triton's names)
 EXTENSIONS = ["binary_tensor_data", "parameters"]
-#: status logged for a request whose client went away (never sent)
-_CLIENT_CLOSED = 499
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "openvino": "openvino", "openvino-legacy": "openvino",
               "litert": "tensorflow_lite", "tflite": "tensorflow_lite", "coral": "edgetpu",
               "memryx": "memryx"}
@@ -201,7 +199,7 @@ class V2Infer:
             await _finished_while_connected(work, receive)
             content, header_length = encode_rest(name, decoded, work.result())
         except _ClientLeft:
-            return _CLIENT_CLOSED, {}, b""
+            return CLIENT_CLOSED, {}, b""
         except _BodyProblem as exc:
             return exc.status, _JSON, _error_body(exc.message)
         except Exception as exc:
@@ -242,7 +240,7 @@ class V2InferFastPath:
                 status, extra, content = await self.infer.answer(match.group(1),
                                                                  match.group(2), headers,
                                                                  receive)
-                if status == _CLIENT_CLOSED:
+                if status == CLIENT_CLOSED:
                     return  # nobody to answer
                 raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
                 raw.append((b"content-length", str(len(content)).encode()))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..integrations.bodies import jsonable, value_limit
+from ..integrations.bodies import holds_bool, jsonable, value_limit
 
 if TYPE_CHECKING:
     from ..tensors import TensorSpec
@@ -280,7 +280,7 @@ def _json_array(data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], where: 
     if dtype.kind == "b":
         if kind != "b":
             raise InputError(f"{where} is BOOL: 'data' must hold true/false")
-    elif kind == "b" or (booleans and _holds_bool(data)):
+    elif kind == "b" or (booleans and holds_bool(data)):
         raise InputError(f"{where} is {datatype_of(dtype)}: 'data' holds booleans")
     elif dtype.kind in "iu":
         if kind == "f":
@@ -302,18 +302,6 @@ def _json_array(data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], where: 
                              f"{float(np.finfo(dtype).max):.4g})")
         return converted.reshape(shape)
     return array.astype(dtype).reshape(shape)
-
-
-def _holds_bool(value: Any) -> bool:
-    """Whether a (nested) list holds a bool (NumPy turns [True, 1.5] into floats)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, bool):
-            return True
-        if isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _refuse_constant(name: str) -> Any:
