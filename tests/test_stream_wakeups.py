@@ -12,8 +12,15 @@ import pytest
 import aioaccel
 from aioaccel.core import loop_bridge, stage_threads
 from aioaccel.core.stage_threads import defer_depth
+from aioaccel.pytest_plugin import backends
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=backends())
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """asyncio, uvloop and trio: the hold timer runs on each library's own timers."""
+    return request.param
 
 
 class CountedDrains:
@@ -150,3 +157,10 @@ async def test_deferred_results_do_not_wait_for_a_slow_next_call(
             slow.set()
         with anyio.fail_after(10):
             assert [(await anext(runner)).outputs for _ in range(11)] == list(range(5, 16))
+        gen = runner._sup.gen
+        assert gen is not None
+        # idle now: the timer stops by itself (it does not tick for the runner's lifetime);
+        # it is a timer, so its state is polled, a few of its periods at most
+        with anyio.fail_after(5):
+            while gen.bridge._armed:
+                await anyio.sleep(loop_bridge.HOLD_LIMIT)
