@@ -9,6 +9,8 @@ them -- batching off and on, this prints in one run with interleaved rounds:
 * **loop CPU per item**: CPU time of the event-loop thread (``time.thread_time``) over the
   round divided by the items -- what the framework and the caller cost the loop, without the
   device (it runs on worker threads) and without idle time in ``epoll``;
+* **wake-ups/item**: callbacks the runner's bridge scheduled on the loop per item (drains of
+  finished results, counted by wrapping ``Bridge.call_soon``: old and new checkouts alike);
 * **workers us/item**: CPU time of the runner's worker threads per item (the runtime's own
   work, plus the framework's Python on those threads, which competes with the loop for the GIL);
 * with ``--profile``, that loop time split (cProfile with a CPU-time clock, one extra round per
@@ -142,11 +144,31 @@ def attribute(stats: pstats.Stats) -> dict[str, float]:
 
 
 # ---- measuring --------------------------------------------------------------------------------
+#: wake-ups of the loop by a runner's bridge in the current round (``count_wakeups``)
+WAKES = [0]
+
+
+def count_wakeups() -> None:
+    """Count every callback a runner's bridge schedules on the loop (``Bridge.call_soon``:
+    drains, and the rare ready/exit/fatal signals), for the wake-ups/item column. Works on
+    any checkout that has the bridge, so old and new code are counted alike."""
+    from aioaccel.core.loop_bridge import Bridge
+
+    call_soon = Bridge.call_soon
+
+    def counted(self: Bridge, callback: Callable[..., Any], *args: Any) -> None:
+        WAKES[0] += 1
+        call_soon(self, callback, *args)
+
+    Bridge.call_soon = counted  # type: ignore[method-assign]
+
+
 @dataclass
 class Figures:
     rates: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # loop-thread CPU seconds per item
     workers: list[float] = field(default_factory=list)  # worker threads' CPU seconds per item
+    wakes: list[float] = field(default_factory=list)  # bridge -> loop wake-ups per item
     split: dict[str, float] | None = None
 
     #: ``--best``: the best round of each mode (highest rate, least CPU) instead of the median:
@@ -191,12 +213,14 @@ def measure(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int,
         loop.run_until_complete(mode(max(CALLERS * 4, count // 10)))
     for _ in range(rounds):
         for name, mode in modes.items():
+            WAKES[0] = 0
             w0, cpu0, started = worker_cpu(), time.thread_time(), perf_counter()
             loop.run_until_complete(mode(count))
             wall, cpu = perf_counter() - started, time.thread_time() - cpu0
             figures[name].rates.append(count / wall)
             figures[name].cpu.append(cpu / count)
             figures[name].workers.append((worker_cpu() - w0) / count)
+            figures[name].wakes.append(WAKES[0] / count)
     if profile:
         for name, mode in modes.items():
             if name.startswith(("raw", "floor")):
@@ -212,13 +236,15 @@ def measure(loop: asyncio.AbstractEventLoop, modes: dict[str, Mode], count: int,
 def report(title: str, figures: dict[str, Figures], baselines: list[str], load: str) -> None:
     print(f"\n{title}\n  load before the run: {load}")
     heads = "".join(f" {'vs ' + b.split(' (')[0].removeprefix('raw '):>16}" for b in baselines)
-    print(f"  {'mode':<46} {'items/s':>10}{heads} {'loop us/item':>13} {'workers us':>11}")
+    print(f"  {'mode':<46} {'items/s':>10}{heads} {'loop us/item':>13} {'workers us':>11}"
+          f" {'wake-ups/item':>14}")
     for name, fig in figures.items():
         ratios = "".join(f" {fig.rate / figures[b].rate:>15.2f}x" for b in baselines)
         raw = name.startswith(("raw", "floor"))
         cpu = "-" if raw else f"{fig.cpu_per_item * 1e6:.2f}"
         wcpu = "-" if raw else f"{fig.worker_cpu_per_item * 1e6:.2f}"
-        print(f"  {name:<46} {fig.rate:>10.0f}{ratios} {cpu:>13} {wcpu:>11}")
+        wakes = "-" if raw or not fig.wakes else f"{statistics.median(fig.wakes):.3f}"
+        print(f"  {name:<46} {fig.rate:>10.0f}{ratios} {cpu:>13} {wcpu:>11} {wakes:>14}")
     split = {n: f for n, f in figures.items() if f.split is not None}
     if split:
         print("\n  loop us/item by part (cProfile, CPU clock; shares applied to the unprofiled "
@@ -668,6 +694,7 @@ def main() -> None:
     args = parser.parse_args()
     pinned = apply_cpus(args.cpus)
     Figures.best = args.best
+    count_wakeups()
     if args.switchinterval is not None:
         sys.setswitchinterval(args.switchinterval)
     loop = new_loop(args.loop)

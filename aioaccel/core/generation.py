@@ -57,7 +57,7 @@ class Generation:
         # stay collectable (to warn and stop its threads)
         self._on_jobs = weakref.WeakMethod(on_jobs)
         self._on_fatal = weakref.WeakMethod(on_fatal)
-        self.bridge = Bridge(hub.call_soon_threadsafe, self)
+        self.bridge = Bridge(hub.call_soon_threadsafe, self, hub.call_later)
         self.pipeline = Pipeline(model.stages, self.bridge, runner_name, maxsize,
                                  batch=model.batch, batch_wait=batch_wait)
         self.ready: Waiter[None] = hub.create_future()

@@ -43,6 +43,13 @@ log = logging.getLogger("aioaccel")
 _STOP = object()
 
 
+def defer_depth(maxsize: int) -> int:
+    """Queued input above which a worker that just finished a short call may defer the
+    loop's wake-up (see :mod:`aioaccel.core.loop_bridge`): a quarter of the window, so a
+    burst of up to three quarters of it shares one wake-up."""
+    return maxsize // 4
+
+
 class _Forward(Protocol):
     def __call__(self, job: Job, now: float, defer: bool = False) -> None: ...
 
@@ -56,9 +63,13 @@ class Pipeline:
         self.batch_wait = batch_wait
         self.batching = BatchCounters(batch) if batch > 1 else None
         # A worker may defer the loop's wake-up only while it has more than this much input
-        # queued: the other half keeps it busy while the loop consumes and refills (a batch of
-        # the whole window would leave it idle during the loop's turn).
-        self.defer_depth = maxsize // 2
+        # queued: that much keeps it busy while the loop consumes and refills (a batch of the
+        # whole window would leave it idle during the loop's turn). A quarter of the window,
+        # not half: each wake-up whose turn overlaps the worker's return from its native call
+        # makes the two threads fight for the GIL (two futex hand-offs, ~10-20 us each on
+        # this VM), and a 30 us stage at maxsize=8 lost more to those than to the shorter
+        # cushion (docs/performance.md, "30 us streaming: the wake-ups").
+        self.defer_depth = defer_depth(maxsize)
         self.bridge = bridge
         self.runner_name = runner_name
         self.queues: list[SimpleQueue[Any]] = [SimpleQueue() for _ in specs]
