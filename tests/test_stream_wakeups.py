@@ -164,3 +164,37 @@ async def test_deferred_results_do_not_wait_for_a_slow_next_call(
         with anyio.fail_after(5):
             while gen.bridge._armed:
                 await anyio.sleep(loop_bridge.HOLD_LIMIT)
+
+
+async def test_results_deferred_before_a_device_fault_are_delivered_not_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items that finished (their wake-up deferred) before a later call broke the device are
+    results, not casualties of the fault: the fault reaches the loop after them."""
+    monkeypatch.setattr(stage_threads, "SHORT_CALL", 1e9)
+    monkeypatch.setattr(loop_bridge, "COALESCE_WINDOW", 1e9)
+    monkeypatch.setattr(loop_bridge, "HOLD_LIMIT", 60.0)  # only the fault may deliver them
+    gate = threading.Event()
+
+    def stage(x: int) -> int:
+        if x == 0:
+            gate.wait(5.0)
+        elif x == 5:
+            raise aioaccel.DeviceError("device lost at item 5")
+        return x
+
+    runner = aioaccel.Runner(lambda: aioaccel.backends.Model(stages=[
+        aioaccel.stages.StageSpec("device", aioaccel.stages.made(stage), device=True)]),
+        maxsize=16)
+    async with runner:
+        for i in range(16):
+            runner.push_nowait(i)  # 0-4 complete with more than a quarter queued: deferred
+        gate.set()
+        results: list[aioaccel.Result] = []
+        with anyio.fail_after(10):
+            try:
+                async for result in runner:
+                    results.append(result)
+            except aioaccel.DeviceError:
+                pass
+    finished = [r.outputs for r in results if r.ok]
+    assert finished[:5] == list(range(5)), [(r.tag, r.error) for r in results]

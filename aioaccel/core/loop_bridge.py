@@ -160,6 +160,9 @@ class Bridge:
     def _fatal(self, error: BaseException, stage: str) -> None:
         receiver = self._receiver()
         if receiver is not None and not self._detached:
+            if self._jobs:  # results a worker deferred finished before the fault: deliver
+                self._oldest = 0.0  # them first, or the fault would fail them as unfinished
+                self._drain()
             receiver.on_fatal(error, stage)
 
     def _arm(self) -> None:
