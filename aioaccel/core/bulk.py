@@ -29,7 +29,14 @@ from ..errors import AccelError, InferenceError, InferTimeout, InputError
 from .jobs import Job
 from .records import Ticket
 from .results import Result
-from .streamed_chunk import ChunkTicket, chunk_limit, plan_rows, push_chunked, take_from_chunk
+from .streamed_chunk import (
+    ChunkTicket,
+    chunk_limit,
+    plan_rows,
+    push_chunked,
+    take_from_chunk,
+    uniform_rows,
+)
 
 if TYPE_CHECKING:
     from .async_library import Waiter
@@ -281,14 +288,9 @@ def plan_uniform(runner: Runner, items: list[Any], limit: int) -> list[Any] | No
     ``limit`` rows): all joined with one concatenation, then cut into runs of ``limit`` rows
     (views), each validated once. None for anything else, which the general path plans item
     by item (and its checks name what is wrong)."""
-    first = items[0]
-    if type(first) is not np.ndarray or not first.ndim or len(items) < 2:
+    per_item = uniform_rows(items)
+    if per_item is None:
         return None
-    shape, dtype = first.shape, first.dtype
-    for item in items:
-        if type(item) is not np.ndarray or item.shape != shape or item.dtype != dtype:
-            return None
-    per_item = shape[0]
     if not 0 < per_item <= limit:
         return None
     per_run = limit // per_item

@@ -92,13 +92,9 @@ def chunk_limit(runner: Runner, lane: Lane) -> int:
     return min(int(gen.pipeline.batch), int(runner._maxsize))
 
 
-def plan_rows(runner: Runner, items: list[Any], limit: int
-              ) -> tuple[int, list[tuple[int, int, Any]]] | None:
-    """The usual ``push_many`` (arrays of one shape and dtype, each of at most ``limit``
-    rows) as runs of ``limit`` rows: one concatenation, then each run (a view) validated
-    once. Returns (rows per item, [(first item, end item, validated run)]); None for anything
-    else, or when a run fails its check (the items then go one by one, and their own checks
-    name what is wrong)."""
+def uniform_rows(items: list[Any]) -> int | None:
+    """Rows per item when ``items`` are two or more arrays of one shape and dtype (the usual
+    bulk call, which can be joined with one concatenation); None otherwise."""
     first = items[0]
     if type(first) is not np.ndarray or not first.ndim or len(items) < 2:
         return None
@@ -106,7 +102,19 @@ def plan_rows(runner: Runner, items: list[Any], limit: int
     for item in items:
         if type(item) is not np.ndarray or item.shape != shape or item.dtype != dtype:
             return None
-    per = shape[0]
+    return int(shape[0])
+
+
+def plan_rows(runner: Runner, items: list[Any], limit: int
+              ) -> tuple[int, list[tuple[int, int, Any]]] | None:
+    """The usual ``push_many`` (arrays of one shape and dtype, each of at most ``limit``
+    rows) as runs of ``limit`` rows: one concatenation, then each run (a view) validated
+    once. Returns (rows per item, [(first item, end item, validated run)]); None for anything
+    else, or when a run fails its check (the items then go one by one, and their own checks
+    name what is wrong)."""
+    per = uniform_rows(items)
+    if per is None:
+        return None
     if not 0 < per <= limit // 2:  # a chunk must hold at least two items
         return None
     per_run = limit // per
