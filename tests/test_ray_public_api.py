@@ -118,9 +118,22 @@ class FakeServe:
         return f"handle of {name}"
 
 
+_before: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _threads_before() -> None:
+    """The threads alive before the test: a real deploy of an earlier test (tests/test_ray.py,
+    same process) may leave its abandoned ``ray-serve-run-*`` thread behind; it is not this
+    test's."""
+    _before.clear()
+    _before.update(threading.enumerate())
+
+
 def deploy_threads(timeout: float = 5.0) -> list[str]:
-    """The deploy's helper threads still alive after ``timeout`` seconds."""
-    threads = [t for t in threading.enumerate() if t.name.startswith("ray-serve-")]
+    """This test's deploy helper threads still alive after ``timeout`` seconds."""
+    threads = [t for t in threading.enumerate()
+               if t.name.startswith("ray-serve-") and t not in _before]
     for thread in threads:
         thread.join(timeout)
     return [t.name for t in threads if t.is_alive()]
