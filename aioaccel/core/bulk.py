@@ -36,6 +36,7 @@ from .streamed_chunk import (
     push_chunked,
     take_from_chunk,
     uniform_rows,
+    validated_runs,
 )
 
 if TYPE_CHECKING:
@@ -293,21 +294,12 @@ def plan_uniform(runner: Runner, items: list[Any], limit: int) -> list[Any] | No
         return None
     if not 0 < per_item <= limit:
         return None
-    per_run = limit // per_item
-    whole = np.concatenate(items)
-    prepare = runner._sup.prepare
+    runs = validated_runs(runner, items, per_item, limit)
+    if runs is None:
+        return None  # the items one by one: each one's own check names the fault
     indexed = list(enumerate(items))
-    units: list[Any] = []
-    for start in range(0, len(items), per_run):
-        stop = min(start + per_run, len(items))
-        value: Any = whole[start * per_item:stop * per_item]
-        if prepare is not None:
-            try:
-                value = prepare(value)
-            except InputError:
-                return None  # the items one by one: each one's own check names the fault
-        units.append([indexed[start:stop], value, [per_item] * (stop - start)])
-    return units
+    return [[indexed[start:stop], value, [per_item] * (stop - start)]
+            for start, stop, value in runs]
 
 
 def _singles(runner: Runner, run: list[tuple[int, Any]], count: int,

@@ -105,18 +105,12 @@ def uniform_rows(items: list[Any]) -> int | None:
     return int(shape[0])
 
 
-def plan_rows(runner: Runner, items: list[Any], limit: int
-              ) -> tuple[int, list[tuple[int, int, Any]]] | None:
-    """The usual ``push_many`` (arrays of one shape and dtype, each of at most ``limit``
-    rows) as runs of ``limit`` rows: one concatenation, then each run (a view) validated
-    once. Returns (rows per item, [(first item, end item, validated run)]); None for anything
-    else, or when a run fails its check (the items then go one by one, and their own checks
-    name what is wrong)."""
-    per = uniform_rows(items)
-    if per is None:
-        return None
-    if not 0 < per <= limit // 2:  # a chunk must hold at least two items
-        return None
+def validated_runs(runner: Runner, items: list[Any], per: int, limit: int
+                   ) -> list[tuple[int, int, Any]] | None:
+    """``items`` (arrays of ``per`` rows each, one shape and dtype) joined with one
+    concatenation and cut into runs of at most ``limit`` rows (views), each checked once by
+    the runner's validator: [(first item, end item, validated run)]; None when a run fails
+    its check (the items then go one by one, and each one's own check names the fault)."""
     per_run = limit // per
     whole = np.concatenate(items)
     prepare = runner._sup.prepare
@@ -130,6 +124,24 @@ def plan_rows(runner: Runner, items: list[Any], limit: int
             except InputError:
                 return None
         runs.append((start, stop, value))
+    return runs
+
+
+def plan_rows(runner: Runner, items: list[Any], limit: int
+              ) -> tuple[int, list[tuple[int, int, Any]]] | None:
+    """The usual ``push_many`` (arrays of one shape and dtype, each of at most ``limit``
+    rows) as runs of ``limit`` rows: one concatenation, then each run (a view) validated
+    once. Returns (rows per item, [(first item, end item, validated run)]); None for anything
+    else, or when a run fails its check (the items then go one by one, and their own checks
+    name what is wrong)."""
+    per = uniform_rows(items)
+    if per is None:
+        return None
+    if not 0 < per <= limit // 2:  # a chunk must hold at least two items
+        return None
+    runs = validated_runs(runner, items, per, limit)
+    if runs is None:
+        return None
     return per, runs
 
 
